@@ -1,0 +1,65 @@
+"""The loss settings shared by every implementation.
+
+One frozen dataclass travels from the public function to the reference, the chunked torch
+path and the Triton launchers, so that no implementation re-reads fifteen positional
+arguments and none can disagree about a default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+REDUCTIONS = ("mean", "sum", "none")
+IMPLS = ("auto", "triton", "torch", "reference")
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Non-tensor settings of the SDFT objective.
+
+    Per counted position i (label y_i, student logits z_s, teacher logits z_t)::
+
+        loss_i = ce_weight * CE(z_s, y_i) * [y_i != ignore_index]
+               + kl_weight * tau**2 * D(softmax(z_t / tau), softmax(z_s / tau)) * kl_mask_i
+
+    where ``softcap`` (if set) first maps every logit z to ``softcap * tanh(z / softcap)``.
+    """
+
+    ce_weight: float = 1.0
+    kl_weight: float = 1.0
+    temperature: float = 0.5
+    divergence: str = "forward_kl"
+    jsd_beta: float = 0.5
+    ignore_index: int = -100
+    reduction: str = "mean"
+    softcap: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        for name in ("ce_weight", "kl_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        t = self.temperature
+        if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {t!r}")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        b = self.jsd_beta
+        if not isinstance(b, (int, float)) or not (0.0 <= b <= 1.0):
+            raise ValueError(f"jsd_beta must be in [0, 1], got {b!r}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.softcap is not None:
+            c = self.softcap
+            if not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
+                raise ValueError(f"softcap must be None or a finite number > 0, got {c!r}")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
+
+    @property
+    def kl_coefficient(self) -> float:
+        """The factor in front of the divergence: ``kl_weight * tau**2``."""
+        return self.kl_weight * self.temperature**2

@@ -1,0 +1,69 @@
+"""Which positions count, what ``mean`` divides by, and the per-row gradient scales.
+
+Shared by the reference and the fused paths so that the reduction semantics live in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .options import LossOptions
+
+
+def counted_masks(labels: Tensor, kl_mask: Optional[Tensor], ignore_index: int) -> tuple[Tensor, Tensor]:
+    """``(label_mask, kl_mask)`` as booleans ``[N]``; the KL defaults to the labelled positions."""
+    label_mask = labels != ignore_index
+    return label_mask, (label_mask if kl_mask is None else kl_mask.bool())
+
+
+def normaliser(label_mask: Tensor, num_items: Union[None, int, float, Tensor], dtype: torch.dtype) -> Tensor:
+    """The divisor of ``reduction="mean"``: ``num_items`` if given, else the labelled count.
+
+    A 0-dim tensor of ``dtype``, clamped to at least 1 so that a batch with nothing counted
+    gives 0 rather than 0 / 0. No host synchronisation.
+    """
+    if num_items is None:
+        count = label_mask.sum()
+    elif isinstance(num_items, Tensor):
+        count = num_items.to(device=label_mask.device)
+    else:
+        count = torch.tensor(num_items, device=label_mask.device)
+    return count.to(dtype).clamp_min(1)
+
+
+def reduce_rows(rows: Tensor, reduction: str, denom: Tensor) -> Tensor:
+    """``[N] -> []`` by sum or sum / denom; ``"none"`` keeps the rows."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total / denom if reduction == "mean" else total
+
+
+def combine(ce_rows: Tensor, div_rows: Tensor, denom: Tensor, options: LossOptions) -> tuple[Tensor, Tensor, Tensor]:
+    """Reduce already-masked per-row CE and divergence into ``(loss, ce, kl)``."""
+    ce = reduce_rows(ce_rows, options.reduction, denom)
+    kl = reduce_rows(div_rows, options.reduction, denom)
+    return options.ce_weight * ce + options.kl_coefficient * kl, ce, kl
+
+
+def row_scales(
+    grad: Tensor, denom: Tensor, label_mask: Tensor, kl_mask: Tensor, options: LossOptions
+) -> tuple[Tensor, Tensor]:
+    """Per-row factors of the logit gradient, ``[N]`` each, in ``denom``'s dtype.
+
+    With upstream gradient ``grad`` (a scalar, or ``[N]`` for ``reduction="none"``)::
+
+        d loss / d z_s[i] = ce_scale[i] * (softmax(z_s[i]) - onehot(y_i))
+                          + kl_scale[i] * tau * dD_i / d(z_s[i] / tau)
+
+    ``kl_scale`` holds ``kl_weight`` only: the kernels apply the ``tau**2 / tau = tau`` factor.
+    """
+    g = grad.to(denom.dtype)
+    if options.reduction == "mean":
+        g = g / denom
+    ce_scale = label_mask.to(denom.dtype) * (g * options.ce_weight)
+    kl_scale = kl_mask.to(denom.dtype) * (g * options.kl_weight)
+    return ce_scale, kl_scale

@@ -1,0 +1,111 @@
+"""Input checks run before any kernel: every error names the offending shape, dtype or value."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _matrix(name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def _bias(name: str, bias: Optional[Tensor], weight: Tensor, weight_name: str) -> None:
+    if bias is None:
+        return
+    if bias.shape != (weight.shape[0],):
+        raise ValueError(f"{name} must have shape ({weight.shape[0]},) to match {weight_name}, got {tuple(bias.shape)}")
+    if bias.dtype != weight.dtype or bias.device != weight.device:
+        raise TypeError(f"{name} ({bias.dtype}, {bias.device}) must match {weight_name} ({weight.dtype}, {weight.device})")
+
+
+def _same_device(device: torch.device, **tensors: Optional[Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but student_hidden is on {device}")
+
+
+def check_inputs(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    labels: Tensor,
+    teacher_hidden: Optional[Tensor],
+    teacher_weight: Optional[Tensor],
+    student_bias: Optional[Tensor],
+    teacher_bias: Optional[Tensor],
+    kl_mask: Optional[Tensor],
+    num_items: Union[None, int, float, Tensor],
+) -> None:
+    """Raise ``ValueError``/``TypeError`` for inconsistent shapes, dtypes or devices."""
+    _matrix("student_hidden", student_hidden)
+    _matrix("student_weight", student_weight)
+    N, D = student_hidden.shape
+    V = student_weight.shape[0]
+    if student_weight.shape[1] != D:
+        raise ValueError(
+            f"student_weight has hidden size {student_weight.shape[1]} but student_hidden has {D} "
+            f"(shapes {tuple(student_weight.shape)} and {tuple(student_hidden.shape)})"
+        )
+    if student_weight.dtype != student_hidden.dtype:
+        raise TypeError(f"student_weight dtype {student_weight.dtype} != student_hidden dtype {student_hidden.dtype}")
+    _bias("student_bias", student_bias, student_weight, "student_weight")
+
+    if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
+        got = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
+        raise TypeError(f"labels must be an int64 tensor, got {got}")
+    if labels.shape != (N,):
+        raise ValueError(f"labels must have shape ({N},) to match student_hidden, got {tuple(labels.shape)}")
+
+    if (teacher_hidden is None) != (teacher_weight is None):
+        raise ValueError("teacher_hidden and teacher_weight must be given together (or both None)")
+    if teacher_hidden is not None:
+        _matrix("teacher_hidden", teacher_hidden)
+        _matrix("teacher_weight", teacher_weight)
+        if teacher_hidden.shape[0] != N:
+            raise ValueError(f"teacher_hidden has {teacher_hidden.shape[0]} tokens but student_hidden has {N}")
+        if teacher_weight.shape[0] != V:
+            raise ValueError(f"teacher_weight has vocab size {teacher_weight.shape[0]} but student_weight has {V}")
+        if teacher_weight.shape[1] != teacher_hidden.shape[1]:
+            raise ValueError(
+                f"teacher_weight has hidden size {teacher_weight.shape[1]} but teacher_hidden has "
+                f"{teacher_hidden.shape[1]}"
+            )
+        if teacher_weight.dtype != teacher_hidden.dtype:
+            raise TypeError(f"teacher_weight dtype {teacher_weight.dtype} != teacher_hidden dtype {teacher_hidden.dtype}")
+        _bias("teacher_bias", teacher_bias, teacher_weight, "teacher_weight")
+    elif teacher_bias is not None:
+        raise ValueError("teacher_bias given without teacher_hidden/teacher_weight")
+
+    if kl_mask is not None:
+        if not isinstance(kl_mask, Tensor) or kl_mask.dtype != torch.bool or kl_mask.shape != (N,):
+            desc = f"{kl_mask.dtype} {tuple(kl_mask.shape)}" if isinstance(kl_mask, Tensor) else type(kl_mask).__name__
+            raise ValueError(f"kl_mask must be a bool tensor of shape ({N},), got {desc}")
+
+    if num_items is not None and not isinstance(num_items, Tensor):
+        if isinstance(num_items, bool) or not isinstance(num_items, (int, float)) or not num_items > 0:
+            raise ValueError(f"num_items must be a positive number or a tensor, got {num_items!r}")
+
+    _same_device(
+        student_hidden.device, student_weight=student_weight, labels=labels, teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias, kl_mask=kl_mask,
+        num_items=num_items if isinstance(num_items, Tensor) else None,
+    )
+
+
+def check_label_range(labels: Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Every label is ``ignore_index`` or in ``[0, vocab_size)``. Costs one host sync."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"labels[{pos}] = {int(labels[pos])} is neither ignore_index ({ignore_index}) nor in [0, {vocab_size})"
+        )

@@ -1,0 +1,185 @@
+"""Every fast implementation against the materialised reference, in float64 and below."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdft_kernels import fused_linear_sdft_loss
+from tests.kernels.helpers import assert_close, make_problem, run
+
+FAST_IMPLS = ["torch"]  # "triton" joins when its kernels land
+F64 = dict(rtol=1e-9, atol=1e-11)
+
+
+def _compare(problem, impl, upstream=None, tol=F64, **kw):
+    ref, ref_grads = run(problem, upstream, impl="reference", **kw)
+    out, grads = run(problem, upstream, impl=impl, **kw)
+    for name in ("loss", "ce", "kl", "n_tokens"):
+        assert_close(getattr(out, name), getattr(ref, name), what=f"{impl} {name}", **tol)
+    assert len(grads) == len(ref_grads)
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert_close(g, r, what=f"{impl} grad of leaf {i}", **tol)
+    return out
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize(
+    "divergence,jsd_beta",
+    [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("jsd", 0.0)],  # beta=0: m = p_s, exactly 0
+)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_reference_float64(impl, divergence, jsd_beta, reduction):
+    # Ragged sizes, 20 % ignored labels, a kl_mask unlike the label mask, biases, Dt != D.
+    p = make_problem(N=37, D=24, Dt=20, V=203, bias=True, kl_mask=True)
+    upstream = torch.randn(37, dtype=torch.float64) if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
+    _compare(p, impl, upstream, divergence=divergence, jsd_beta=jsd_beta, reduction=reduction,
+             ce_weight=0.7, kl_weight=1.3, temperature=0.6, chunk_size=8)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_softcap(impl, divergence):
+    # Large logits so the cap bends them: tanh's derivative matters in the gradient.
+    p = make_problem(N=29, D=16, V=150, scale=4.0, bias=True)
+    _compare(p, impl, softcap=5.0, divergence=divergence, chunk_size=8)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_no_teacher_is_fused_cross_entropy(impl):
+    p = make_problem(N=33, D=24, V=170, teacher=False, bias=True)
+    out = _compare(p, impl, chunk_size=8)
+    assert float(out.kl) == 0.0
+    expected = torch.nn.functional.cross_entropy(p.h @ p.W.T + p.b, p.labels)
+    assert_close(out.loss, expected, what="loss vs F.cross_entropy", **F64)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_frozen_weight_gets_no_gradient(impl):
+    p = make_problem(N=21, D=16, V=100, weight_grad=False)
+    _compare(p, impl, chunk_size=8)
+    assert p.W.grad is None and p.h.grad is not None
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_shared_head(impl):
+    # A frozen head shared by student and teacher: the same tensor serves both.
+    p = make_problem(N=21, D=16, V=100, weight_grad=False)
+    p.Wt = p.W
+    _compare(p, impl, chunk_size=8)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_teacher_hidden_larger_than_student(impl):
+    p = make_problem(N=19, D=16, Dt=40, V=90, kl_mask=True)
+    _compare(p, impl, chunk_size=8)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_num_items_normalises_mean(impl):
+    p = make_problem(N=25, D=16, V=90)
+    out, _ = run(p, impl=impl, num_items=1000)
+    total, _ = run(p, impl=impl, reduction="sum")
+    assert_close(out.loss, total.loss / 1000, what="mean with num_items", **F64)
+
+
+@pytest.mark.parametrize("impl", ["torch"])
+@pytest.mark.parametrize("chunk_size", [1, 7, None])
+def test_chunk_size_does_not_change_the_result(impl, chunk_size):
+    p = make_problem(N=37, D=16, V=90, kl_mask=True)
+    _compare(p, impl, chunk_size=chunk_size)
+
+
+def test_components_add_up():
+    p = make_problem(N=25, D=16, V=90)
+    out, _ = run(p, impl="torch", ce_weight=0.4, kl_weight=2.0, temperature=0.5)
+    assert_close(out.loss, 0.4 * out.ce + 2.0 * 0.25 * out.kl, what="loss = w_ce ce + w_kl tau^2 kl", **F64)
+    assert int(out.n_tokens) == int((p.labels != -100).sum())
+    assert not out.ce.requires_grad and not out.kl.requires_grad
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("dtype,slack", [(torch.float32, 1e-5), (torch.float16, 1e-3)])
+def test_low_precision_error_no_worse_than_plain_torch(impl, dtype, slack):
+    """Error against the float64 truth stays within plain torch's error at the dtype plus a slack."""
+    if dtype == torch.float16 and impl == "torch" and not _cpu_half_matmul_ok():
+        pytest.skip("this torch build has no float16 matmul on CPU")
+    p64 = make_problem(N=37, D=24, V=203, kl_mask=True)
+    truth, truth_grads = run(p64, impl="reference", chunk_size=8)
+    plain, plain_grads = run(p64.cast(dtype), impl="reference")
+    fast, fast_grads = run(p64.cast(dtype), impl=impl, chunk_size=8)
+    for name in ("loss", "ce", "kl"):
+        t, a, b = (getattr(o, name).double() for o in (truth, plain, fast))
+        bound = (a - t).abs().max() + slack * (1 + t.abs().max())
+        assert (b - t).abs().max() <= bound, f"{impl} {dtype} {name}: err {(b - t).abs().max():.3g} > {bound:.3g}"
+    for i, (t, a, b) in enumerate(zip(truth_grads, plain_grads, fast_grads)):
+        t, a, b = t.double(), a.double(), b.double()
+        bound = (a - t).abs().max() + slack * (1 + t.abs().max())
+        assert (b - t).abs().max() <= bound, f"{impl} {dtype} grad {i}: err {(b - t).abs().max():.3g} > {bound:.3g}"
+
+
+def _cpu_half_matmul_ok() -> bool:
+    try:
+        torch.ones(2, 2, dtype=torch.float16) @ torch.ones(2, 2, dtype=torch.float16)
+        return True
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
+def test_nothing_counted_gives_zero_loss_and_zero_grads(impl):
+    p = make_problem(N=12, D=16, V=60, ignore_frac=1.0)
+    out, grads = run(p, impl=impl)
+    assert float(out.loss.detach()) == 0.0 and int(out.n_tokens) == 0
+    assert all(bool((g == 0).all()) for g in grads)
+
+
+@pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
+def test_zero_tokens(impl):
+    p = make_problem(N=0, D=16, V=60)
+    out, grads = run(p, impl=impl)
+    assert float(out.loss.detach()) == 0.0
+    assert grads[0].shape == (0, 16) and bool((grads[1] == 0).all())
+
+
+@pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
+def test_nan_in_a_counted_position_propagates(impl):
+    p = make_problem(N=12, D=16, V=60, ignore_frac=0.0)
+    with torch.no_grad():
+        p.h[3, 5] = float("nan")
+    out, _ = run(p, impl=impl)
+    assert torch.isnan(out.loss)
+
+
+@pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
+def test_huge_logits_stay_finite(impl):
+    # Logits of magnitude ~1e4: online log-sum-exp must not overflow.
+    p = make_problem(N=12, D=16, V=60, dtype=torch.float32)
+    with torch.no_grad():
+        p.h.mul_(1e4 / (p.h @ p.W.T).abs().max())
+    out, grads = run(p, impl=impl)
+    assert torch.isfinite(out.loss) and all(bool(torch.isfinite(g).all()) for g in grads)
+    assert float(out.loss.detach()) > 100  # the logits really are huge: CE is far from log V
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_double_backward_raises(impl):
+    p = make_problem(N=8, D=16, V=40)
+    loss = fused_linear_sdft_loss(p.h, p.W, p.labels, p.ht, p.Wt, impl=impl)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, p.h, create_graph=True)
+
+
+def test_auto_picks_torch_on_cpu_and_matches():
+    p = make_problem(N=20, D=16, V=60)
+    a, _ = run(p, impl="auto")
+    b, _ = run(p, impl="torch")
+    assert torch.equal(a.loss, b.loss)
+
+
+def test_no_grad_forward_computes_no_gradients():
+    p = make_problem(N=20, D=16, V=60)
+    with torch.no_grad():
+        loss = fused_linear_sdft_loss(p.h, p.W, p.labels, p.ht, p.Wt, impl="torch")
+    ref = fused_linear_sdft_loss(p.h, p.W, p.labels, p.ht, p.Wt, impl="reference")
+    assert_close(loss, ref, what="no_grad loss", **F64)
