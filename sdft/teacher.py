@@ -1,0 +1,270 @@
+"""Teacher sources: each gives teacher final hidden states and head for a batch, under no_grad.
+
+- ``FrozenCopy``: a frozen deep copy of the model at a chosen moment (the paper's snapshot after
+  the task-format stage), optionally in a cheaper dtype.
+- ``AdapterDisabled``: for LoRA/PEFT students, the base model with adapters switched off: no
+  extra weights at all.
+- ``HiddenStateCache``: the teacher's hidden states computed once over a dataset and stored in a
+  memory-mapped file; training then needs no teacher forward and no teacher weights but the head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Protocol, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .model_head import HeadSpec, final_hidden_states, head_spec
+
+
+@dataclass
+class TeacherOutput:
+    """Teacher final hidden states ``[B, T, Dt]`` aligned with the batch, and its head."""
+
+    hidden: Tensor
+    head: HeadSpec
+
+
+class TeacherSource(Protocol):
+    def __call__(self, batch: Mapping[str, Tensor]) -> TeacherOutput: ...
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Teacher passes run without dropout; the module's own mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class FrozenCopy:
+    """A frozen snapshot: ``FrozenCopy(model)`` deep-copies ``model`` as it is now.
+
+    Args:
+        model: the transformers causal LM to snapshot.
+        dtype: optional dtype for the copy (e.g. ``torch.bfloat16`` for an fp32 student): half
+            the memory, at the cost of teacher logits rounded at that precision.
+    """
+
+    def __init__(self, model: nn.Module, dtype: Optional[torch.dtype] = None):
+        self.model = copy.deepcopy(model)
+        self.model.requires_grad_(False)
+        self.model.eval()
+        if dtype is not None:
+            self.model.to(dtype)
+
+    def to(self, *args, **kwargs) -> "FrozenCopy":
+        self.model.to(*args, **kwargs)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, batch: Mapping[str, Tensor]) -> TeacherOutput:
+        hidden = final_hidden_states(self.model, batch["input_ids"], batch.get("attention_mask"))
+        return TeacherOutput(hidden, _frozen_head(head_spec(self.model)))
+
+
+class AdapterDisabled:
+    """The base model of a PEFT student, adapters off: a teacher that costs no extra weights.
+
+    The teacher is the model the adapters were added to; as the adapters train, the student
+    drifts from it while the teacher stays put.
+    """
+
+    def __init__(self, peft_model: nn.Module):
+        if not hasattr(peft_model, "disable_adapter"):
+            raise TypeError(f"AdapterDisabled needs a peft model with disable_adapter(), got {type(peft_model).__name__}")
+        self.peft_model = peft_model
+
+    @torch.no_grad()
+    def __call__(self, batch: Mapping[str, Tensor]) -> TeacherOutput:
+        base = self.peft_model.get_base_model()
+        with self.peft_model.disable_adapter(), _eval_mode(self.peft_model):
+            hidden = final_hidden_states(base, batch["input_ids"], batch.get("attention_mask"))
+            head = head_spec(base)
+        return TeacherOutput(hidden, _frozen_head(head))
+
+
+def _frozen_head(head: HeadSpec) -> HeadSpec:
+    """The same head with detached tensors: the teacher is a constant."""
+    bias = None if head.bias is None else head.bias.detach()
+    return HeadSpec(head.weight.detach(), bias, head.softcap, head.hidden_scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cached teacher hidden states
+# ----------------------------------------------------------------------------------------------
+
+_CACHE_VERSION = 1
+_STORAGE = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def _fingerprint(weight: Tensor) -> str:
+    """A content hash of a head weight, to refuse a cache built with another head."""
+    data = weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+class HiddenStateCache:
+    """Teacher final hidden states stored once, looked up per batch by example id.
+
+    Layout of the folder: ``hidden.bin`` (all examples' non-pad hidden states back to back,
+    ``[total_tokens, Dt]`` in ``dtype``, memory-mapped), ``index.json`` (id -> offset, length),
+    ``head.pt`` (head weight and bias), ``meta.json`` (sizes, dtype, head fingerprint, softcap,
+    scale). The batch must carry the example ids in ``id_field`` and the attention mask, so the
+    stored states can be put back at the non-pad positions (left or right padding alike).
+    """
+
+    def __init__(self, path: Union[str, Path], id_field: str = "id"):
+        self.path = Path(path)
+        meta_file = self.path / "meta.json"
+        if not meta_file.exists():
+            raise FileNotFoundError(f"no hidden-state cache at {self.path} (missing meta.json)")
+        self.meta = json.loads(meta_file.read_text())
+        if self.meta.get("version") != _CACHE_VERSION:
+            raise ValueError(f"cache {self.path} has version {self.meta.get('version')}, expected {_CACHE_VERSION}")
+        self.index: dict[str, list[int]] = json.loads((self.path / "index.json").read_text())
+        self.id_field = id_field
+        self.dtype = getattr(torch, self.meta["dtype"])
+        total, width = self.meta["total_tokens"], self.meta["hidden_size"]
+        # numpy has no bfloat16: store raw 16-bit words and reinterpret them in torch.
+        np_dtype = np.float32 if self.dtype == torch.float32 else np.uint16
+        self._data = np.memmap(self.path / "hidden.bin", dtype=np_dtype, mode="r", shape=(max(total, 1), width))
+        head = torch.load(self.path / "head.pt", map_location="cpu", weights_only=True)
+        self.head = HeadSpec(head["weight"], head.get("bias"), self.meta["softcap"], self.meta["hidden_scale"])
+
+    # -- building -------------------------------------------------------------------------------
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls,
+        model: nn.Module,
+        examples: Iterable[Mapping[str, object]],
+        path: Union[str, Path],
+        *,
+        id_field: str = "id",
+        batch_size: int = 8,
+        dtype: torch.dtype = torch.bfloat16,
+        pad_token_id: int = 0,
+    ) -> "HiddenStateCache":
+        """Run ``model`` once over ``examples`` (each with ``id_field`` and ``input_ids``) and store
+        its final hidden states. Returns the opened cache."""
+        if dtype not in _STORAGE:
+            raise ValueError(f"cache dtype must be one of {list(_STORAGE)}, got {dtype}")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        device = next(model.parameters()).device
+        index: dict[str, list[int]] = {}
+        offset, width = 0, None
+        with open(path / "hidden.bin", "wb") as sink, _eval_mode(model):
+            for chunk in _batched(examples, batch_size):
+                ids, mask, keys = _right_padded(chunk, id_field, pad_token_id, device)
+                hidden = final_hidden_states(model, ids, mask)
+                width = hidden.shape[-1]
+                for row, key in enumerate(keys):
+                    if key in index:
+                        raise ValueError(f"duplicate example id {key!r} in {id_field!r}")
+                    states = hidden[row, : int(mask[row].sum())].to(dtype).cpu()
+                    raw = states.view(torch.int16) if dtype != torch.float32 else states
+                    sink.write(raw.contiguous().numpy().tobytes())
+                    index[key] = [offset, states.shape[0]]
+                    offset += states.shape[0]
+        head = head_spec(model)
+        torch.save({"weight": head.weight.detach().cpu(), "bias": None if head.bias is None else head.bias.detach().cpu()},
+                   path / "head.pt")
+        meta = dict(version=_CACHE_VERSION, dtype=_STORAGE[dtype], hidden_size=width or 0, total_tokens=offset,
+                    n_examples=len(index), softcap=head.softcap, hidden_scale=head.hidden_scale,
+                    vocab_size=head.weight.shape[0], head_fingerprint=_fingerprint(head.weight))
+        (path / "index.json").write_text(json.dumps(index))
+        (path / "meta.json").write_text(json.dumps(meta, indent=1))
+        return cls(path, id_field=id_field)
+
+    # -- checking -------------------------------------------------------------------------------
+    def check_matches(
+        self,
+        examples: Optional[Sequence[Mapping[str, object]]] = None,
+        model: Optional[nn.Module] = None,
+    ) -> None:
+        """Raise ``ValueError`` if the cache was not built from these examples or this teacher."""
+        if examples is not None:
+            if len(examples) != self.meta["n_examples"]:
+                raise ValueError(f"cache {self.path} holds {self.meta['n_examples']} examples, the dataset has {len(examples)}")
+            for ex in examples:
+                key = str(ex[self.id_field])
+                if key not in self.index:
+                    raise ValueError(f"example id {key!r} is not in cache {self.path}")
+                n = len(ex["input_ids"])
+                if self.index[key][1] != n:
+                    raise ValueError(f"example {key!r} has {n} tokens but cache {self.path} stored {self.index[key][1]}")
+        if model is not None:
+            head = head_spec(model)
+            if tuple(head.weight.shape) != tuple(self.head.weight.shape):
+                raise ValueError(f"model head {tuple(head.weight.shape)} != cached head {tuple(self.head.weight.shape)}")
+            width = final_hidden_width(model)
+            if width is not None and width != self.meta["hidden_size"]:
+                raise ValueError(f"model hidden size {width} != cached hidden size {self.meta['hidden_size']}")
+            if _fingerprint(head.weight) != self.meta["head_fingerprint"]:
+                raise ValueError(f"model head weights differ from the head cache {self.path} was built with")
+
+    # -- lookup ---------------------------------------------------------------------------------
+    def __call__(self, batch: Mapping[str, Tensor]) -> TeacherOutput:
+        if self.id_field not in batch:
+            raise KeyError(f"batch has no {self.id_field!r} field: the cache looks examples up by id "
+                           "(keep the column, e.g. Trainer(remove_unused_columns=False))")
+        input_ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+        keys = batch[self.id_field]
+        keys = keys.tolist() if isinstance(keys, Tensor) else list(keys)
+        out = torch.zeros(*input_ids.shape, self.meta["hidden_size"], dtype=self.dtype)
+        for row, key in enumerate(keys):
+            key = str(key)
+            if key not in self.index:
+                raise KeyError(f"example id {key!r} is not in cache {self.path}")
+            offset, length = self.index[key]
+            n = int(mask[row].sum())
+            if n != length:
+                raise ValueError(f"example {key!r}: batch has {n} non-pad tokens, cache {self.path} stored {length}")
+            raw = torch.from_numpy(np.array(self._data[offset: offset + length]))  # copy: the map is read-only
+            out[row, mask[row].cpu()] = raw if self.dtype == torch.float32 else raw.view(self.dtype)
+        device = input_ids.device
+        head = HeadSpec(self.head.weight.to(device), None if self.head.bias is None else self.head.bias.to(device),
+                        self.head.softcap, self.head.hidden_scale)
+        # Stored compactly, computed in the head's dtype (the fused loss wants them equal).
+        return TeacherOutput(out.to(device, head.weight.dtype), head)
+
+
+def final_hidden_width(model: nn.Module) -> Optional[int]:
+    config = getattr(model, "config", None)
+    return getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+
+
+def _batched(examples: Iterable, size: int):
+    chunk = []
+    for ex in examples:
+        chunk.append(ex)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _right_padded(chunk, id_field: str, pad: int, device) -> tuple[Tensor, Tensor, list[str]]:
+    lengths = [len(ex["input_ids"]) for ex in chunk]
+    ids = torch.full((len(chunk), max(lengths)), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, ex in enumerate(chunk):
+        ids[row, : lengths[row]] = torch.as_tensor(ex["input_ids"])
+        mask[row, : lengths[row]] = 1
+    return ids.to(device), mask.to(device), [str(ex[id_field]) for ex in chunk]

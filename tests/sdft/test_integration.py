@@ -1,0 +1,150 @@
+"""causal_lm_loss on real transformers architectures against the naive logits path."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdft import SDFTLoss, SDFTModel, causal_lm_loss
+from sdft.teacher import FrozenCopy
+from tests.sdft.tiny_models import CONFIGS, make_batch, perturbed_copy, tiny_model
+
+TAU = 0.5
+
+
+def naive_loss(student, teacher, batch, kl_weight=1.0, tau=TAU, kl_positions="labels"):
+    """Full logits from the models' own forward, then CE + tau^2 KL(teacher || student)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    z_s = student(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
+    labels = batch["labels"][:, 1:]
+    valid = labels != -100
+    ce = F.cross_entropy(z_s.reshape(-1, z_s.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    total = ce
+    if teacher is not None:
+        with torch.no_grad():
+            z_t = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
+        kl = (F.softmax(z_t / tau, -1) * (F.log_softmax(z_t / tau, -1) - F.log_softmax(z_s / tau, -1))).sum(-1)
+        where = valid if kl_positions == "labels" else mask[:, 1:].bool()
+        total = total + kl_weight * tau**2 * (kl * where).sum()
+    return total / valid.sum()
+
+
+@contextlib.contextmanager
+def head_forward_forbidden(model):
+    """The fused path must never call the LM head's forward."""
+    def fail(*_):
+        raise AssertionError("the LM head's forward was called")
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(fail)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("kl_positions", ["labels", "all"])
+def test_matches_naive_logits_path(arch, kl_positions):
+    student = tiny_model(arch, dtype=torch.float64)
+    teacher_model = perturbed_copy(student)
+    batch = make_batch()
+    loss_fn = SDFTLoss(kl_positions=kl_positions, temperature=TAU)
+
+    expected = naive_loss(student, teacher_model, batch, kl_positions=kl_positions)
+    expected.backward()
+    expected_grads = _grads(student)
+    student.zero_grad(set_to_none=True)
+
+    with head_forward_forbidden(student), head_forward_forbidden(teacher_model):
+        out = causal_lm_loss(student, batch, teacher=FrozenCopy(teacher_model), loss=loss_fn)
+        out.loss.backward()
+    got = _grads(student)
+
+    assert float(out.kl) > 0, "the teacher differs from the student: the KL must be positive"
+    torch.testing.assert_close(out.loss.double(), expected.detach(), rtol=1e-9, atol=1e-10)
+    assert got.keys() == expected_grads.keys()
+    for name in got:
+        torch.testing.assert_close(got[name], expected_grads[name], rtol=1e-7, atol=1e-9, msg=lambda m: f"{arch} {name}: {m}")
+
+
+def test_no_teacher_is_the_models_own_loss():
+    student = tiny_model("llama", dtype=torch.float64)
+    batch = make_batch()
+    out = causal_lm_loss(student, batch)
+    reference = student(**batch).loss  # HF's causal LM loss shifts and ignores -100 the same way
+    # HF upcasts logits to float32 for its loss, so agreement is at float32 precision.
+    torch.testing.assert_close(out.loss.double(), reference.double(), rtol=1e-6, atol=1e-7)
+    assert float(out.kl) == 0.0
+
+
+def test_padding_ids_in_labels_are_ignored():
+    # A collator that copies input_ids into labels without masking padding must not train on pads.
+    student = tiny_model("qwen2", dtype=torch.float64)
+    batch = make_batch()
+    sloppy = dict(batch, labels=batch["input_ids"].clone())
+    clean = dict(batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100))
+    a, b = causal_lm_loss(student, sloppy), causal_lm_loss(student, clean)
+    torch.testing.assert_close(a.loss, b.loss)
+    assert int(a.n_tokens) == int(b.n_tokens)
+
+
+def test_gradient_accumulation_with_num_items_equals_one_large_batch():
+    student = tiny_model("llama", dtype=torch.float64)
+    teacher = FrozenCopy(perturbed_copy(student))
+    big = make_batch(B=8, T=9, seed=3)
+    n_items = int((big["labels"][:, 1:] != -100).sum())
+
+    causal_lm_loss(student, big, teacher).loss.backward()
+    expected = _grads(student)
+    student.zero_grad(set_to_none=True)
+
+    for k in range(4):
+        micro = {key: v[2 * k: 2 * k + 2] for key, v in big.items()}
+        causal_lm_loss(student, micro, teacher, num_items_in_batch=n_items).loss.backward()
+    got = _grads(student)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-12)
+
+
+def test_sdft_model_wrapper_forward_returns_the_loss():
+    student = tiny_model("mistral")
+    teacher = FrozenCopy(perturbed_copy(student))
+    wrapper = SDFTModel(student, teacher, SDFTLoss())
+    batch = make_batch()
+    out = wrapper(**batch)
+    direct = causal_lm_loss(student, batch, teacher)
+    torch.testing.assert_close(out.loss, direct.loss)
+    # The teacher is not a submodule: not trained, not saved, not broadcast by DDP.
+    assert all(n.startswith("student.") for n, _ in wrapper.named_parameters())
+
+
+def test_frozen_copy_is_a_snapshot():
+    student = tiny_model("llama")
+    teacher = FrozenCopy(student)
+    batch = make_batch()
+    before = causal_lm_loss(student, batch, teacher)
+    assert float(before.kl) == pytest.approx(0.0, abs=1e-6)  # identical models: KL exactly 0
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    after = causal_lm_loss(student, batch, teacher)
+    assert float(after.kl) > 1e-4
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+
+
+def test_bf16_frozen_copy_for_fp32_student():
+    student = tiny_model("llama")
+    teacher = FrozenCopy(perturbed_copy(student), dtype=torch.bfloat16)
+    exact = FrozenCopy(teacher.model).to(torch.float32)
+    batch = make_batch()
+    a = causal_lm_loss(student, batch, teacher)
+    b = causal_lm_loss(student, batch, exact)
+    assert a.loss.dtype == torch.float32
+    torch.testing.assert_close(a.kl, b.kl, rtol=0.05, atol=1e-3)
