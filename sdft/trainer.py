@@ -34,8 +34,16 @@ class SDFTTrainer(Trainer):
         # accumulation steps itself: our loss is already normalised by the whole batch's count.
         self.model_accepts_loss_kwargs = True
         self._last_components: dict[str, float] = {}
+        self._tokens_seen = 0  # a tensor after the first step: summed without a host sync
+
+    @property
+    def tokens_seen(self) -> int:
+        """Non-pad input tokens of this process so far."""
+        return int(self._tokens_seen)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mask = inputs.get("attention_mask")
+        self._tokens_seen = self._tokens_seen + (mask.sum() if mask is not None else inputs["input_ids"].numel())
         inner = self.accelerator.unwrap_model(model)
         if isinstance(inner, SDFTModel):
             out = model(num_items_in_batch=num_items_in_batch, **inputs)
@@ -48,9 +56,26 @@ class SDFTTrainer(Trainer):
         self._last_components = {"ce": out.ce, "kl": out.kl}
         return (loss, out) if return_outputs else loss
 
+    def _save(self, output_dir=None, state_dict=None):
+        # An SDFTModel is saved as its state dict; safetensors refuses tensors that share memory
+        # (tied embeddings), so keep one name per tensor: the tie restores the other on load.
+        if state_dict is None and isinstance(self.accelerator.unwrap_model(self.model), SDFTModel):
+            state_dict = _one_name_per_tensor(self.model.state_dict())
+        super()._save(output_dir, state_dict)
+
     def log(self, logs: dict, *args, **kwargs) -> None:
         # ce and kl of the last micro-batch, as detached tensors until now: no sync per step.
         if "loss" in logs and self._last_components:
             for name, value in self._last_components.items():
                 logs[name] = round(float(value), 6) if torch.is_tensor(value) else value
         super().log(logs, *args, **kwargs)
+
+
+def _one_name_per_tensor(state_dict: dict) -> dict:
+    seen, kept = set(), {}
+    for name, tensor in state_dict.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            kept[name] = tensor
+    return kept

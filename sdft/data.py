@@ -1,0 +1,153 @@
+"""Training data: load rows, tokenize with prompt tokens masked, report what was cut or dropped.
+
+Rows are either ``{prompt, response}`` or chat ``{messages: [{role, content}, ...]}`` (rendered
+with the tokenizer's chat template; the last assistant message is the response). Nothing is
+dropped or truncated silently: :class:`DataReport` counts it, and too many bad rows fail the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .config import DataConfig
+
+IGNORE_INDEX = -100
+_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """The data cannot be used as configured."""
+
+
+@dataclass
+class DataReport:
+    rows: int = 0
+    kept: int = 0
+    missing_fields: int = 0
+    empty_response: int = 0
+    prompt_too_long: int = 0
+    truncated: int = 0
+    examples: list[str] = field(default_factory=list)  # a few reasons, for the error message
+
+    @property
+    def bad(self) -> int:
+        return self.missing_fields + self.empty_response + self.prompt_too_long
+
+    def __str__(self) -> str:
+        return (f"{self.rows} rows: {self.kept} kept, {self.missing_fields} missing fields, "
+                f"{self.empty_response} empty responses, {self.prompt_too_long} prompts too long, "
+                f"{self.truncated} responses truncated")
+
+
+def load_rows(cfg: DataConfig):
+    """A ``datasets.Dataset`` from a local file (by extension) or a hub name."""
+    import datasets
+
+    if cfg.train_file:
+        path = Path(cfg.train_file)
+        fmt = _FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise DataError(f"data.train_file: unsupported extension {path.suffix!r} (use {', '.join(_FORMATS)})")
+        if not path.exists():
+            raise DataError(f"data.train_file: {path} does not exist")
+        return datasets.load_dataset(fmt, data_files=str(path), split="train")
+    return datasets.load_dataset(cfg.dataset, split=cfg.split)
+
+
+def _prompt_and_response(row: dict, cfg: DataConfig, tokenizer) -> tuple[Optional[list[int]], Optional[list[int]], str]:
+    """Token ids of prompt and response, or ``(None, None, reason)`` for a bad row."""
+    messages = row.get(cfg.messages_field)
+    if messages:
+        if not isinstance(messages, list) or messages[-1].get("role") != "assistant":
+            return None, None, "missing"
+        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        if not full.startswith(prompt):
+            return None, None, "missing"
+        response = full[len(prompt):]
+        if not messages[-1].get("content", "").strip():
+            return None, None, "empty"
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        return prompt_ids, response_ids, ""
+    prompt, response = row.get(cfg.prompt_field), row.get(cfg.response_field)
+    if prompt is None or response is None:
+        return None, None, "missing"
+    if not str(response).strip():
+        return None, None, "empty"
+    prompt_ids = tokenizer(str(prompt), add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(str(response), add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    return prompt_ids, response_ids, ""
+
+
+def tokenize_rows(rows, tokenizer, cfg: DataConfig) -> tuple[list[dict[str, Any]], DataReport]:
+    """Examples ``{id, input_ids, labels, length, known}`` with -100 on prompt tokens.
+
+    A response longer than the room left by its prompt is truncated (counted); a prompt that
+    leaves no room for one response token makes the row bad (counted).
+    """
+    report = DataReport()
+    examples = []
+    for i, row in enumerate(rows):
+        report.rows += 1
+        prompt_ids, response_ids, reason = _prompt_and_response(row, cfg, tokenizer)
+        if reason == "missing":
+            report.missing_fields += 1
+            report.examples.append(f"row {i}: missing {cfg.prompt_field!r}/{cfg.response_field!r} or {cfg.messages_field!r}")
+            continue
+        if reason == "empty" or not response_ids:
+            report.empty_response += 1
+            report.examples.append(f"row {i}: empty response")
+            continue
+        room = cfg.max_length - len(prompt_ids)
+        if room < 1:
+            report.prompt_too_long += 1
+            report.examples.append(f"row {i}: prompt has {len(prompt_ids)} tokens, max_length is {cfg.max_length}")
+            continue
+        if len(response_ids) > room:
+            report.truncated += 1
+            response_ids = response_ids[:room]
+        ids = prompt_ids + response_ids
+        known = row.get(cfg.known_field) if cfg.known_field else None
+        examples.append({
+            "id": str(row[cfg.id_field]) if cfg.id_field else str(i),
+            "input_ids": ids,
+            "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+            "length": len(ids),
+            "known": bool(known) if known is not None else False,
+        })
+    report.kept = len(examples)
+    if report.rows and report.bad / report.rows > cfg.max_bad_fraction:
+        raise DataError(
+            f"{report.bad} of {report.rows} rows are unusable (more than data.max_bad_fraction="
+            f"{cfg.max_bad_fraction}): {str(report)}; e.g. " + "; ".join(report.examples[:3])
+        )
+    return examples, report
+
+
+class PadCollator:
+    """Right-pads ``input_ids``/``labels`` into a batch with an attention mask; keeps ``id``."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.as_tensor(r["input_ids"])
+            labels[i, :n] = torch.as_tensor(r["labels"])
+            mask[i, :n] = 1
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if "id" in rows[0]:
+            batch["id"] = [r["id"] for r in rows]
+        return batch

@@ -1,0 +1,150 @@
+"""`sdft train` end to end on a tiny local model: runs, resumes, recipe, errors, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sdft.cli import main
+from sdft.config import ConfigError, load_config
+from sdft.data import DataError
+from sdft.train import train
+from tests.sdft.train_fixtures import workspace
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _overrides(ws, out, **extra):
+    base = {"model": ws["model"], "data.train_file": ws["data"], "output_dir": str(out), "batch_size": 4,
+            "learning_rate": 3e-3, "logging_steps": 1, "save_steps": 1000, "seed": 0}
+    base.update(extra)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_train_end_to_end(tmp_path):
+    ws = workspace(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", *_overrides(ws, out, epochs=8)]) == 0
+    records = [r for r in _metrics(out) if "loss" in r]
+    assert records[-1]["loss"] < 0.7 * records[0]["loss"]
+    for key in ("step", "loss", "ce", "kl", "learning_rate", "grad_norm", "peak_memory_mb"):
+        assert key in records[-1], key
+    assert any("tokens_per_s" in r for r in records)
+    assert (out / "final" / "model.safetensors").exists()
+    _weights(out / "final")  # loads back
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["rows"] == 20 and report["kept"] == 20
+
+
+def test_two_stage_recipe_teacher_is_stage1_and_first_kl_is_zero(tmp_path):
+    ws = workspace(tmp_path)
+    out = tmp_path / "run"
+    cfg = load_config(None, _overrides(ws, out, epochs=2, stage1_epochs=3, **{"data.known_field": "known"}))
+    train(cfg)
+    records = _metrics(out)
+    stage1 = [r for r in records if r["stage"] == "stage1" and "loss" in r]
+    stage2 = [r for r in records if r["stage"] == "stage2" and "loss" in r]
+    assert stage1 and stage2
+    assert all(r["kl"] == 0.0 for r in stage1)  # plain CE: no teacher in stage 1
+    assert stage2[0]["kl"] == 0.0  # the teacher is the stage-1 model: identical at the first step
+    assert stage2[-1]["kl"] > 0.0  # ... and the student moves away from it
+    # The snapshot on disk is the stage-1 model (the teacher), the final model differs from it.
+    s1, final = _weights(out / "stage1" / "final"), _weights(out / "final")
+    assert any(not torch.equal(s1[n], final[n]) for n in s1)
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    ws = workspace(tmp_path, n_facts=24)
+    common = dict(max_steps=12, save_steps=3, sampling="random")
+    straight = tmp_path / "straight"
+    train(load_config(None, _overrides(ws, straight, **common)))
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "sdft", "train", *_overrides(ws, killed, **common)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "train" / "checkpoint-6" / "trainer_state.json").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint-6 within 300 s"
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists(), "killed too late: the run had finished"
+
+    train(load_config(None, _overrides(ws, killed, **common)), resume=True)
+    a, b = _weights(straight / "final"), _weights(killed / "final")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_config_errors_name_the_key(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="loss.kl_wieght: unknown key"):
+        load_config(None, ["--model=x", "--data.train_file=y.jsonl", "--loss.kl_wieght=1"])
+    with pytest.raises(ConfigError, match="batch_size: expected int, got 'eight'"):
+        load_config(None, ["--model=x", "--data.train_file=y.jsonl", "--batch_size=eight"])
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("model: /does/not/exist\ndata: {train_file: y.jsonl}\nteacher: {sorce: cache}\n")
+    # The CLI fails on the key, before trying to load the (missing) model.
+    assert main(["train", str(cfg_file)]) == 2
+    assert "teacher.sorce: unknown key" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="data.train_file or data.dataset"):
+        load_config(None, ["--model=x"])
+
+
+def test_bad_rows_are_counted_and_too_many_fail(tmp_path):
+    ws = workspace(tmp_path, n_facts=20, bad_rows=2)
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match=r"2 of 22 rows are unusable.*1 missing fields, 1 empty"):
+        train(load_config(None, _overrides(ws, out, max_steps=1)))
+    train(load_config(None, _overrides(ws, out, max_steps=1, **{"data.max_bad_fraction": 0.2})))
+    report = json.loads((out / "data_report.json").read_text())
+    assert (report["missing_fields"], report["empty_response"], report["kept"]) == (1, 1, 20)
+
+
+def test_truncation_is_reported(tmp_path):
+    ws = workspace(tmp_path)
+    out = tmp_path / "run"
+    # Prompts are 6 tokens with BOS; max_length 6 leaves no room: every row is bad ...
+    with pytest.raises(DataError, match="prompts too long"):
+        train(load_config(None, _overrides(ws, out, max_steps=1, **{"data.max_length": 6})))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(tmp_path):
+    ws = workspace(tmp_path, n_facts=16)
+    common = dict(max_steps=4, sampling="sequential")
+    single = tmp_path / "single"
+    train(load_config(None, _overrides(ws, single, **{**common, "batch_size": 8})))
+    dist = tmp_path / "dist"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "sdft",
+           "train", *_overrides(ws, dist, **{**common, "batch_size": 4})]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    la = [r["loss"] for r in _metrics(single) if "loss" in r]
+    lb = [r["loss"] for r in _metrics(dist) if "loss" in r]
+    assert len(la) == len(lb) == 4
+    for x, y in zip(la, lb):
+        assert x == pytest.approx(y, rel=1e-4)
+    a, b = _weights(single / "final"), _weights(dist / "final")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
