@@ -1,0 +1,18 @@
+"""Microbenchmarks of ``fused_linear_sdft_loss`` against its peers.
+
+Entry points::
+
+    python -m bench.run --device cpu [--quick] [--out bench/results]   # results + report
+    python -m bench.run --device cuda
+    pytest bench/ --benchmark-json=out.json                            # pytest-benchmark
+
+Every case computes the same objective, CE + lambda * tau^2 * KL(teacher || student) with
+lambda = 1, tau = 0.5 and 20 % ignored labels, checks its loss and gradients against the
+materialised reference before it is timed, and is reported against the floor: the plain
+``torch.matmul`` GEMMs that any implementation must run (see :mod:`bench.floor`).
+
+Modules: ``shapes`` (the grids), ``inputs`` (seeded problems), ``floor`` (GEMM floor and
+FLOP counts), ``contenders`` (ours and the peers, behind one interface), ``agreement``
+(oracle values and tolerances), ``measure_case`` (one case: memory, agreement, timing),
+``run`` (the grid and the results JSON), ``report`` (markdown, targets and plots).
+"""

@@ -1,0 +1,228 @@
+"""Measure one case: one contender, one group, one shape, one device.
+
+Protocol, in this order:
+
+1. build the seeded inputs and the contender's step (``Skip`` -> status "skipped");
+2. ``warmup`` unmeasured calls (compiled code, Triton autotuning, cuBLAS handles);
+3. one *probed* call: peak memory growth over the call and its wall time;
+4. agreement of that call's loss and gradients with the oracle (the reference's values; the
+   reference itself *is* the oracle). A contender that disagrees is not timed;
+5. ``repeats - 1`` further timed calls. The reported time is the median of the ``repeats``
+   calls (the probed one included: its one-time costs, if any, are what the median drops).
+
+Memory, what is counted:
+
+- CPU: growth of the process's resident set over the probed call: peak RSS during the call
+  minus RSS before it, in bytes. The high-water mark is reset just before the call through
+  ``/proc/self/clear_refs`` after returning freed heap to the OS (``malloc_trim``), so warm-up
+  and import peaks are not counted; where that reset is unavailable, ``ru_maxrss`` growth.
+  Inputs are allocated before the call and not counted; the gradients it creates are.
+  Run in a fresh process per case (the default of ``bench.run`` on CPU) so that no other
+  case's allocations or caches are in the way.
+- CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()`` minus the
+  allocated bytes before the call (tensor memory, the caching allocator's reserve excluded).
+
+Command line (used by ``bench.run`` for CPU cases): ``python -m bench.measure_case SPEC_JSON``
+prints one line ``BENCH_RESULT {json}`` on stdout.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import resource
+import statistics
+import sys
+import time
+import traceback
+from typing import Optional
+
+import torch
+
+from .agreement import blocked_oracle, compare, values_of
+from .contenders import CONTENDERS, Skip
+from .inputs import SEED, build_inputs
+from .shapes import CE_FWD_BWD, FWD
+
+RESULT_MARKER = "BENCH_RESULT "
+# Row-block budget of the oracle when the reference's own values are missing.
+ORACLE_BUDGET_BYTES = {"cpu": 512 * 2**20, "cuda": 4 * 2**30}
+
+
+# ---------------------------------------------------------------- memory probes
+
+def _read_status_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _read_status_kib("VmHWM") is not None
+    except OSError:
+        return False
+
+
+class RssProbe:
+    """Peak resident-set growth over a ``with`` block, in bytes (see the module docstring)."""
+
+    def __enter__(self):
+        gc.collect()
+        _malloc_trim()
+        self.method = "peak RSS (VmHWM reset via clear_refs)" if _reset_peak_rss() else "ru_maxrss growth"
+        self.base_kib = (_read_status_kib("VmRSS") if self.method.startswith("peak")
+                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        return self
+
+    def __exit__(self, *exc):
+        peak = (_read_status_kib("VmHWM") if self.method.startswith("peak")
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        self.bytes = max(0, peak - self.base_kib) * 1024
+        return False
+
+
+class CudaProbe:
+    """Peak allocated-tensor growth over a ``with`` block, in bytes."""
+
+    method = "torch.cuda.max_memory_allocated growth"
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.base = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize()
+        self.bytes = max(0, torch.cuda.max_memory_allocated() - self.base)
+        return False
+
+
+# ---------------------------------------------------------------- timing
+
+def _timed(step, device: str):
+    """Run ``step`` once; returns ``(its result, seconds)``."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = step()
+        end.record()
+        torch.cuda.synchronize()
+        return out, start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    out = step()
+    return out, time.perf_counter() - t0
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+# ---------------------------------------------------------------- one case
+
+def measure(spec: dict) -> dict:
+    """Measure the case described by ``spec`` (see :func:`bench.run.case_spec`)."""
+    result = {k: spec[k] for k in ("group", "contender", "device", "dtype", "N", "D", "V")}
+    result.update(status="ok", reason=None, agreement=None, times_s=None, median_s=None,
+                  mem_bytes=None, mem_method=None, oracle_values=None)
+    device, group = spec["device"], spec["group"]
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    contender = CONTENDERS[spec["contender"]]
+    dtype = getattr(torch, spec["dtype"])
+    backward = group != FWD
+    warmup = spec.get("warmup", 0) + (contender.cpu_warmup if device == "cpu" else 0)
+    inputs = step = None
+    if "torch._dynamo" in sys.modules:
+        # Compiled peers start from empty caches in every case, as in a fresh process: an
+        # earlier shape must neither pre-pay their compilation nor exhaust the recompile
+        # limit (after which torch.compile silently runs eager).
+        sys.modules["torch._dynamo"].reset()
+    try:
+        inputs = build_inputs(spec["N"], spec["D"], spec["V"], device=device, dtype=dtype,
+                              teacher=group != CE_FWD_BWD, requires_grad=backward,
+                              seed=spec.get("seed", SEED))
+        step = contender.build(inputs, group, device)
+        for _ in range(warmup):
+            inputs.zero_grads()
+            step()
+        inputs.zero_grads()
+        with (CudaProbe() if device == "cuda" else RssProbe()) as probe:
+            loss, first_s = _timed(step, device)
+        result["mem_bytes"], result["mem_method"] = probe.bytes, probe.method
+
+        if loss is not None:  # the floor computes no loss
+            values = values_of(loss, inputs, backward)
+            if contender.name == "reference":
+                result["oracle_values"] = values
+                result["agreement"] = {"is_oracle": True, "agrees": True, "loss": values["loss"]}
+            else:
+                oracle = spec.get("oracle")
+                if oracle is None:  # the reference did not run (out of memory): rebuild its values
+                    oracle = blocked_oracle(inputs, group, ORACLE_BUDGET_BYTES[device])
+                    result["oracle_values"] = oracle
+                result["agreement"] = compare(values, oracle, dtype)
+                if not result["agreement"]["agrees"]:
+                    result["status"] = "disagrees"
+                    result["reason"] = ("loss or gradients differ from the reference beyond "
+                                        "tolerance; not timed")
+                    return result
+
+        times = [first_s]
+        for _ in range(spec["repeats"] - 1):
+            inputs.zero_grads()
+            times.append(_timed(step, device)[1])
+        result["times_s"] = times
+        result["median_s"] = statistics.median(times)
+    except Skip as e:
+        result["status"], result["reason"] = "skipped", str(e)
+    except Exception as e:  # noqa: BLE001 - one failing peer must not stop the grid
+        if device == "cuda" and _is_oom(e):
+            result["status"] = "skipped"
+            result["reason"] = f"does not fit in GPU memory: {str(e).splitlines()[0][:200]}"
+        else:
+            result["status"] = "error"
+            result["reason"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            result["traceback"] = traceback.format_exc(limit=6)
+    finally:
+        del step, inputs
+        if device == "cuda":  # on CPU the next probe collects before it takes its baseline
+            gc.collect()
+            torch.cuda.empty_cache()
+    return result
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m bench.measure_case SPEC_JSON", file=sys.stderr)
+        return 2
+    # Everything imported so far lives as long as the process: freezing it keeps the
+    # probe's full collection from rescanning the libraries' objects on every call.
+    gc.collect()
+    gc.freeze()
+    result = measure(json.loads(argv[0]))
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
