@@ -8,7 +8,7 @@ import torch
 from sdft_kernels import fused_linear_sdft_loss
 from tests.kernels.helpers import assert_close, make_problem, run
 
-FAST_IMPLS = ["torch"]  # "triton" joins when its kernels land
+FAST_IMPLS = ["torch", "triton"]  # triton runs in the interpreter on CPU (tests/conftest.py)
 F64 = dict(rtol=1e-9, atol=1e-11)
 
 

@@ -1,0 +1,344 @@
+"""Backward Triton kernels: gradients of hidden states, weight and bias from per-token scales.
+
+The gradient of the loss with respect to the student logits is, per tile::
+
+    dz = ce_scale * (softmax(z_s) - onehot(y)) + kl_scale * tau * dD/d(z_s / tau)   [* (1 - (z_s/c)^2)]
+
+It is never stored: two kernels recompute it tile by tile from the forward statistics.
+
+* ``sdft_backward_hidden_kernel``: one program per ``BLOCK_N`` tokens sweeps the vocabulary and
+  accumulates ``dh[rows] += dz @ W[cols]`` chunk by chunk of D in its own rows.
+* ``sdft_backward_weight_kernel``: one program per ``BLOCK_V`` vocabulary entries sweeps the
+  tokens and accumulates ``dW[cols] += dz^T @ h[rows]`` and ``db[cols] += dz.sum(0)``.
+
+Every output element has one owner program and is summed in a fixed order: no atomics, and
+the result is bitwise reproducible. A program's partial sums live in the output itself (or in
+a float32 buffer of the same shape for half-precision outputs): the tile is read, updated and
+written back once per sweep step, and the last step writes the output dtype.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .options import LossOptions
+from .triton_common import (
+    DIVERGENCE_CODES,
+    FORWARD_KL,
+    INTERPRET,
+    REVERSE_KL,
+    KernelConfig,
+    accumulation_tl_dtype,
+    as_scalar,
+    dot_precision,
+    logaddexp,
+    logits_tile,
+    loss_constants,
+    teacher_dot_dtype,
+    tl_dtype,
+)
+from .triton_forward import ForwardStats
+
+# One config per kernel and operand width, no autotuning (python -m
+# sdft_kernels.triton_compile_check: no register spills on sm_80 and sm_90). The hidden kernel
+# rereads and rewrites its dh rows once per vocabulary tile, the weight kernel its dW rows once
+# per token tile, so a wide BLOCK_V (resp. BLOCK_N) divides that traffic; but the teacher
+# tile, the student tile and the gradient tile are live at once, and [64, 128] tiles spill on
+# sm_80, so the hidden kernel stays at [64, 64]. float32 without TF32 runs on FMAs, whose
+# operand slices live in registers: smaller tiles.
+BACKWARD_HIDDEN_CONFIG = KernelConfig(block_n=64, block_v=64, block_d=32, num_warps=8, num_stages=2)
+BACKWARD_WEIGHT_CONFIG = KernelConfig(block_n=128, block_v=64, block_d=32, num_warps=8, num_stages=2)
+BACKWARD_HIDDEN_CONFIG_FP32 = KernelConfig(block_n=32, block_v=64, block_d=16, num_warps=8, num_stages=2)
+# One stage: with two, ptxas spilled the reverse_kl variant on sm_80 (79 registers, 32 B spilled).
+BACKWARD_WEIGHT_CONFIG_FP32 = KernelConfig(block_n=32, block_v=64, block_d=32, num_warps=8, num_stages=1)
+BACKWARD_CONFIG_INTERPRET = KernelConfig(block_n=64, block_v=128, block_d=64, num_warps=1, num_stages=1)
+
+
+@triton.jit
+def logits_grad_tile(
+    h_ptr, w_ptr, b_ptr, ht_ptr, wt_ptr, bt_ptr,  # student and teacher hidden, weight, bias
+    labels, lse, lse_s, lse_t, aux, ce_scale, kl_scale,  # [BLOCK_N] per-token values
+    rows, cols, row_mask, col_mask,  # [BLOCK_N], [BLOCK_V] indices and masks
+    D, DT,  # hidden sizes
+    stride_h, stride_w, stride_ht, stride_wt,  # row strides
+    inv_tau, softcap, inv_softcap, log_beta, log_1m_beta, one_m_beta,  # ACC scalars
+    HAS_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DIVERGENCE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, TEACHER_DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``d loss / d z_s`` for one ``[BLOCK_N, BLOCK_V]`` tile in ACC, zero outside the masks."""
+    # The teacher tile comes first: only its log-probabilities then stay live while the
+    # student tile accumulates, not the student tile and a partial dz during the teacher's.
+    # reverse_kl keeps a_t = z_t / tau (see below); the others the log-probabilities a_t - lse_t.
+    t_tile = tl.zeros([BLOCK_N, BLOCK_V], ACC)
+    if HAS_TEACHER:
+        z_t = logits_tile(
+            ht_ptr, wt_ptr, bt_ptr, rows.to(tl.int64) * stride_ht, cols.to(tl.int64) * stride_wt, row_mask,
+            col_mask, cols, DT, softcap, inv_softcap, HAS_TEACHER_BIAS, HAS_SOFTCAP, TEACHER_DOT_DTYPE, ACC,
+            PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        )
+        if DIVERGENCE == REVERSE_KL:
+            t_tile = z_t * inv_tau
+        else:
+            t_tile = z_t * inv_tau - lse_t[:, None]
+    z_s = logits_tile(
+        h_ptr, w_ptr, b_ptr, rows.to(tl.int64) * stride_h, cols.to(tl.int64) * stride_w, row_mask, col_mask,
+        cols, D, softcap, inv_softcap, HAS_BIAS, HAS_SOFTCAP, DOT_DTYPE, ACC, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+    )
+    p_1 = tl.exp(z_s - lse[:, None])
+    dz = ce_scale[:, None] * (p_1 - tl.where(cols[None, :] == labels[:, None], 1.0, 0.0))
+    if HAS_TEACHER:
+        logp_s = z_s * inv_tau - lse_s[:, None]
+        p_s = tl.exp(logp_s)
+        # grad: d D / d(z_s / tau), the softmax Jacobian applied to d D / d p_s.
+        if DIVERGENCE == FORWARD_KL:
+            grad = p_s - tl.exp(t_tile)
+        elif DIVERGENCE == REVERSE_KL:
+            # p_s (log p_s - log p_t - KL) with the lses cancelled exactly: aux = E_ps[a_s - a_t].
+            # Subtracting lses of size |z| / tau in float32 would leave eps |z| / tau per element.
+            grad = p_s * ((z_s * inv_tau - t_tile) - aux[:, None])
+        else:
+            log_m = logaddexp(t_tile + log_beta, logp_s + log_1m_beta)
+            grad = one_m_beta * p_s * (logp_s - log_m - aux[:, None])
+        # d/dz = (1 / tau) d/da and the loss weighs D by tau^2: kl_scale * tau in all.
+        dz += (kl_scale / inv_tau)[:, None] * grad
+    if HAS_SOFTCAP:
+        dz *= 1.0 - (z_s * inv_softcap) * (z_s * inv_softcap)
+    return tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
+
+
+@triton.jit
+def sdft_backward_hidden_kernel(
+    h_ptr, w_ptr, b_ptr,  # student hidden [N, D], weight [V, D], bias [V]
+    ht_ptr, wt_ptr, bt_ptr,  # teacher hidden [N, DT], weight [V, DT], bias [V]
+    labels_ptr, lse_ptr, lse_s_ptr, lse_t_ptr, aux_ptr, ce_scale_ptr, kl_scale_ptr,  # [N] inputs
+    dh_acc_ptr, dh_ptr,  # [N, D] ACC partial sums (may alias dh), [N, D] gradient in h's dtype
+    N, V, D, DT,  # sizes
+    stride_h, stride_w, stride_ht, stride_wt, stride_dh,  # row strides in elements
+    ignore_index,  # label of positions without cross-entropy
+    inv_tau: tl.float64, softcap: tl.float64,  # 1 / temperature; softcap (unused without HAS_SOFTCAP)
+    log_beta: tl.float64, log_1m_beta: tl.float64, beta: tl.float64,  # JSD mixture weights
+    HAS_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DIVERGENCE: tl.constexpr,  # optional inputs; FORWARD_KL/REVERSE_KL/JSD
+    DOT_DTYPE: tl.constexpr, TEACHER_DOT_DTYPE: tl.constexpr, ACC: tl.constexpr,  # tile dtypes
+    PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" or "tf32")
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
+    labels = tl.where(labels == ignore_index, -1, labels).to(tl.int32)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
+    lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
+    aux = tl.load(aux_ptr + rows, mask=row_mask, other=0.0)
+    ce_scale = tl.load(ce_scale_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+    kl_scale = tl.load(kl_scale_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+    inv_tau = as_scalar(inv_tau, ACC)
+    softcap = as_scalar(softcap, ACC)
+    inv_softcap = 1.0 / softcap
+    log_beta = as_scalar(log_beta, ACC)
+    log_1m_beta = as_scalar(log_1m_beta, ACC)
+    one_m_beta = 1.0 - as_scalar(beta, ACC)
+    dh_offsets = rows.to(tl.int64) * stride_dh
+
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        dz = logits_grad_tile(
+            h_ptr, w_ptr, b_ptr, ht_ptr, wt_ptr, bt_ptr,
+            labels, lse, lse_s, lse_t, aux, ce_scale, kl_scale, rows, cols, row_mask, col_mask,
+            D, DT, stride_h, stride_w, stride_ht, stride_wt,
+            inv_tau, softcap, inv_softcap, log_beta, log_1m_beta, one_m_beta,
+            HAS_BIAS, HAS_TEACHER, HAS_TEACHER_BIAS, HAS_SOFTCAP, DIVERGENCE,
+            DOT_DTYPE, TEACHER_DOT_DTYPE, ACC, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        ).to(DOT_DTYPE)
+        # The first step starts the sums from zero, the last one writes the output dtype. (The
+        # flags are row vectors: the interpreter mishandles a scalar mask & a tensor mask.)
+        step = tl.zeros([BLOCK_N], tl.int32) + v0
+        rows_read = row_mask & (step > 0)
+        rows_partial = row_mask & (step + BLOCK_V < V)
+        rows_final = row_mask & (step + BLOCK_V >= V)
+        w_offsets = cols.to(tl.int64) * stride_w
+        # The previous step wrote these dh rows with possibly another thread-to-element map
+        # than the loads below use: the barrier makes those writes visible across the block.
+        tl.debug_barrier()
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = d < D
+            w = tl.load(w_ptr + w_offsets[:, None] + d[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+            offsets = dh_offsets[:, None] + d[None, :]
+            acc = tl.load(dh_acc_ptr + offsets, mask=rows_read[:, None] & d_mask[None, :], other=0.0)
+            acc = tl.dot(dz, w.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC)
+            tl.store(dh_acc_ptr + offsets, acc, mask=rows_partial[:, None] & d_mask[None, :])
+            tl.store(dh_ptr + offsets, acc.to(dh_ptr.dtype.element_ty), mask=rows_final[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def sdft_backward_weight_kernel(
+    h_ptr, w_ptr, b_ptr,  # student hidden [N, D], weight [V, D], bias [V]
+    ht_ptr, wt_ptr, bt_ptr,  # teacher hidden [N, DT], weight [V, DT], bias [V]
+    labels_ptr, lse_ptr, lse_s_ptr, lse_t_ptr, aux_ptr, ce_scale_ptr, kl_scale_ptr,  # [N] inputs
+    dw_acc_ptr, dw_ptr, db_ptr,  # [V, D] ACC partial sums (may alias dW), [V, D] dW in W's dtype, [V] db
+    N, V, D, DT,  # sizes
+    stride_h, stride_w, stride_ht, stride_wt, stride_dw,  # row strides in elements
+    ignore_index,  # label of positions without cross-entropy
+    inv_tau: tl.float64, softcap: tl.float64,  # 1 / temperature; softcap (unused without HAS_SOFTCAP)
+    log_beta: tl.float64, log_1m_beta: tl.float64, beta: tl.float64,  # JSD mixture weights
+    HAS_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DIVERGENCE: tl.constexpr,  # optional inputs; FORWARD_KL/REVERSE_KL/JSD
+    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,  # which outputs are wanted
+    DOT_DTYPE: tl.constexpr, TEACHER_DOT_DTYPE: tl.constexpr, ACC: tl.constexpr,  # tile dtypes
+    PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" or "tf32")
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes
+):
+    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    inv_tau = as_scalar(inv_tau, ACC)
+    softcap = as_scalar(softcap, ACC)
+    inv_softcap = 1.0 / softcap
+    log_beta = as_scalar(log_beta, ACC)
+    log_1m_beta = as_scalar(log_1m_beta, ACC)
+    one_m_beta = 1.0 - as_scalar(beta, ACC)
+    dw_offsets = cols.to(tl.int64) * stride_dw
+    db = tl.zeros([BLOCK_V], ACC)
+
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
+        labels = tl.where(labels == ignore_index, -1, labels).to(tl.int32)
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+        lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
+        lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
+        aux = tl.load(aux_ptr + rows, mask=row_mask, other=0.0)
+        ce_scale = tl.load(ce_scale_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+        kl_scale = tl.load(kl_scale_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+        dz = logits_grad_tile(
+            h_ptr, w_ptr, b_ptr, ht_ptr, wt_ptr, bt_ptr,
+            labels, lse, lse_s, lse_t, aux, ce_scale, kl_scale, rows, cols, row_mask, col_mask,
+            D, DT, stride_h, stride_w, stride_ht, stride_wt,
+            inv_tau, softcap, inv_softcap, log_beta, log_1m_beta, one_m_beta,
+            HAS_BIAS, HAS_TEACHER, HAS_TEACHER_BIAS, HAS_SOFTCAP, DIVERGENCE,
+            DOT_DTYPE, TEACHER_DOT_DTYPE, ACC, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        )
+        if COMPUTE_DB:
+            db += tl.sum(dz, axis=0)
+        if COMPUTE_DW:
+            dz_t = tl.trans(dz.to(DOT_DTYPE))  # [BLOCK_V, BLOCK_N]
+            step = tl.zeros([BLOCK_V], tl.int32) + n0
+            cols_read = col_mask & (step > 0)
+            cols_partial = col_mask & (step + BLOCK_N < N)
+            cols_final = col_mask & (step + BLOCK_N >= N)
+            h_offsets = rows.to(tl.int64) * stride_h
+            # As in the hidden kernel: the previous step's dW writes must be visible block-wide.
+            tl.debug_barrier()
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                d_mask = d < D
+                h_mask = row_mask[:, None] & d_mask[None, :]
+                h = tl.load(h_ptr + h_offsets[:, None] + d[None, :], mask=h_mask, other=0.0)
+                offsets = dw_offsets[:, None] + d[None, :]
+                acc = tl.load(dw_acc_ptr + offsets, mask=cols_read[:, None] & d_mask[None, :], other=0.0)
+                acc = tl.dot(dz_t, h.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC)
+                tl.store(dw_acc_ptr + offsets, acc, mask=cols_partial[:, None] & d_mask[None, :])
+                tl.store(dw_ptr + offsets, acc.to(dw_ptr.dtype.element_ty), mask=cols_final[:, None] & d_mask[None, :])
+    if COMPUTE_DB:
+        tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_mask)
+
+
+def default_backward_configs(dtype: torch.dtype) -> tuple[KernelConfig, KernelConfig]:
+    """``(hidden kernel config, weight kernel config)`` for ``dtype`` inputs in this process."""
+    if INTERPRET:
+        return BACKWARD_CONFIG_INTERPRET, BACKWARD_CONFIG_INTERPRET
+    if dtype.itemsize == 2:
+        return BACKWARD_HIDDEN_CONFIG, BACKWARD_WEIGHT_CONFIG
+    return BACKWARD_HIDDEN_CONFIG_FP32, BACKWARD_WEIGHT_CONFIG_FP32
+
+
+def sdft_backward(
+    h: Tensor,
+    W: Tensor,
+    b: Optional[Tensor],
+    ht: Optional[Tensor],
+    Wt: Optional[Tensor],
+    bt: Optional[Tensor],
+    labels: Tensor,
+    stats: ForwardStats,
+    ce_scale: Tensor,
+    kl_scale: Tensor,
+    options: LossOptions,
+    need_hidden_grad: bool,
+    need_weight_grad: bool,
+    need_bias_grad: bool,
+    *,
+    hidden_config: Optional[KernelConfig] = None,
+    weight_config: Optional[KernelConfig] = None,
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Gradients ``(dh [N, D], dW [V, D], db [V])`` of ``sum_i ce_scale_i * ce_i + kl_scale_i * tau^2 * D_i``.
+
+    ``ce_scale``/``kl_scale`` are float32 ``[N]`` and already hold masks, weights, the upstream
+    gradient and the normaliser; ``kl_scale`` excludes the ``tau^2`` of ``LossOptions.kl_scale``
+    (the kernel applies it). ``stats`` is the forward's output. Each gradient is None unless
+    asked for; dh has ``h``'s dtype, dW ``W``'s, db ``b``'s. Inputs as in ``sdft_forward``.
+    """
+    N, D = h.shape
+    V = W.shape[0]
+    need_bias_grad = need_bias_grad and b is not None
+    dh = torch.empty_like(h) if need_hidden_grad else None
+    dW = torch.empty_like(W) if need_weight_grad else None
+    db = torch.empty_like(b) if need_bias_grad else None
+    if N == 0:
+        # No token: every gradient is an empty sum.
+        return tuple(None if g is None else g.zero_() for g in (dh, dW, db))
+
+    has_teacher = ht is not None
+    default_hidden, default_weight = default_backward_configs(h.dtype)
+    hidden_config = hidden_config or default_hidden
+    weight_config = weight_config or default_weight
+    acc_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    c = loss_constants(options)
+    common = (
+        h, W, b if b is not None else W,
+        ht if has_teacher else h, Wt if has_teacher else W, bt if bt is not None else W,
+        labels, stats.lse, stats.lse_s, stats.lse_t, stats.div_aux, ce_scale, kl_scale,
+    )
+    sizes = (N, V, D, ht.shape[1] if has_teacher else 0)
+    strides = (h.stride(0), W.stride(0), ht.stride(0) if has_teacher else 0, Wt.stride(0) if has_teacher else 0)
+    scalars = (options.ignore_index, c.inv_tau, c.softcap, c.log_beta, c.log_1m_beta, c.beta)
+    flags = dict(
+        HAS_BIAS=b is not None, HAS_TEACHER=has_teacher, HAS_TEACHER_BIAS=bt is not None,
+        HAS_SOFTCAP=options.softcap is not None, DIVERGENCE=DIVERGENCE_CODES[options.divergence],
+        DOT_DTYPE=tl_dtype(h.dtype),
+        TEACHER_DOT_DTYPE=teacher_dot_dtype(h.dtype, ht.dtype, Wt.dtype) if has_teacher else tl_dtype(h.dtype),
+        ACC=accumulation_tl_dtype(h.dtype), PRECISION=dot_precision(),
+    )
+
+    if need_hidden_grad:
+        # Partial sums need ACC precision; a float32/float64 dh can hold them itself.
+        dh_acc = dh if dh.dtype == acc_dtype else torch.empty(N, D, device=h.device, dtype=acc_dtype)
+        cfg = hidden_config
+        sdft_backward_hidden_kernel[(triton.cdiv(N, cfg.block_n),)](
+            *common, dh_acc, dh, *sizes, *strides, dh.stride(0), *scalars, **flags,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    if need_weight_grad or need_bias_grad:
+        if need_weight_grad:
+            dW_acc = dW if dW.dtype == acc_dtype else torch.empty(V, D, device=W.device, dtype=acc_dtype)
+        else:
+            dW_acc = dW = W  # never written: COMPUTE_DW is off
+        cfg = weight_config
+        sdft_backward_weight_kernel[(triton.cdiv(V, cfg.block_v),)](
+            *common, dW_acc, dW, db if db is not None else W, *sizes, *strides, dW.stride(0), *scalars, **flags,
+            COMPUTE_DW=need_weight_grad, COMPUTE_DB=need_bias_grad,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        if not need_weight_grad:
+            dW = None
+    return dh, dW, db

@@ -1,0 +1,173 @@
+"""Compile every Triton kernel for sm_80 and sm_90 without a GPU; report registers and spills.
+
+Run by hand (triton must not be in interpreter mode)::
+
+    TRITON_INTERPRET=0 python -m sdft_kernels.triton_compile_check
+
+Each kernel is compiled at its default config for float32 and bfloat16 inputs and the main
+flag combinations. ``triton.compile`` gives the PTX and the shared memory; registers and spill
+stores come from running triton's own ``ptxas -v`` on that PTX. Prints one table row per
+compilation and exits with status 1 if any compilation failed or spilled.
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+
+from .triton_backward import default_backward_configs, sdft_backward_hidden_kernel, sdft_backward_weight_kernel
+from .triton_common import DIVERGENCE_CODES, INTERPRET, KernelConfig, dot_precision
+from .triton_forward import default_forward_config, sdft_forward_kernel
+
+# Each kernel with the launcher's choice of default config for an input dtype.
+KERNELS = {
+    "forward": (sdft_forward_kernel, default_forward_config),
+    "backward_hidden": (sdft_backward_hidden_kernel, lambda dtype: default_backward_configs(dtype)[0]),
+    "backward_weight": (sdft_backward_weight_kernel, lambda dtype: default_backward_configs(dtype)[1]),
+}
+# The main flag combinations: CE only; teacher with biases and softcap; JSD (two sweeps).
+_FKL, _RKL, _JSD = (DIVERGENCE_CODES[d] for d in ("forward_kl", "reverse_kl", "jsd"))
+FLAG_SETS = {
+    "ce-only": dict(HAS_BIAS=True, HAS_TEACHER=False, HAS_TEACHER_BIAS=False, HAS_SOFTCAP=False, DIVERGENCE=_FKL),
+    "fkl+softcap": dict(HAS_BIAS=True, HAS_TEACHER=True, HAS_TEACHER_BIAS=True, HAS_SOFTCAP=True, DIVERGENCE=_FKL),
+    "rkl": dict(HAS_BIAS=False, HAS_TEACHER=True, HAS_TEACHER_BIAS=False, HAS_SOFTCAP=False, DIVERGENCE=_RKL),
+    "jsd": dict(HAS_BIAS=False, HAS_TEACHER=True, HAS_TEACHER_BIAS=False, HAS_SOFTCAP=False, DIVERGENCE=_JSD),
+}
+DTYPES = {"fp32": (torch.float32, tl.float32), "bf16": (torch.bfloat16, tl.bfloat16)}
+ARCHS = (80, 90)
+
+# Pointer arguments whose element type is the input dtype; all other pointers are listed here.
+_OTHER_POINTERS = {"labels_ptr": "*i64", "kl_mask_ptr": "*u8"}
+_INPUT_POINTERS = {"h_ptr", "w_ptr", "b_ptr", "ht_ptr", "wt_ptr", "bt_ptr", "dh_ptr", "dw_ptr", "db_ptr"}
+_FLOAT64_SCALARS = {"inv_tau", "softcap", "log_beta", "log_1m_beta", "beta"}
+
+
+class CompileResult(NamedTuple):
+    kernel: str
+    arch: int
+    dtype: str
+    flags: str
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared_bytes: int
+    error: str = ""
+
+
+def kernel_signature(kernel, dtype: str, flags: dict, config: KernelConfig):
+    """``(signature, constexprs, attrs)`` as the launcher would specialise them.
+
+    Sizes and strides are assumed to be multiples of 16 and pointers 16-byte aligned, as for
+    real LLM shapes (D = 4096, V = 128256), so loads vectorise as they would there.
+    """
+    constexprs = dict(
+        flags,
+        DOT_DTYPE=DTYPES[dtype][1], TEACHER_DOT_DTYPE=DTYPES[dtype][1], ACC=tl.float32, PRECISION=dot_precision(),
+        BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
+    )
+    if "COMPUTE_DW" in kernel.arg_names:
+        constexprs.update(COMPUTE_DW=True, COMPUTE_DB=flags["HAS_BIAS"])
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _FLOAT64_SCALARS:
+            signature[name] = "fp64"
+        elif name.endswith("_ptr"):
+            signature[name] = _OTHER_POINTERS.get(name, f"*{dtype}" if name in _INPUT_POINTERS else "*fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if name != "ignore_index":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    missing = set(constexprs) - set(kernel.arg_names)
+    assert not missing, f"{kernel.fn.__name__} has no parameters {missing}"
+    return signature, constexprs, attrs
+
+
+def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
+    """``(registers, spill store bytes, spill load bytes)`` from ``ptxas -v``."""
+    gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run(
+            # The flags triton's own make_cubin passes (triton 3.9), so that the counts are the
+            # launched binary's.
+            [get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", path,
+             "-o", os.path.join(tmp, "kernel.cubin")],
+            capture_output=True, text=True,
+        )
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed:\n{log}")
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if registers is None or spills is None:
+        raise RuntimeError(f"cannot parse ptxas output:\n{log}")
+    return int(registers.group(1)), int(spills.group(1)), int(spills.group(2))
+
+
+def compile_one(job: tuple[str, int, str, str]) -> CompileResult:
+    name, arch, dtype, flag_set = job
+    kernel, default_config = KERNELS[name]
+    config = default_config(DTYPES[dtype][0])
+    try:
+        signature, constexprs, attrs = kernel_signature(kernel, dtype, FLAG_SETS[flag_set], config)
+        compiled = triton.compile(
+            ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+            target=GPUTarget("cuda", arch, 32),
+            options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
+        )
+        registers, stores, loads = ptxas_usage(compiled.asm["ptx"], arch)
+        return CompileResult(name, arch, dtype, flag_set, registers, stores, loads, compiled.metadata.shared)
+    except Exception as e:  # reported in the table, and the exit status
+        return CompileResult(name, arch, dtype, flag_set, -1, -1, -1, -1, f"{type(e).__name__}: {e}")
+
+
+def all_jobs() -> list[tuple[str, int, str, str]]:
+    return [(k, a, d, f) for k in KERNELS for a in ARCHS for d in DTYPES for f in FLAG_SETS]
+
+
+def format_table(results: list[CompileResult]) -> str:
+    header = f"{'kernel':<16} {'arch':<6} {'dtype':<5} {'flags':<12} {'regs':>5} {'spill st':>9} {'spill ld':>9}"
+    lines = [header + f" {'smem B':>8}"]
+    for r in results:
+        line = (f"{r.kernel:<16} sm_{r.arch:<3} {r.dtype:<5} {r.flags:<12} {r.registers:>5} "
+                f"{r.spill_stores:>9} {r.spill_loads:>9} {r.shared_bytes:>8}")
+        lines.append(line + (f"  ERROR {r.error.splitlines()[0][:200]}" if r.error else ""))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compilations")
+    args = parser.parse_args(argv)
+    if INTERPRET:
+        print("TRITON_INTERPRET=1: kernels are interpreted and cannot be compiled; unset it", file=sys.stderr)
+        return 2
+    for name, (_, default_config) in KERNELS.items():
+        for dtype, (torch_dtype, _) in DTYPES.items():
+            print(f"{name} {dtype}: {default_config(torch_dtype)}")
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(compile_one, all_jobs()))
+    print(format_table(results))
+    failed = [r for r in results if r.error or r.spill_stores != 0]
+    print(f"{len(results)} compilations, {len(failed)} failed or spilled")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Forward Triton kernel: per-token log-sum-exps, cross-entropy and teacher divergence.
+
+One program owns ``BLOCK_N`` tokens and sweeps the vocabulary in ``BLOCK_V`` tiles, recomputing
+the student (and teacher) logit tile with ``tl.dot`` over ``BLOCK_D`` chunks of the hidden size.
+Running maxima and rescaled sums give every statistic in that single sweep; the Jensen-Shannon
+divergence needs the final log-sum-exps and so sweeps a second time. Nothing of size
+``[N, V]`` is ever stored: the outputs are ``[N]`` vectors.
+
+In plain torch, with ``z_s = softcap(h @ W.T + b)`` and ``z_t = softcap(ht @ Wt.T + bt)``::
+
+    lse, lse_s, lse_t = z_s.logsumexp(-1), (z_s / tau).logsumexp(-1), (z_t / tau).logsumexp(-1)
+    ce_rows = (lse - z_s.gather(-1, y[:, None])[:, 0]) * (y != ignore_index)
+    div_rows = D(softmax(z_t / tau), softmax(z_s / tau)) * kl_mask
+"""
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .options import LossOptions
+from .triton_common import (
+    DIVERGENCE_CODES,
+    FORWARD_KL,
+    INTERPRET,
+    REVERSE_KL,
+    KernelConfig,
+    accumulation_tl_dtype,
+    as_scalar,
+    dot_precision,
+    logaddexp,
+    logits_tile,
+    loss_constants,
+    teacher_dot_dtype,
+    tl_dtype,
+)
+
+# One config per operand width, no autotuning (python -m sdft_kernels.triton_compile_check
+# shows both compile for sm_80 and sm_90 without register spills). The weight stream, read
+# N / BLOCK_N times, depends on BLOCK_N only; [64, 64] tiles leave 8 warps room for both logit
+# tiles and their exponentials. float32 GEMMs without TF32 run on FMAs, whose operand slices
+# live in registers: their tiles are smaller.
+FORWARD_CONFIG = KernelConfig(block_n=64, block_v=64, block_d=64, num_warps=8, num_stages=2)
+FORWARD_CONFIG_FP32 = KernelConfig(block_n=32, block_v=64, block_d=32, num_warps=8, num_stages=2)
+# The interpreter runs programs one after another: few, large tiles are fastest there.
+FORWARD_CONFIG_INTERPRET = KernelConfig(block_n=64, block_v=128, block_d=64, num_warps=1, num_stages=1)
+
+
+class ForwardStats(NamedTuple):
+    """Per-token statistics of the forward pass, all ``[N]`` float32 (float64 for float64 inputs).
+
+    ``lse``: student log-sum-exp at temperature 1; ``lse_s``/``lse_t``: student/teacher
+    log-sum-exp of ``z / tau``; ``ce_rows``: cross-entropy, 0 where the label is ignored;
+    ``div_rows``: the divergence, 0 outside ``kl_mask``; ``div_aux``: what the backward needs
+    besides the lses (reverse_kl: E_ps[z_s/tau - z_t/tau] = KL(p_s||p_t) + lse_s - lse_t;
+    jsd: KL(p_s||m); both unmasked; forward_kl: 0).
+    Without a teacher ``lse_s``, ``lse_t``, ``div_rows`` and ``div_aux`` are zeros.
+    """
+
+    lse: Tensor
+    lse_s: Tensor
+    lse_t: Tensor
+    ce_rows: Tensor
+    div_rows: Tensor
+    div_aux: Tensor
+
+
+@triton.jit
+def sdft_forward_kernel(
+    h_ptr, w_ptr, b_ptr,  # student hidden [N, D], weight [V, D], bias [V]
+    ht_ptr, wt_ptr, bt_ptr,  # teacher hidden [N, DT], weight [V, DT], bias [V]
+    labels_ptr, kl_mask_ptr,  # [N] int64, [N] uint8
+    lse_ptr, lse_s_ptr, lse_t_ptr, ce_ptr, div_ptr, aux_ptr,  # outputs, [N] ACC
+    N, V, D, DT,  # sizes
+    stride_h, stride_w, stride_ht, stride_wt,  # row strides in elements (columns are contiguous)
+    ignore_index,  # label of positions without cross-entropy
+    inv_tau: tl.float64, softcap: tl.float64,  # 1 / temperature; softcap (unused without HAS_SOFTCAP)
+    log_beta: tl.float64, log_1m_beta: tl.float64, beta: tl.float64,  # JSD mixture weights
+    HAS_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DIVERGENCE: tl.constexpr,  # optional inputs; FORWARD_KL/REVERSE_KL/JSD
+    DOT_DTYPE: tl.constexpr, TEACHER_DOT_DTYPE: tl.constexpr, ACC: tl.constexpr,  # tile dtypes
+    PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" or "tf32")
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    h_offsets = rows.to(tl.int64) * stride_h
+    ht_offsets = rows.to(tl.int64) * stride_ht
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
+    # -1 never equals a column, even when ignore_index itself lies in [0, V).
+    labels = tl.where(labels == ignore_index, -1, labels).to(tl.int32)
+
+    inv_tau = as_scalar(inv_tau, ACC)
+    softcap = as_scalar(softcap, ACC)
+    inv_softcap = 1.0 / softcap
+
+    neg_inf = tl.full([BLOCK_N], float("-inf"), ACC)
+    m = neg_inf  # running max of z_s (the max of z_s / tau is m / tau: tau > 0)
+    sum_1 = tl.zeros([BLOCK_N], ACC)  # sum exp(z_s - m)
+    sum_s = tl.zeros([BLOCK_N], ACC)  # sum exp((z_s - m) / tau)
+    z_label = tl.zeros([BLOCK_N], ACC)
+    m_t = neg_inf  # running max of z_t
+    sum_t = tl.zeros([BLOCK_N], ACC)  # sum exp((z_t - m_t) / tau)
+    # forward_kl: sum exp((z_t - m_t) / tau) (a_t - a_s); reverse_kl: sum exp((z_s - m) / tau) (a_s - a_t)
+    # (Maxima are kept in logit units and differences taken before scaling by 1 / tau: the
+    # largest terms then carry no rounding from |z| / tau.)
+    weighted = tl.zeros([BLOCK_N], ACC)
+
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        w_offsets = cols.to(tl.int64) * stride_w
+        z_s = logits_tile(
+            h_ptr, w_ptr, b_ptr, h_offsets, w_offsets, row_mask, col_mask, cols, D, softcap, inv_softcap,
+            HAS_BIAS, HAS_SOFTCAP, DOT_DTYPE, ACC, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        )
+        m_new = tl.maximum(m, tl.max(tl.where(col_mask[None, :], z_s, float("-inf")), axis=1))
+        shifted = z_s - m_new[:, None]
+        sum_1 = sum_1 * tl.exp(m - m_new) + tl.sum(tl.where(col_mask[None, :], tl.exp(shifted), 0.0), axis=1)
+        z_label += tl.sum(tl.where(cols[None, :] == labels[:, None], z_s, 0.0), axis=1)
+        if HAS_TEACHER:
+            alpha_s = tl.exp((m - m_new) * inv_tau)
+            e_s = tl.where(col_mask[None, :], tl.exp(shifted * inv_tau), 0.0)
+            sum_s = sum_s * alpha_s + tl.sum(e_s, axis=1)
+            z_t = logits_tile(
+                ht_ptr, wt_ptr, bt_ptr, ht_offsets, cols.to(tl.int64) * stride_wt, row_mask, col_mask, cols, DT,
+                softcap, inv_softcap, HAS_TEACHER_BIAS, HAS_SOFTCAP, TEACHER_DOT_DTYPE, ACC, PRECISION,
+                BLOCK_N, BLOCK_V, BLOCK_D,
+            )
+            m_t_new = tl.maximum(m_t, tl.max(tl.where(col_mask[None, :], z_t, float("-inf")), axis=1))
+            alpha_t = tl.exp((m_t - m_t_new) * inv_tau)
+            e_t = tl.where(col_mask[None, :], tl.exp((z_t - m_t_new[:, None]) * inv_tau), 0.0)
+            sum_t = sum_t * alpha_t + tl.sum(e_t, axis=1)
+            if DIVERGENCE == FORWARD_KL:
+                weighted = weighted * alpha_t + tl.sum(e_t * ((z_t - z_s) * inv_tau), axis=1)
+            elif DIVERGENCE == REVERSE_KL:
+                weighted = weighted * alpha_s + tl.sum(e_s * ((z_s - z_t) * inv_tau), axis=1)
+            m_t = m_t_new
+        m = m_new
+
+    lse = m + tl.log(sum_1)
+    ce = tl.where(labels >= 0, lse - z_label, 0.0)
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+    tl.store(ce_ptr + rows, ce, mask=row_mask)
+
+    zero = tl.zeros([BLOCK_N], ACC)
+    lse_s = zero
+    lse_t = zero
+    div = zero
+    aux = zero
+    if HAS_TEACHER:
+        lse_s = m * inv_tau + tl.log(sum_s)
+        lse_t = m_t * inv_tau + tl.log(sum_t)
+        if DIVERGENCE == FORWARD_KL:
+            div = weighted / sum_t - lse_t + lse_s
+        elif DIVERGENCE == REVERSE_KL:
+            aux = weighted / sum_s  # E_ps[a_s - a_t]: the backward needs it without the lses
+            div = aux - lse_s + lse_t
+        else:
+            # JSD: m = beta p_t + (1 - beta) p_s mixes normalised probabilities, so it needs the
+            # final lses: a second sweep accumulates KL(p_t||m) and KL(p_s||m).
+            log_beta = as_scalar(log_beta, ACC)
+            log_1m_beta = as_scalar(log_1m_beta, ACC)
+            beta = as_scalar(beta, ACC)
+            log_sum_s = tl.log(sum_s)
+            log_sum_t = tl.log(sum_t)
+            kl_t = zero
+            kl_s = zero
+            for v0 in range(0, V, BLOCK_V):
+                cols = v0 + tl.arange(0, BLOCK_V)
+                col_mask = cols < V
+                z_s = logits_tile(
+                    h_ptr, w_ptr, b_ptr, h_offsets, cols.to(tl.int64) * stride_w, row_mask, col_mask, cols, D,
+                    softcap, inv_softcap, HAS_BIAS, HAS_SOFTCAP, DOT_DTYPE, ACC, PRECISION,
+                    BLOCK_N, BLOCK_V, BLOCK_D,
+                )
+                z_t = logits_tile(
+                    ht_ptr, wt_ptr, bt_ptr, ht_offsets, cols.to(tl.int64) * stride_wt, row_mask, col_mask, cols, DT,
+                    softcap, inv_softcap, HAS_TEACHER_BIAS, HAS_SOFTCAP, TEACHER_DOT_DTYPE, ACC, PRECISION,
+                    BLOCK_N, BLOCK_V, BLOCK_D,
+                )
+                logp_s = (z_s - m[:, None]) * inv_tau - log_sum_s[:, None]
+                logp_t = (z_t - m_t[:, None]) * inv_tau - log_sum_t[:, None]
+                # log m in log space: beta = 0 or 1 makes one side -inf, and the exact 0 follows.
+                log_m = logaddexp(logp_t + log_beta, logp_s + log_1m_beta)
+                kl_t += tl.sum(tl.where(col_mask[None, :], tl.exp(logp_t) * (logp_t - log_m), 0.0), axis=1)
+                kl_s += tl.sum(tl.where(col_mask[None, :], tl.exp(logp_s) * (logp_s - log_m), 0.0), axis=1)
+            div = beta * kl_t + (1.0 - beta) * kl_s
+            aux = kl_s
+        kl_mask = tl.load(kl_mask_ptr + rows, mask=row_mask, other=0)
+        div = tl.where(kl_mask != 0, div, 0.0)
+    tl.store(lse_s_ptr + rows, lse_s, mask=row_mask)
+    tl.store(lse_t_ptr + rows, lse_t, mask=row_mask)
+    tl.store(div_ptr + rows, div, mask=row_mask)
+    tl.store(aux_ptr + rows, aux, mask=row_mask)
+
+
+def default_forward_config(dtype: torch.dtype) -> KernelConfig:
+    """The forward kernel's tiles for inputs of ``dtype`` in this process (GPU or interpreter)."""
+    if INTERPRET:
+        return FORWARD_CONFIG_INTERPRET
+    return FORWARD_CONFIG if dtype.itemsize == 2 else FORWARD_CONFIG_FP32
+
+
+def sdft_forward(
+    h: Tensor,
+    W: Tensor,
+    b: Optional[Tensor],
+    ht: Optional[Tensor],
+    Wt: Optional[Tensor],
+    bt: Optional[Tensor],
+    labels: Tensor,
+    kl_mask: Tensor,
+    options: LossOptions,
+    *,
+    config: Optional[KernelConfig] = None,
+) -> ForwardStats:
+    """Per-token statistics of the SDFT loss without materialising logits.
+
+    Shapes: ``h [N, D]``, ``W [V, D]``, ``b [V]``, ``ht [N, Dt]``, ``Wt [V, Dt]``, ``bt [V]``,
+    ``labels [N]`` int64, ``kl_mask [N]`` bool; all contiguous. ``ht``/``Wt`` None means no
+    teacher (``bt`` must then be None). Returns :class:`ForwardStats`, float32 (float64 for
+    float64 ``h``). ``config`` overrides the tile sizes (tests use small tiles).
+    """
+    N, D = h.shape
+    V = W.shape[0]
+    acc_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    stats = ForwardStats(*(torch.empty(N, device=h.device, dtype=acc_dtype) for _ in ForwardStats._fields))
+    if N == 0:
+        return stats
+    has_teacher = ht is not None
+    config = config or default_forward_config(h.dtype)
+    c = loss_constants(options)
+    grid = (triton.cdiv(N, config.block_n),)
+    sdft_forward_kernel[grid](
+        h, W, b if b is not None else W,
+        ht if has_teacher else h, Wt if has_teacher else W, bt if bt is not None else W,
+        labels, kl_mask.view(torch.uint8),
+        *stats,
+        N, V, D, ht.shape[1] if has_teacher else 0,
+        h.stride(0), W.stride(0), ht.stride(0) if has_teacher else 0, Wt.stride(0) if has_teacher else 0,
+        options.ignore_index,
+        c.inv_tau, c.softcap, c.log_beta, c.log_1m_beta, c.beta,
+        HAS_BIAS=b is not None, HAS_TEACHER=has_teacher, HAS_TEACHER_BIAS=bt is not None,
+        HAS_SOFTCAP=options.softcap is not None, DIVERGENCE=DIVERGENCE_CODES[options.divergence],
+        DOT_DTYPE=tl_dtype(h.dtype),
+        TEACHER_DOT_DTYPE=teacher_dot_dtype(h.dtype, ht.dtype, Wt.dtype) if has_teacher else tl_dtype(h.dtype),
+        ACC=accumulation_tl_dtype(h.dtype), PRECISION=dot_precision(),
+        BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return stats

@@ -1,0 +1,263 @@
+"""The Triton forward and backward kernels against plain torch on materialised logits.
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py switches it on), so
+shapes are small; the tile config below is small too, so that every shape still spans several
+token blocks, vocabulary tiles and hidden chunks, each with a ragged tail.
+"""
+
+from typing import NamedTuple, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sdft_kernels.options import LossOptions
+from sdft_kernels.reference import apply_softcap, divergence_rows
+from sdft_kernels.triton_backward import sdft_backward
+from sdft_kernels.triton_common import KernelConfig
+from sdft_kernels.triton_forward import ForwardStats, sdft_forward
+
+# N = 37 tokens -> 3 blocks of 16; V = 203 -> 4 tiles of 64; D = 50 -> 4 chunks of 16;
+# Dt = 34 -> 3 chunks. Every dimension ends on a partial tile.
+N, D, DT, V = 37, 50, 34, 203
+TILES = KernelConfig(block_n=16, block_v=64, block_d=16)
+IGNORE = -100
+
+
+class Problem(NamedTuple):
+    h: Tensor
+    W: Tensor
+    b: Optional[Tensor]
+    ht: Optional[Tensor]
+    Wt: Optional[Tensor]
+    bt: Optional[Tensor]
+    labels: Tensor
+    kl_mask: Tensor
+    ce_scale: Tensor
+    kl_scale: Tensor
+
+    def to(self, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype] = None) -> "Problem":
+        teacher_dtype = teacher_dtype or dtype
+        cast = lambda x, dt: None if x is None else x.to(dt)  # noqa: E731
+        return self._replace(
+            h=cast(self.h, dtype), W=cast(self.W, dtype), b=cast(self.b, dtype),
+            ht=cast(self.ht, teacher_dtype), Wt=cast(self.Wt, teacher_dtype), bt=cast(self.bt, teacher_dtype),
+        )
+
+
+def make_problem(
+    *, bias=True, teacher=True, teacher_bias=True, shared_head=False, n=N, d=D, dt=DT, v=V,
+    logit_scale=1.0, ignore_index=IGNORE,
+) -> Problem:
+    """float64 inputs with logits of roughly unit size (times ``logit_scale``).
+
+    About 20% of labels are ignored; the KL mask is drawn independently of them; the scales
+    are a random upstream gradient (either sign) restricted to the counted rows.
+    """
+    if shared_head:
+        dt = d
+    h = torch.randn(n, d, dtype=torch.float64)
+    W = torch.randn(v, d, dtype=torch.float64) * (logit_scale / d**0.5)
+    b = torch.randn(v, dtype=torch.float64) * logit_scale if bias else None
+    ht = Wt = bt = None
+    if teacher:
+        # The teacher sees nearby hidden states, as in self-distillation.
+        ht = torch.randn(n, dt, dtype=torch.float64) if not shared_head else h + 0.3 * torch.randn_like(h)
+        Wt = W if shared_head else torch.randn(v, dt, dtype=torch.float64) * (logit_scale / dt**0.5)
+        bt = torch.randn(v, dtype=torch.float64) * logit_scale if teacher_bias else None
+    labels = torch.randint(0, v, (n,))
+    labels[torch.rand(n) < 0.2] = ignore_index
+    kl_mask = torch.rand(n) < 0.7
+    ce_scale = torch.randn(n) * (labels != ignore_index)
+    kl_scale = torch.randn(n) * kl_mask
+    return Problem(h, W, b, ht, Wt, bt, labels, kl_mask, ce_scale, kl_scale)
+
+
+def torch_stats_and_grads(p: Problem, o: LossOptions):
+    """Plain torch on full logits: ``(ForwardStats, (dh, dW, db))``.
+
+    Logits are computed in the input dtype and promoted (as the reference does); the gradients
+    come from autograd on ``sum ce_scale * ce + kl_scale * tau^2 * D`` (D unmasked: the mask
+    already lives in ``kl_scale``).
+    """
+    acc = torch.float64 if p.h.dtype == torch.float64 else torch.float32
+    h, W = p.h.clone().requires_grad_(), p.W.clone().requires_grad_()
+    b = None if p.b is None else p.b.clone().requires_grad_()
+    z_s = apply_softcap(F.linear(h, W, b).to(acc), o.softcap)
+    tau = o.temperature
+    counted = p.labels != o.ignore_index
+    lse = z_s.logsumexp(-1)
+    z_y = z_s.gather(-1, p.labels.masked_fill(~counted, 0)[:, None])[:, 0]
+    ce = torch.where(counted, lse - z_y, 0.0)
+    zero = torch.zeros_like(lse)
+    lse_s = lse_t = div = aux = zero
+    objective = (p.ce_scale.to(acc) * ce).sum()
+    if p.ht is not None:
+        z_t = apply_softcap(F.linear(p.ht, p.Wt, p.bt).to(acc), o.softcap)
+        lse_s, lse_t = (z_s / tau).logsumexp(-1), (z_t / tau).logsumexp(-1)
+        logp_s, logp_t = torch.log_softmax(z_s / tau, -1), torch.log_softmax(z_t / tau, -1)
+        div = divergence_rows(logp_s, logp_t, o.divergence, o.jsd_beta)
+        if o.divergence == "reverse_kl":  # E_ps[a_s - a_t]: KL(p_s || p_t) without the lses
+            aux = div + lse_s - lse_t
+        elif o.divergence == "jsd":
+            beta = torch.tensor(o.jsd_beta, dtype=torch.float64)
+            log_m = torch.logaddexp(logp_t + beta.log(), logp_s + (1 - beta).log())
+            aux = (logp_s.exp() * (logp_s - log_m)).sum(-1)
+        objective = objective + (p.kl_scale.to(acc) * tau**2 * div).sum()
+        div = div * p.kl_mask
+    leaves = [h, W] + ([b] if b is not None else [])
+    grads = list(torch.autograd.grad(objective, leaves)) + ([None] if b is None else [])
+    stats = ForwardStats(*(x.detach() for x in (lse, lse_s, lse_t, ce, div, aux)))
+    return stats, tuple(grads)
+
+
+def run_kernels(p: Problem, o: LossOptions, config: Optional[KernelConfig] = TILES, grads=(True, True, True)):
+    stats = sdft_forward(p.h, p.W, p.b, p.ht, p.Wt, p.bt, p.labels, p.kl_mask, o, config=config)
+    out = sdft_backward(
+        p.h, p.W, p.b, p.ht, p.Wt, p.bt, p.labels, stats, p.ce_scale, p.kl_scale, o, *grads,
+        hidden_config=config, weight_config=config,
+    )
+    return stats, out
+
+
+def worst(got: Tensor, want: Tensor) -> tuple[float, str]:
+    """Largest absolute difference and a description of where it is."""
+    diff = (got.double() - want.double()).abs()
+    i = int(diff.argmax())
+    idx = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), diff.shape))
+    return float(diff.max()), f"at {idx}: got {got.flatten()[i].item():.10g}, want {want.flatten()[i].item():.10g}"
+
+
+def assert_matches(name: str, got: Tensor, want: Tensor, rtol: float):
+    """``max |got - want| <= rtol * max(1, max |want|)``, naming the worst element on failure."""
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err, where = worst(got, want)
+    scale = max(1.0, float(want.double().abs().max()))
+    assert err <= rtol * scale, f"{name}: error {err:.3g} > {rtol:.1g} * {scale:.3g} {where}"
+
+
+def assert_no_worse_than_torch(name: str, got: Tensor, same_dtype_torch: Tensor, truth: Tensor, slack: float):
+    """The kernel's error against float64 truth is at most plain torch's at that dtype plus slack."""
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err, where = worst(got, truth)
+    torch_err, _ = worst(same_dtype_torch, truth)
+    scale = max(1.0, float(truth.abs().max()))
+    assert err <= torch_err + slack * scale, (
+        f"{name}: kernel error {err:.3g} > torch error {torch_err:.3g} + {slack:.0e} * {scale:.3g} {where}"
+    )
+
+
+def check_float64(p: Problem, o: LossOptions, grads=(True, True, True)):
+    stats, out = run_kernels(p, o, grads=grads)
+    want_stats, want_grads = torch_stats_and_grads(p, o)
+    for field in ForwardStats._fields:
+        got = getattr(stats, field)
+        assert got.dtype == torch.float64, f"{field}: dtype {got.dtype}"
+        assert_matches(field, got, getattr(want_stats, field), 1e-12)
+    for name, wanted, got, want in zip(("dh", "dW", "db"), grads, out, want_grads):
+        if not wanted or want is None:
+            assert got is None, f"{name} was not asked for"
+            continue
+        assert got.dtype == torch.float64
+        assert_matches(name, got, want, 1e-12)
+
+
+# Each case names what it covers; together they cover every flag of both kernels.
+FLOAT64_CASES = {
+    "forward_kl, both biases": (dict(), LossOptions(divergence="forward_kl", temperature=0.7)),
+    "reverse_kl, softcap, no biases": (
+        dict(bias=False, teacher_bias=False), LossOptions(divergence="reverse_kl", softcap=3.0, temperature=2.0),
+    ),
+    "jsd beta 0.3, softcap, student bias only": (
+        dict(teacher_bias=False), LossOptions(divergence="jsd", jsd_beta=0.3, softcap=4.0),
+    ),
+    "jsd beta 0 (exact zero divergence)": (dict(), LossOptions(divergence="jsd", jsd_beta=0.0)),
+    "jsd beta 1, shared head (Wt is W)": (
+        dict(shared_head=True), LossOptions(divergence="jsd", jsd_beta=1.0, temperature=1.3),
+    ),
+    "no teacher, ignore_index inside [0, V)": (
+        dict(teacher=False, ignore_index=7), LossOptions(ignore_index=7, softcap=5.0),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", FLOAT64_CASES)
+def test_float64_matches_torch(case):
+    problem_kwargs, options = FLOAT64_CASES[case]
+    check_float64(make_problem(**problem_kwargs), options)
+
+
+def test_jsd_with_beta_0_or_1_is_exactly_zero():
+    p = make_problem()
+    for beta in (0.0, 1.0):
+        stats = sdft_forward(
+            p.h, p.W, p.b, p.ht, p.Wt, p.bt, p.labels, p.kl_mask, LossOptions(divergence="jsd", jsd_beta=beta),
+            config=TILES,
+        )
+        assert torch.equal(stats.div_rows, torch.zeros_like(stats.div_rows)), beta
+
+
+def test_only_requested_gradients():
+    """Hidden gradient alone, then weight/bias alone (bias gradient without a weight gradient)."""
+    p = make_problem()
+    o = LossOptions(divergence="reverse_kl")
+    check_float64(p, o, grads=(True, False, False))
+    check_float64(p, o, grads=(False, False, True))
+
+
+@pytest.mark.parametrize(
+    "dtype, teacher_dtype, divergence, slack",
+    [
+        (torch.float32, torch.float32, "reverse_kl", 1e-5),  # the common full-precision case
+        (torch.float32, torch.float16, "jsd", 1e-5),  # a half-precision teacher beside a float32 student
+        (torch.float16, torch.float16, "forward_kl", 1e-3),  # half precision end to end (bf16 needs a GPU)
+    ],
+    ids=["fp32", "fp32-fp16-teacher", "fp16"],
+)
+def test_low_precision_no_worse_than_torch(dtype, teacher_dtype, divergence, slack):
+    p64 = make_problem(logit_scale=4.0)
+    o = LossOptions(divergence=divergence, jsd_beta=0.3, softcap=20.0)
+    # Truth: the low-precision inputs themselves, carried through float64.
+    p_low = p64.to(dtype, teacher_dtype)
+    truth_stats, truth_grads = torch_stats_and_grads(p_low.to(torch.float64), o)
+    torch_stats, torch_grads = torch_stats_and_grads(p_low, o)
+    stats, grads = run_kernels(p_low, o)
+    for field in ForwardStats._fields:
+        got = getattr(stats, field)
+        assert got.dtype == torch.float32
+        assert_no_worse_than_torch(field, got, getattr(torch_stats, field), getattr(truth_stats, field), slack)
+    for name, got, same, truth, like in zip(("dh", "dW", "db"), grads, torch_grads, truth_grads, p_low[:3]):
+        assert got.dtype == like.dtype, f"{name}: dtype {got.dtype} != {like.dtype}"
+        assert_no_worse_than_torch(name, got, same, truth, slack)
+
+
+# Masked lanes (rows past N, columns past V) may overflow to inf before tl.where drops them;
+# numpy reports that in the interpreter.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_huge_logits_stay_finite(divergence):
+    """Logits of magnitude ~1e4 in float32 with the default tiles: the shifted sums never
+    overflow, and the error is that of plain torch (float32 rounding of the logits)."""
+    p = make_problem(logit_scale=1e4).to(torch.float32)
+    o = LossOptions(divergence=divergence)
+    truth_stats, truth_grads = torch_stats_and_grads(p.to(torch.float64), o)
+    torch_stats, torch_grads = torch_stats_and_grads(p, o)
+    stats, grads = run_kernels(p, o, config=None)
+    for field in ForwardStats._fields:
+        got = getattr(stats, field)
+        assert_no_worse_than_torch(field, got, getattr(torch_stats, field), getattr(truth_stats, field), 1e-5)
+    slack = 1e-5
+    for name, got, same, truth in zip(("dh", "dW", "db"), grads, torch_grads, truth_grads):
+        assert_no_worse_than_torch(name, got, same, truth, slack)
+
+
+def test_no_tokens():
+    p = make_problem(n=0)
+    stats, (dh, dW, db) = run_kernels(p, LossOptions())
+    assert all(x.shape == (0,) for x in stats)
+    assert dh.shape == (0, D)
+    assert torch.equal(dW, torch.zeros_like(p.W))
+    assert torch.equal(db, torch.zeros_like(p.b))
