@@ -1,0 +1,82 @@
+"""The same comparisons on a GPU, at realistic sizes and in bf16 (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdft_kernels import fused_linear_sdft_loss
+from tests.kernels.helpers import make_problem, run
+
+pytestmark = pytest.mark.cuda
+
+SLACK = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def _on_cuda(problem, dtype):
+    p = problem.cast(dtype)
+    for name in ("h", "W", "ht", "Wt", "b", "bt"):
+        t = getattr(p, name)
+        if t is not None:
+            setattr(p, name, t.detach().cuda().requires_grad_(t.requires_grad))
+    p.labels = p.labels.cuda()
+    p.kl_mask = None if p.kl_mask is None else p.kl_mask.cuda()
+    return p
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize(
+    "N,D,V",
+    [
+        (1000, 512, 32003),  # ragged in every dimension
+        (2048, 1024, 128256),  # a Llama-3 vocabulary
+    ],
+)
+def test_triton_matches_truth_no_worse_than_torch(dtype, divergence, N, D, V):
+    base = make_problem(N=N, D=D, V=V, kl_mask=True, bias=False, dtype=torch.float32)
+    truth_p = _on_cuda(base, torch.float64) if V < 60000 else _on_cuda(base, torch.float32)
+    truth, truth_grads = run(truth_p, impl="reference", divergence=divergence)
+    plain, plain_grads = run(_on_cuda(base, dtype), impl="reference", divergence=divergence)
+    fast, fast_grads = run(_on_cuda(base, dtype), impl="triton", divergence=divergence)
+    slack = SLACK[dtype]
+    for name in ("loss", "ce", "kl"):
+        t, a, b = (getattr(o, name).double() for o in (truth, plain, fast))
+        bound = (a - t).abs().max() + slack * (1 + t.abs().max())
+        assert (b - t).abs().max() <= bound, f"{name}: err {(b - t).abs().max():.3g} > {bound:.3g}"
+    for i, (t, a, b) in enumerate(zip(truth_grads, plain_grads, fast_grads)):
+        t, a, b = t.double(), a.double(), b.double()
+        bound = (a - t).abs().max() + slack * (1 + t.abs().max())
+        assert (b - t).abs().max() <= bound, f"grad {i}: err {(b - t).abs().max():.3g} > {bound:.3g}"
+
+
+def test_deterministic():
+    p = _on_cuda(make_problem(N=3000, D=512, V=50000, dtype=torch.float32), torch.bfloat16)
+    a, ga = run(p, impl="triton")
+    b, gb = run(p, impl="triton")
+    assert torch.equal(a.loss, b.loss)
+    assert all(torch.equal(x, y) for x, y in zip(ga, gb))
+
+
+def test_no_logits_sized_allocation():
+    """Extra memory is O(N) statistics plus the gradients: far below one [N, V] bf16 matrix."""
+    N, D, V = 8192, 1024, 128256
+    p = _on_cuda(make_problem(N=N, D=D, V=V, dtype=torch.float32), torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss = fused_linear_sdft_loss(p.h, p.W, p.labels, p.ht, p.Wt, impl="triton")
+    loss.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    grads = p.h.numel() * 2 + p.W.numel() * 2
+    fp32_accumulators = p.h.numel() * 4 + p.W.numel() * 4
+    assert extra < grads + fp32_accumulators + 64 * 2**20, f"{extra / 2**20:.0f} MiB extra"
+    assert extra < N * V * 2 / 4, "something of logits size was allocated"
+
+
+def test_auto_is_triton_on_cuda():
+    p = _on_cuda(make_problem(N=100, D=64, V=1000, dtype=torch.float32), torch.float32)
+    a, _ = run(p, impl="auto")
+    b, _ = run(p, impl="triton")
+    assert torch.equal(a.loss, b.loss)
