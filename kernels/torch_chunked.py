@@ -27,9 +27,9 @@ from .options import LossOptions
 from .reduction import combine, row_scales
 from .reference import accumulation_dtype
 
-# Transient bytes the chunk loop may use by default. Six [chunk, V] float32 buffers are alive at
-# the peak (student logits, student and teacher log-probabilities, teacher probabilities and
-# two temporaries), so 192 MiB gives 256-token chunks at V = 32768.
+# Transient bytes the chunk loop may use by default. Four reusable [chunk, V] float32 buffers
+# (student logits, log-probabilities at 1 and at tau, teacher log-probabilities), a fifth with a
+# softcap, and about one buffer of temporaries, so 192 MiB gives 256-token chunks at V = 32768.
 DEFAULT_CHUNK_BUDGET_BYTES = 192 * 2**20
 _LIVE_BUFFERS = 6
 
@@ -51,44 +51,68 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
-def _capped_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], softcap, acc) -> tuple[Tensor, Optional[Tensor]]:
-    """Logits ``[C, V]`` in ``acc`` dtype, and ``tanh(z / softcap)`` (kept for the gradient)."""
-    z = F.linear(hidden, weight, bias)
-    z = z.to(acc) if z.dtype != acc else z
-    if softcap is None:
-        return z, None
-    t = z.div_(softcap).tanh_()
-    return t * softcap, t
+class _Workspace:
+    """``[chunk, V]`` buffers reused by every chunk of one call.
+
+    A fresh 32 MB tensor per operation is mapped by the allocator and zeroed by the kernel page
+    by page; at N=2048, V=32768 those page faults cost about as much as all the arithmetic.
+    """
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
+        self.rows, self.vocab, self.dtype, self.device = rows, vocab, dtype, device
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, rows: int) -> Tensor:
+        buf = self._buffers.get(name)
+        if buf is None:
+            buf = self._buffers[name] = torch.empty(self.rows, self.vocab, dtype=self.dtype, device=self.device)
+        return buf[:rows]
 
 
-def _log_softmax_(x: Tensor) -> Tensor:
-    """In-place log-softmax over the last dim; returns ``x``."""
-    return x.sub_(torch.logsumexp(x, -1, keepdim=True))
+def _logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], softcap) -> None:
+    """``out = softcap(hidden @ weight.T + bias)`` in ``out``'s dtype (GEMM in the input dtype)."""
+    if hidden.dtype == out.dtype:
+        if bias is None:
+            torch.mm(hidden, weight.t(), out=out)
+        else:
+            torch.addmm(bias, hidden, weight.t(), out=out)
+    else:
+        out.copy_(F.linear(hidden, weight, bias))
+    if softcap is not None:
+        out.div_(softcap).tanh_().mul_(softcap)
 
 
-def _divergence(logp_s: Tensor, logp_t: Tensor, options: LossOptions, want_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
+def _log_softmax_into(out: Tensor, x: Tensor) -> Tensor:
+    """``out = log_softmax(x, -1)`` with no temporary (``out`` may be ``x``)."""
+    try:
+        return torch._log_softmax(x, -1, False, out=out)
+    except (AttributeError, RuntimeError):  # pragma: no cover - a torch without the out= overload
+        return torch.sub(x, torch.logsumexp(x, -1, keepdim=True), out=out)
+
+
+def _divergence(logp_s: Tensor, logp_t: Tensor, scratch: Tensor, options: LossOptions, want_grad: bool):
     """Row divergence ``[C]`` and ``G = dD/d(z_s / tau)`` ``[C, V]`` (or None).
 
-    Consumes its inputs: both buffers are overwritten to save memory.
+    Overwrites its three buffers; ``G`` is returned in one of them.
     """
     if options.divergence == "forward_kl":
-        p_t = logp_t.exp()
+        p_t = torch.exp(logp_t, out=scratch)
         div = _rowdot(p_t, logp_t.sub_(logp_s))
         return div, (logp_s.exp_().sub_(p_t) if want_grad else None)
     if options.divergence == "reverse_kl":
-        p_s = logp_s.exp()
+        p_s = torch.exp(logp_s, out=scratch)
         ratio = logp_t.neg_().add_(logp_s)  # log p_s - log p_t
         div = _rowdot(p_s, ratio)
         return div, (ratio.sub_(div.unsqueeze(1)).mul_(p_s) if want_grad else None)
     beta = options.jsd_beta
     log_beta = math.log(beta) if beta > 0 else -math.inf
     log_1mb = math.log1p(-beta) if beta < 1 else -math.inf
-    log_m = torch.logaddexp(logp_t + log_beta, logp_s + log_1mb)
+    log_m = torch.logaddexp(logp_t + log_beta, logp_s + log_1mb, out=scratch)
     p_t = logp_t.exp()
     kl_t = _rowdot(p_t, logp_t.sub_(log_m))
     del p_t
-    p_s = logp_s.exp()
     ratio_s = logp_s.sub_(log_m)  # log p_s - log m
+    p_s = torch.exp(ratio_s.add(log_m), out=logp_t)
     kl_s = _rowdot(p_s, ratio_s)
     div = beta * kl_t + (1.0 - beta) * kl_s
     if not want_grad:
@@ -96,33 +120,39 @@ def _divergence(logp_s: Tensor, logp_t: Tensor, options: LossOptions, want_grad:
     return div, ratio_s.sub_(kl_s.unsqueeze(1)).mul_(p_s).mul_(1.0 - beta)
 
 
-def _chunk(h, W, b, ht, Wt, bt, y, options: LossOptions, ce_scale, kl_scale):
+def _chunk(h, W, b, ht, Wt, bt, y, options: LossOptions, ce_scale, kl_scale, ws: _Workspace):
     """Loss rows of one chunk and, if scales are given, its logit gradient ``[C, V]``.
 
-    Returns ``(ce [C], div [C] or None, dz or None)``; ``ce`` and ``div`` are unmasked.
+    Returns ``(ce [C], div [C] or None, dz or None)``; ``ce`` and ``div`` are unmasked. ``dz``
+    lives in the workspace: use it before the next chunk.
     """
-    acc = accumulation_dtype(h.dtype)
-    tau = options.temperature
+    rows = h.shape[0]
+    inv_tau = 1.0 / options.temperature
     want_grad = ce_scale is not None
-    z, cap = _capped_logits(h, W, b, options.softcap, acc)
-    lse = torch.logsumexp(z, -1)
+    z = ws.get("z", rows)
+    _logits_into(z, h, W, b, None)
+    cap = None
+    if options.softcap is not None:  # keep tanh(z / c): the gradient needs 1 - tanh^2
+        cap = torch.div(z, options.softcap, out=ws.get("cap", rows)).tanh_()
+        torch.mul(cap, options.softcap, out=z)
+    logp_1 = _log_softmax_into(ws.get("logp_1", rows), z)
     safe_y = y.clamp(0, z.shape[1] - 1).unsqueeze(1)  # ignored rows: any column, their scale is 0
-    ce = lse - z.gather(1, safe_y).squeeze(1)
+    ce = logp_1.gather(1, safe_y).squeeze(1).neg()
 
     div = grad_kl = None
     if ht is not None:
-        logp_s = _log_softmax_(z * (1.0 / tau))
-        zt, _ = _capped_logits(ht, Wt, bt, options.softcap, acc)
-        logp_t = _log_softmax_(zt.mul_(1.0 / tau))
-        div, grad_kl = _divergence(logp_s, logp_t, options, want_grad)
-        del logp_s, logp_t, zt
+        logp_s = _log_softmax_into(ws.get("logp_s", rows), z.mul_(inv_tau))
+        logp_t = ws.get("logp_t", rows)
+        _logits_into(logp_t, ht, Wt, bt, options.softcap)
+        _log_softmax_into(logp_t, logp_t.mul_(inv_tau))
+        div, grad_kl = _divergence(logp_s, logp_t, z, options, want_grad)
 
     if not want_grad:
         return ce, div, None
-    dz = z.sub_(lse.unsqueeze(1)).exp_().mul_(ce_scale.unsqueeze(1))  # ce_scale * softmax(z)
+    dz = logp_1.exp_().mul_(ce_scale.unsqueeze(1))  # ce_scale * softmax(z)
     dz.scatter_add_(1, safe_y, -ce_scale.unsqueeze(1))
     if grad_kl is not None:
-        dz.add_(grad_kl.mul_((kl_scale * tau).unsqueeze(1)))
+        dz.add_(grad_kl.mul_((kl_scale * options.temperature).unsqueeze(1)))
     if cap is not None:  # d(c tanh(x / c))/dx = 1 - tanh^2
         dz.mul_(cap.square_().neg_().add_(1.0))
     return ce, div, dz
@@ -155,6 +185,9 @@ def chunked_sdft(
         index = None
     M = N if index is None else index.numel()
     step = chunk_size or default_chunk_size(V)
+    if chunk_size is None and M > 0:  # equal chunks: no small, inefficient GEMM at the end
+        step = -(-M // -(-M // step))
+    ws = _Workspace(min(step, max(M, 1)), V, acc, h.device)
 
     def take(t, s, e):
         if t is None:
@@ -167,21 +200,23 @@ def chunked_sdft(
         h_c = take(h, s, e)
         ce, div, dz = _chunk(
             h_c, W, b, take(ht, s, e), Wt, bt, take(labels, s, e), options,
-            take(ce_scale, s, e) if want_grad else None, take(kl_scale, s, e) if want_grad else None,
+            take(ce_scale, s, e) if want_grad else None, take(kl_scale, s, e) if want_grad else None, ws,
         )
         ce_rows[rows_ix] = torch.where(take(label_mask, s, e), ce, 0.0)
         if div is not None:
             div_rows[rows_ix] = torch.where(take(kl_mask, s, e), div, 0.0)
         if dz is None:
             continue
-        dz_in = dz if dz.dtype == h.dtype else dz.to(h.dtype)
         if d_h is not None:
-            d_h[rows_ix] = dz_in @ W if W.dtype == h.dtype else (dz @ W.to(acc)).to(h.dtype)
-        if d_w is not None:
+            if dz.dtype == h.dtype and index is None:
+                torch.mm(dz, W, out=d_h[s:e])
+            else:
+                d_h[rows_ix] = (dz.to(h.dtype) @ W) if dz.dtype != h.dtype else dz @ W
+        if d_w is not None:  # accumulated in acc dtype: float32 for half inputs
             d_w.addmm_(dz.t(), h_c if h_c.dtype == acc else h_c.to(acc))
         if d_b is not None:
             d_b += dz.sum(0)
-        del dz, dz_in
+        del dz
 
     grads = Grads(
         d_h,
