@@ -11,8 +11,9 @@ Several GPUs (DDP; FSDP and DeepSpeed through accelerate's own config)::
     accelerate launch -m sdft train config.yaml
 
 The fused loss needs the whole LM head weight on every process. Under DDP it is replicated,
-so everything works; with a sharded head (FSDP FULL_SHARD, ZeRO-3) the run stops with an error
-that names the alternative (shard the decoder layers only, or use ZeRO-2).
+so everything works; with a sharded head (FSDP FULL_SHARD/HYBRID_SHARD, DeepSpeed ZeRO-3) the
+run stops before training with an error that names the alternative (DDP, FSDP SHARD_GRAD_OP,
+ZeRO-2).
 
 With ``stage1_epochs > 0`` this runs the paper's recipe: stage 1 trains on the known rows with
 plain cross-entropy; the teacher is then snapshotted from the stage-1 model; stage 2 trains on
@@ -74,13 +75,32 @@ class _TokensPerSecond(TrainerCallback):
         self.last = (now, seen)
 
 
-def _check_head_not_sharded(args: TrainingArguments) -> None:
+def check_head_not_sharded(args: TrainingArguments, env: Optional[dict] = None) -> None:
+    """Refuse setups that shard the LM head: the fused loss needs the whole weight per process.
+
+    Covers the Trainer's own ``fsdp``/``deepspeed`` arguments and ``accelerate launch`` configs
+    (which reach the process as ``ACCELERATE_*`` / ``FSDP_*`` environment variables).
+    """
+    env = os.environ if env is None else env
     fsdp = getattr(args, "fsdp", None) or ""
-    fsdp = " ".join(fsdp) if isinstance(fsdp, (list, tuple)) else str(fsdp)
-    if "full_shard" in fsdp or "hybrid_shard" in fsdp:
+    fsdp = " ".join(map(str, fsdp)) if isinstance(fsdp, (list, tuple)) else str(fsdp)
+    strategy = env.get("FSDP_SHARDING_STRATEGY", "").upper()
+    if ("full_shard" in fsdp.lower() or "hybrid_shard" in fsdp.lower()
+            or (env.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+                and strategy in ("FULL_SHARD", "HYBRID_SHARD", "1", "4"))):
         raise ValueError(
-            "the fused SDFT loss needs the whole LM head on every process, but FSDP full_shard shards it; "
-            "use DDP, FSDP shard_grad_op, or keep the lm_head out of the sharded units"
+            "the fused SDFT loss needs the whole LM head on every process, but FSDP FULL_SHARD/HYBRID_SHARD "
+            "shards it; use DDP (plain torchrun), or FSDP SHARD_GRAD_OP"
+        )
+    zero3 = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    ds = getattr(args, "deepspeed", None)
+    if ds:
+        config = ds if isinstance(ds, dict) else json.loads(Path(ds).read_text())
+        zero3 = zero3 or int(config.get("zero_optimization", {}).get("stage", 0)) == 3
+    if zero3:
+        raise ValueError(
+            "the fused SDFT loss needs the whole LM head on every process, but DeepSpeed ZeRO-3 partitions it; "
+            "use ZeRO-2 (or DDP)"
         )
 
 
@@ -96,7 +116,7 @@ def _training_args(cfg: TrainConfig, output_dir: Path, epochs: float) -> Trainin
         use_cpu=not torch.cuda.is_available(), bf16=cfg.dtype == "bfloat16" and torch.cuda.is_available(),
         save_only_model=False, logging_first_step=True, disable_tqdm=False,
     )
-    _check_head_not_sharded(args)
+    check_head_not_sharded(args)
     return args
 
 

@@ -148,3 +148,44 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     a, b = _weights(single / "final"), _weights(dist / "final")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+
+
+def test_sharded_head_setups_are_refused():
+    from types import SimpleNamespace
+
+    from sdft.train import check_head_not_sharded
+
+    plain = SimpleNamespace(fsdp="", deepspeed=None)
+    check_head_not_sharded(plain, env={})  # DDP: fine
+    check_head_not_sharded(SimpleNamespace(fsdp="shard_grad_op", deepspeed=None), env={})
+    with pytest.raises(ValueError, match="FSDP FULL_SHARD.*use DDP"):
+        check_head_not_sharded(SimpleNamespace(fsdp="full_shard auto_wrap", deepspeed=None), env={})
+    with pytest.raises(ValueError, match="FSDP"):
+        check_head_not_sharded(plain, env={"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "FULL_SHARD"})
+    with pytest.raises(ValueError, match="ZeRO-3.*ZeRO-2"):
+        check_head_not_sharded(SimpleNamespace(fsdp="", deepspeed={"zero_optimization": {"stage": 3}}), env={})
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        check_head_not_sharded(plain, env={"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+    check_head_not_sharded(SimpleNamespace(fsdp="", deepspeed={"zero_optimization": {"stage": 2}}), env={})
+
+
+def test_chat_rows_mask_everything_but_the_reply(tmp_path):
+    from transformers import AutoTokenizer
+
+    from sdft.config import DataConfig
+    from sdft.data import tokenize_rows
+
+    ws = workspace(tmp_path)
+    tok = AutoTokenizer.from_pretrained(ws["model"])
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}assistant {% endif %}")
+    rows = [{"messages": [{"role": "user", "content": "what color is kara ?"},
+                          {"role": "assistant", "content": "red"}]},
+            {"messages": [{"role": "user", "content": "what color is lovo ?"},
+                          {"role": "assistant", "content": " "}]}]
+    examples, report = tokenize_rows(rows, tok, DataConfig(max_bad_fraction=0.5))
+    assert report.kept == 1 and report.empty_response == 1
+    (ex,) = examples
+    supervised = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100]
+    assert tok.decode(supervised).split() == ["red"]
+    assert ex["labels"][: len(ex["labels"]) - len(supervised)] == [-100] * (len(ex["labels"]) - len(supervised))
