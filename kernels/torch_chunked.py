@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .autograd_guard import first_order_only
-
 from .options import LossOptions
 from .reduction import combine, row_scales
 from .reference import accumulation_dtype

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +70,22 @@ def test_two_stage_recipe_teacher_is_stage1_and_first_kl_is_zero(tmp_path):
     assert any(not torch.equal(s1[n], final[n]) for n in s1)
 
 
+# Runs `sdft train` and SIGKILLs its own process right after step 7 is logged: checkpoint-6 is
+# then complete and step 7's work is lost, as when a job is killed between checkpoints.
+_KILL_AFTER_STEP_7 = """
+import os, signal, sys
+from sdft import train as T
+log = T.MetricsJsonl.on_log
+def on_log(self, args, state, control, logs=None, **kw):
+    log(self, args, state, control, logs=logs, **kw)
+    if state.global_step >= 7:
+        os.kill(os.getpid(), signal.SIGKILL)
+T.MetricsJsonl.on_log = on_log
+from sdft.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     ws = workspace(tmp_path, n_facts=24)
     common = dict(max_steps=12, save_steps=3, sampling="random")
@@ -78,17 +93,13 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     train(load_config(None, _overrides(ws, straight, **common)))
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "sdft", "train", *_overrides(ws, killed, **common)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "train" / "checkpoint-6" / "trainer_state.json").exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint-6 within 300 s"
-        time.sleep(0.2)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "final").exists(), "killed too late: the run had finished"
+    driver = tmp_path / "kill_after_step_7.py"
+    driver.write_text(_KILL_AFTER_STEP_7)
+    proc = subprocess.run([sys.executable, str(driver), "train", *_overrides(ws, killed, **common)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (killed / "train" / "checkpoint-6").is_dir() and not (killed / "final").exists()
+    assert not (killed / "train" / "checkpoint-9").exists()
 
     train(load_config(None, _overrides(ws, killed, **common)), resume=True)
     a, b = _weights(straight / "final"), _weights(killed / "final")
