@@ -90,13 +90,19 @@ def reference_sdft_loss(
     """
     o = options
     acc = accumulation_dtype(student_hidden.dtype)
-    z_s = apply_softcap(F.linear(student_hidden, student_weight, student_bias).to(acc), o.softcap)
     label_mask, kl_rows = counted_masks(labels, kl_mask, o.ignore_index)
+    if teacher_hidden is None:
+        kl_rows = torch.zeros_like(label_mask)
+    # Positions counted by neither term contribute nothing, not even a NaN in their hidden state.
+    counted = (label_mask | kl_rows).unsqueeze(-1)
+    student_hidden = torch.where(counted, student_hidden, student_hidden.new_zeros(()))
+    z_s = apply_softcap(F.linear(student_hidden, student_weight, student_bias).to(acc), o.softcap)
     safe_labels = labels.masked_fill(~label_mask, 0).unsqueeze(-1)
     ce_rows = torch.where(label_mask, torch.logsumexp(z_s, -1) - z_s.gather(-1, safe_labels).squeeze(-1), 0.0)
 
     if teacher_hidden is not None:
         with torch.no_grad():
+            teacher_hidden = torch.where(counted, teacher_hidden, teacher_hidden.new_zeros(()))
             z_t = F.linear(teacher_hidden, teacher_weight, teacher_bias).to(acc)
             z_t = apply_softcap(z_t, o.softcap)
         tau = o.temperature

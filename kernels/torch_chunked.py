@@ -182,6 +182,10 @@ def chunked_sdft(
     index = rows.nonzero().squeeze(1) if h.device.type == "cpu" else None
     if index is not None and index.numel() == N:
         index = None
+    if h.device.type != "cpu":  # keep uncounted rows, but zero them: a NaN there stays out
+        keep = rows.unsqueeze(1)
+        h = torch.where(keep, h, h.new_zeros(()))
+        ht = None if ht is None else torch.where(keep, ht, ht.new_zeros(()))
     M = N if index is None else index.numel()
     step = chunk_size or default_chunk_size(V)
     if chunk_size is None and M > 0:  # equal chunks: no small, inefficient GEMM at the end

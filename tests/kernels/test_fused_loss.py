@@ -152,6 +152,22 @@ def test_nan_in_a_counted_position_propagates(impl):
 
 
 @pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
+def test_nan_in_an_uncounted_position_stays_out(impl):
+    # Padding rows (label ignored, outside kl_mask) contribute nothing, even when their hidden
+    # state overflowed: loss and gradients equal those with any finite values there.
+    p = make_problem(N=20, D=16, V=60, bias=True, kl_mask=True)
+    uncounted = int(((p.labels == -100) & ~p.kl_mask).nonzero()[0, 0])
+    clean, clean_grads = run(p, impl=impl)
+    with torch.no_grad():
+        p.h[uncounted] = float("nan")
+        p.ht[uncounted] = float("inf")
+    out, grads = run(p, impl=impl)
+    assert_close(out.loss, clean.loss, what=f"{impl} loss", **F64)
+    for i, (g, c) in enumerate(zip(grads, clean_grads)):
+        assert_close(g, c, what=f"{impl} grad {i}", **F64)
+
+
+@pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
 def test_huge_logits_stay_finite(impl):
     # Logits of magnitude ~1e4: online log-sum-exp must not overflow.
     p = make_problem(N=12, D=16, V=60, dtype=torch.float32)
