@@ -33,7 +33,7 @@ from .contenders import contenders_for
 from .floor import group_flops
 from .inputs import IGNORE_FRACTION, LAMBDA, SEED, TAU
 from .measure_case import RESULT_MARKER, CudaProbe, measure
-from .shapes import Shape, grid
+from .shapes import CPU_HEADLINE, Shape, grid
 from .targets import evaluate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -266,7 +266,8 @@ def _shape(text: str) -> Shape:
         N, D, V = (int(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected N,D,V (three integers), got {text!r}") from None
-    return Shape(N, D, V)
+    # The CPU headline shape named by hand is still the one the targets are judged at.
+    return Shape(N, D, V, headline=(N, D, V) == CPU_HEADLINE)
 
 
 def parse_args(argv=None):
