@@ -113,6 +113,31 @@ def logits_grad_tile(
 
 
 @triton.jit
+def load_row_stats(
+    rows, N,  # [BLOCK_N] token indices, token count
+    labels_ptr, lse_ptr, lse_s_ptr, lse_t_ptr, aux_ptr, ce_scale_ptr, kl_scale_ptr,  # [N] inputs
+    ignore_index, ACC: tl.constexpr,
+):
+    """Per-token inputs of the gradient for one token block.
+
+    Returns ``(in_range, active, labels, lse, lse_s, lse_t, aux, ce_scale, kl_scale)``; ignored
+    labels become -1 (never a column, even when ignore_index lies in [0, V)). ``active`` rows
+    count for some term: the others are never loaded, so a NaN there reaches no gradient.
+    """
+    in_range = rows < N
+    labels = tl.load(labels_ptr + rows, mask=in_range, other=ignore_index)
+    labels = tl.where(labels == ignore_index, -1, labels).to(tl.int32)
+    lse = tl.load(lse_ptr + rows, mask=in_range, other=0.0)
+    lse_s = tl.load(lse_s_ptr + rows, mask=in_range, other=0.0)
+    lse_t = tl.load(lse_t_ptr + rows, mask=in_range, other=0.0)
+    aux = tl.load(aux_ptr + rows, mask=in_range, other=0.0)
+    ce_scale = tl.load(ce_scale_ptr + rows, mask=in_range, other=0.0).to(ACC)
+    kl_scale = tl.load(kl_scale_ptr + rows, mask=in_range, other=0.0).to(ACC)
+    active = in_range & ((ce_scale != 0.0) | (kl_scale != 0.0))
+    return in_range, active, labels, lse, lse_s, lse_t, aux, ce_scale, kl_scale
+
+
+@triton.jit
 def sdft_backward_hidden_kernel(
     h_ptr, w_ptr, b_ptr,  # student hidden [N, D], weight [V, D], bias [V]
     ht_ptr, wt_ptr, bt_ptr,  # teacher hidden [N, DT], weight [V, DT], bias [V]
@@ -130,17 +155,9 @@ def sdft_backward_hidden_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
-    labels = tl.where(labels == ignore_index, -1, labels).to(tl.int32)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
-    lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
-    aux = tl.load(aux_ptr + rows, mask=row_mask, other=0.0)
-    ce_scale = tl.load(ce_scale_ptr + rows, mask=row_mask, other=0.0).to(ACC)
-    kl_scale = tl.load(kl_scale_ptr + rows, mask=row_mask, other=0.0).to(ACC)
-    # Rows that count for nothing are never loaded: a NaN there must not reach any gradient.
-    active = row_mask & ((ce_scale != 0.0) | (kl_scale != 0.0))
+    row_mask, active, labels, lse, lse_s, lse_t, aux, ce_scale, kl_scale = load_row_stats(
+        rows, N, labels_ptr, lse_ptr, lse_s_ptr, lse_t_ptr, aux_ptr, ce_scale_ptr, kl_scale_ptr, ignore_index, ACC,
+    )
     inv_tau = as_scalar(inv_tau, ACC)
     softcap = as_scalar(softcap, ACC)
     inv_softcap = 1.0 / softcap
@@ -212,17 +229,10 @@ def sdft_backward_weight_kernel(
 
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
-        row_mask = rows < N
-        labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
-        labels = tl.where(labels == ignore_index, -1, labels).to(tl.int32)
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-        lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
-        lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
-        aux = tl.load(aux_ptr + rows, mask=row_mask, other=0.0)
-        ce_scale = tl.load(ce_scale_ptr + rows, mask=row_mask, other=0.0).to(ACC)
-        kl_scale = tl.load(kl_scale_ptr + rows, mask=row_mask, other=0.0).to(ACC)
-        # Rows that count for nothing are never loaded (logits nor h): a NaN there stays out.
-        row_mask = row_mask & ((ce_scale != 0.0) | (kl_scale != 0.0))
+        # Only active rows are loaded (logits and h alike): this kernel stores per column.
+        _, row_mask, labels, lse, lse_s, lse_t, aux, ce_scale, kl_scale = load_row_stats(
+            rows, N, labels_ptr, lse_ptr, lse_s_ptr, lse_t_ptr, aux_ptr, ce_scale_ptr, kl_scale_ptr, ignore_index, ACC,
+        )
         dz = logits_grad_tile(
             h_ptr, w_ptr, b_ptr, ht_ptr, wt_ptr, bt_ptr,
             labels, lse, lse_s, lse_t, aux, ce_scale, kl_scale, rows, cols, row_mask, col_mask,

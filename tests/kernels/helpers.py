@@ -94,3 +94,19 @@ def assert_close(actual: Tensor, expected: Tensor, rtol: float, atol: float, wha
             f"{what}: worst element {idx}: got {actual.flatten()[i]:.10g}, expected {expected.flatten()[i]:.10g} "
             f"(abs err {err.flatten()[i]:.3g} > {bound.flatten()[i]:.3g})"
         )
+
+
+def assert_no_worse_than_plain(truth, plain, fast, slack: float, what: str) -> None:
+    """``fast``'s error against ``truth`` is within ``plain``'s error plus ``slack`` (relative).
+
+    Each argument is ``(SDFTLossOutput, grads)`` from :func:`run`: the float64 (or highest
+    precision) truth, plain torch at the tested dtype, and the implementation under test.
+    """
+    (t_out, t_grads), (p_out, p_grads), (f_out, f_grads) = truth, plain, fast
+    pairs = [(name, getattr(t_out, name), getattr(p_out, name), getattr(f_out, name)) for name in ("loss", "ce", "kl")]
+    pairs += [(f"grad {i}", t, p, g) for i, (t, p, g) in enumerate(zip(t_grads, p_grads, f_grads))]
+    for name, t, p, g in pairs:
+        t, p, g = t.double(), p.double(), g.double()
+        bound = (p - t).abs().max() + slack * (1 + t.abs().max())
+        err = (g - t).abs().max()
+        assert err <= bound, f"{what} {name}: err {err:.3g} > plain torch's {(p - t).abs().max():.3g} + slack = {bound:.3g}"

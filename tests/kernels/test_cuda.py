@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sdft_kernels import fused_linear_sdft_loss
-from tests.kernels.helpers import make_problem, run
+from tests.kernels.helpers import assert_no_worse_than_plain, make_problem, run
 
 pytestmark = pytest.mark.cuda
 
@@ -36,18 +36,10 @@ def _on_cuda(problem, dtype):
 def test_triton_matches_truth_no_worse_than_torch(dtype, divergence, N, D, V):
     base = make_problem(N=N, D=D, V=V, kl_mask=True, bias=False, dtype=torch.float32)
     truth_p = _on_cuda(base, torch.float64) if V < 60000 else _on_cuda(base, torch.float32)
-    truth, truth_grads = run(truth_p, impl="reference", divergence=divergence)
-    plain, plain_grads = run(_on_cuda(base, dtype), impl="reference", divergence=divergence)
-    fast, fast_grads = run(_on_cuda(base, dtype), impl="triton", divergence=divergence)
-    slack = SLACK[dtype]
-    for name in ("loss", "ce", "kl"):
-        t, a, b = (getattr(o, name).double() for o in (truth, plain, fast))
-        bound = (a - t).abs().max() + slack * (1 + t.abs().max())
-        assert (b - t).abs().max() <= bound, f"{name}: err {(b - t).abs().max():.3g} > {bound:.3g}"
-    for i, (t, a, b) in enumerate(zip(truth_grads, plain_grads, fast_grads)):
-        t, a, b = t.double(), a.double(), b.double()
-        bound = (a - t).abs().max() + slack * (1 + t.abs().max())
-        assert (b - t).abs().max() <= bound, f"grad {i}: err {(b - t).abs().max():.3g} > {bound:.3g}"
+    truth = run(truth_p, impl="reference", divergence=divergence)
+    plain = run(_on_cuda(base, dtype), impl="reference", divergence=divergence)
+    fast = run(_on_cuda(base, dtype), impl="triton", divergence=divergence)
+    assert_no_worse_than_plain(truth, plain, fast, SLACK[dtype], f"triton {dtype} {divergence}")
 
 
 def test_deterministic():
