@@ -200,3 +200,15 @@ def test_chat_rows_mask_everything_but_the_reply(tmp_path):
     supervised = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100]
     assert tok.decode(supervised).split() == ["red"]
     assert ex["labels"][: len(ex["labels"]) - len(supervised)] == [-100] * (len(ex["labels"]) - len(supervised))
+
+
+def test_cached_teacher_source_trains(tmp_path):
+    ws = workspace(tmp_path)
+    out = tmp_path / "run"
+    cfg = load_config(None, _overrides(ws, out, max_steps=6, **{"teacher.source": "cache",
+                                                                "teacher.cache_dtype": "float32"}))
+    train(cfg)
+    assert (out / "teacher_cache" / "meta.json").exists()
+    records = [r for r in _metrics(out) if "kl" in r]
+    # The cache holds the untrained model's states: at the first step teacher == student.
+    assert records[0]["kl"] < 1e-6 and records[-1]["kl"] > records[0]["kl"]
