@@ -57,6 +57,14 @@ class TeacherConfig:
 
 
 @dataclass
+class LoraSection:
+    r: int = 0  # 0: full fine-tuning; > 0: train LoRA adapters (needs peft)
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
 class TrainConfig:
     model: str = ""  # local path (or hub id, which needs network)
     tokenizer: Optional[str] = None  # default: the model's
@@ -64,6 +72,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
     freeze: list[str] = field(default_factory=list)  # sdft.freezing specs, e.g. ["ffn"]
     train_only: Optional[str] = None  # e.g. "attention"
     batch_size: int = 8
@@ -91,6 +100,13 @@ class TrainConfig:
             raise ConfigError("data.train_file or data.dataset: one is required")
         if self.teacher.source not in ("frozen_copy", "adapter_disabled", "cache", "none"):
             raise ConfigError(f"teacher.source: unknown source {self.teacher.source!r}")
+        if self.teacher.source == "adapter_disabled" and self.lora.r <= 0:
+            raise ConfigError("teacher.source: adapter_disabled needs LoRA adapters (set lora.r > 0)")
+        if self.teacher.source == "adapter_disabled" and self.stage1_epochs > 0:
+            raise ConfigError("teacher.source: adapter_disabled makes the base model the teacher, not the stage-1 "
+                              "snapshot the recipe needs; use frozen_copy with stage1_epochs")
+        if self.lora.r < 0:
+            raise ConfigError(f"lora.r: must be >= 0, got {self.lora.r}")
         if self.stage1_epochs > 0 and not self.data.known_field:
             raise ConfigError("stage1_epochs > 0 needs data.known_field (which rows are known facts)")
         for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):

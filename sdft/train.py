@@ -152,6 +152,17 @@ def load_student(cfg: TrainConfig):
     return model, tokenizer
 
 
+def add_lora(model, cfg: TrainConfig):
+    """Wrap ``model`` with LoRA adapters (peft) as configured; the base weights freeze."""
+    try:
+        import peft
+    except ImportError as err:  # pragma: no cover - peft is an optional extra
+        raise ImportError("lora.r > 0 needs peft: pip install 'sdft-kernels[peft]'") from err
+    lora = peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                           target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, lora)
+
+
 def _make_teacher(cfg: TrainConfig, student, examples, tokenizer):
     source = cfg.teacher.source
     if source == "none":
@@ -176,6 +187,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     torch.manual_seed(cfg.seed)
     student, tokenizer = load_student(cfg)
+    if cfg.lora.r > 0:  # before freezing: freeze specs then apply to the adapted model
+        student = add_lora(student, cfg)
     examples, data_report = tokenize_rows(load_rows(cfg.data), tokenizer, cfg.data)
     _write_data_report(out, data_report)
     freeze_report = None
@@ -190,6 +203,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         stage1_final = out / "stage1" / "final"
         if (stage1_final / "config.json").exists():
             student = AutoModelForCausalLM.from_pretrained(stage1_final, dtype=_DTYPES[cfg.dtype])
+            if cfg.lora.r > 0:
+                raise ValueError(f"{stage1_final} holds LoRA adapters only; resuming a LoRA two-stage run "
+                                 "after stage 1 is not supported: remove it to rerun stage 1")
             if freeze_report is not None:
                 freeze_report = freeze(student, cfg.freeze or None, train_only=cfg.train_only)
         else:

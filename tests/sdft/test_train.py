@@ -212,3 +212,21 @@ def test_cached_teacher_source_trains(tmp_path):
     records = [r for r in _metrics(out) if "kl" in r]
     # The cache holds the untrained model's states: at the first step teacher == student.
     assert records[0]["kl"] < 1e-6 and records[-1]["kl"] > records[0]["kl"]
+
+
+def test_lora_with_adapter_disabled_teacher(tmp_path):
+    pytest.importorskip("peft")
+    ws = workspace(tmp_path)
+    out = tmp_path / "run"
+    cfg = load_config(None, _overrides(ws, out, max_steps=6, learning_rate=1e-2, **{
+        "lora.r": 4, "lora.target_modules": "q_proj,v_proj,o_proj", "teacher.source": "adapter_disabled"}))
+    train(cfg)
+    records = [r for r in _metrics(out) if "kl" in r]
+    assert records[0]["kl"] == 0.0  # LoRA starts as the identity: student == base teacher
+    assert records[-1]["kl"] > 0.0
+    assert (out / "final" / "adapter_config.json").exists()  # adapters saved, base untouched
+    with pytest.raises(ConfigError, match="adapter_disabled needs LoRA"):
+        load_config(None, _overrides(ws, out, **{"teacher.source": "adapter_disabled"}))
+    with pytest.raises(ConfigError, match="stage-1 snapshot"):
+        load_config(None, _overrides(ws, out, stage1_epochs=1, **{
+            "lora.r": 4, "teacher.source": "adapter_disabled", "data.known_field": "known"}))
