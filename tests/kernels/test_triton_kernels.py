@@ -7,6 +7,8 @@ token blocks, vocabulary tiles and hidden chunks, each with a ragged tail.
 
 from typing import NamedTuple, Optional
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,12 @@ from sdft_kernels.reference import apply_softcap, divergence_rows
 from sdft_kernels.triton_backward import sdft_backward
 from sdft_kernels.triton_common import KernelConfig
 from sdft_kernels.triton_forward import ForwardStats, sdft_forward
+
+# These run the kernels on CPU tensors in Triton's interpreter (tests/conftest.py turns it on
+# when there is no GPU); with a GPU, test_cuda.py runs the kernels for real.
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter (no GPU present)"
+)
 
 # N = 37 tokens -> 3 blocks of 16; V = 203 -> 4 tiles of 64; D = 50 -> 4 chunks of 16;
 # Dt = 34 -> 3 chunks. Every dimension ends on a partial tile.
