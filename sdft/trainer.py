@@ -47,6 +47,13 @@ class SDFTTrainer(Trainer):
         inner = self.accelerator.unwrap_model(model)
         if isinstance(inner, SDFTModel):
             out = model(num_items_in_batch=num_items_in_batch, **inputs)
+        elif _is_distributed_wrapper(model):
+            # Calling the unwrapped student would bypass the wrapper's forward, which DDP/FSDP
+            # need to synchronise gradients (and FSDP to gather parameters).
+            raise RuntimeError(
+                f"SDFTTrainer under {type(model).__name__}: pass model=SDFTModel(student, teacher, loss) so that "
+                "the whole loss runs inside the wrapper's forward (sdft train does this)"
+            )
         else:
             out = causal_lm_loss(inner, inputs, self.teacher, self.sdft_loss, num_items_in_batch)
         loss = out.loss
@@ -69,6 +76,10 @@ class SDFTTrainer(Trainer):
             for name, value in self._last_components.items():
                 logs[name] = round(float(value), 6) if torch.is_tensor(value) else value
         super().log(logs, *args, **kwargs)
+
+
+def _is_distributed_wrapper(model) -> bool:
+    return isinstance(model, torch.nn.parallel.DistributedDataParallel) or "FullyShardedDataParallel" in type(model).__name__
 
 
 def _one_name_per_tensor(state_dict: dict) -> dict:

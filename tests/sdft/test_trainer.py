@@ -62,3 +62,22 @@ def test_trainer_gradient_accumulation_matches_large_batch(tmp_path):
         results.append({n: p.detach().clone() for n, p in model.named_parameters()})
     for name in results[0]:
         torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-5, atol=1e-6)
+
+
+def test_plain_model_under_ddp_is_refused_with_advice(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29541")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = tiny_model("llama")
+        args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no")
+        trainer = SDFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"input_ids": [3, 4, 5]}]),
+                              data_collator=_collate, teacher=FrozenCopy(model))
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        batch = _collate([{"input_ids": [3, 4, 5, 6]}])
+        with pytest.raises(RuntimeError, match="pass model=SDFTModel"):
+            trainer.compute_loss(wrapped, batch)
+    finally:
+        dist.destroy_process_group()
