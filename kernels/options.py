@@ -60,6 +60,17 @@ class LossOptions:
             raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
 
     @property
+    def jsd_log_weights(self) -> tuple[float, float]:
+        return jsd_log_weights(self.jsd_beta)
+
+    @property
     def kl_coefficient(self) -> float:
         """The factor in front of the divergence: ``kl_weight * tau**2``."""
         return self.kl_weight * self.temperature**2
+
+
+def jsd_log_weights(beta: float) -> tuple[float, float]:
+    """``(log beta, log(1 - beta))`` of the JSD mixture; -inf at beta = 0 resp. 1, so that
+    ``logaddexp`` gives log m exactly at both ends."""
+    b = float(beta)
+    return (math.log(b) if b > 0.0 else -math.inf, math.log1p(-b) if b < 1.0 else -math.inf)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .options import LossOptions
+from .options import LossOptions, jsd_log_weights
 from .reduction import combine, counted_masks, normaliser
 
 
@@ -58,15 +58,12 @@ def divergence_rows(logp_s: Tensor, logp_t: Tensor, divergence: str, jsd_beta: f
     if divergence == "jsd":
         beta = jsd_beta
         # log m as a log-sum-exp so that beta in {0, 1} (log 0 = -inf) stays exact.
-        log_m = torch.logaddexp(logp_t + _log(beta), logp_s + _log(1.0 - beta))
+        log_beta, log_1m_beta = jsd_log_weights(beta)
+        log_m = torch.logaddexp(logp_t + log_beta, logp_s + log_1m_beta)
         kl_t = (p_t * (logp_t - log_m)).sum(-1)
         kl_s = (p_s * (logp_s - log_m)).sum(-1)
         return beta * kl_t + (1.0 - beta) * kl_s
     raise ValueError(f"unknown divergence {divergence!r}")
-
-
-def _log(x: float) -> float:
-    return float("-inf") if x == 0.0 else float(torch.tensor(x, dtype=torch.float64).log())
 
 
 def reference_sdft_loss(

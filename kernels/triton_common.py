@@ -5,7 +5,6 @@ launch passes. Device side: small ``@triton.jit`` helpers that recompute one til
 (``[BLOCK_N, BLOCK_V]``, student or teacher) and the softcap, log-add-exp and scalar casts.
 """
 
-import math
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -61,13 +60,13 @@ class LossConstants(NamedTuple):
 
 
 def loss_constants(options: LossOptions) -> LossConstants:
-    beta = float(options.jsd_beta)
+    log_beta, log_1m_beta = options.jsd_log_weights
     return LossConstants(
         inv_tau=1.0 / float(options.temperature),
         softcap=1.0 if options.softcap is None else float(options.softcap),
-        log_beta=math.log(beta) if beta > 0.0 else float("-inf"),
-        log_1m_beta=math.log1p(-beta) if beta < 1.0 else float("-inf"),
-        beta=beta,
+        log_beta=log_beta,
+        log_1m_beta=log_1m_beta,
+        beta=float(options.jsd_beta),
     )
 
 

@@ -334,25 +334,12 @@ def encode_example(tokenizer, question: str, answer: str, *,
     return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
 
 
-def collate(examples: Sequence[tuple[list[int], list[int]]], pad_token_id: int
-            ) -> dict[str, Tensor]:
-    """Right-pad encoded examples into ``input_ids``, ``attention_mask``, ``labels`` ([B, T])."""
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (ids, lab) in enumerate(examples):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        labels[i, :len(lab)] = torch.tensor(lab)
-        attention_mask[i, :len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
 def encode_rows(tokenizer, rows: Sequence[dict], *, add_eos: bool = True) -> dict[str, Tensor]:
     """Encode and collate QA rows (``question``/``answer`` fields) into one right-padded batch."""
-    pad = tokenizer.pad_token_id
-    return collate([encode_example(tokenizer, r["question"], r["answer"], add_eos=add_eos)
-                    for r in rows], pad)
+    from .data import PadCollator
+
+    examples = [encode_example(tokenizer, r["question"], r["answer"], add_eos=add_eos) for r in rows]
+    return PadCollator(tokenizer.pad_token_id)([{"input_ids": ids, "labels": lab} for ids, lab in examples])
 
 
 # ---------------------------------------------------------------------------------------------
