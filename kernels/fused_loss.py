@@ -8,10 +8,10 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .options import IMPLS, LossOptions
+from .options import IMPLS, TRITON_IMPLS, LossOptions
 from .reduction import counted_masks, normaliser
 from .reference import SDFTLossOutput, accumulation_dtype, reference_sdft_loss
-from .torch_chunked import TorchChunkedSDFT
+from .torch_chunked import TorchChunkedSDFT, TorchEpilogue, TritonEpilogue
 from .validation import check_inputs, check_label_range
 
 
@@ -71,12 +71,15 @@ def fused_linear_sdft_loss(
         num_items: normaliser of ``"mean"`` (e.g. the token count of a whole accumulated
             batch); default: the number of positions whose label is not ignored. At least 1.
         softcap: if set, every logit z becomes ``softcap * tanh(z / softcap)`` (Gemma 2).
-        impl: ``"triton"`` (default on CUDA), ``"torch"`` (chunked, default elsewhere),
-            ``"reference"`` (materialised; for checking) or ``"auto"``.
+        impl: ``"triton"`` (fused Triton kernels: no logits stored at all; default on CUDA),
+            ``"triton_chunked"`` (CUDA: chunks of logits from cuBLAS GEMMs and one fused Triton
+            epilogue; fewer FLOPs, more memory), ``"torch"`` (chunked plain torch; default
+            elsewhere), ``"reference"`` (materialised; for checking) or ``"auto"``.
         return_components: return :class:`SDFTLossOutput` ``(loss, ce, kl, n_tokens)``;
             the parts are detached and unweighted, and computing them needs no host sync.
         validate_labels: check the label range (one host sync); turn off to avoid the sync.
-        chunk_size: rows per chunk of the torch path (default: from a ~192 MiB budget).
+        chunk_size: rows per chunk of the chunked paths (default: from a budget of ~192 MiB
+            for ``"torch"``, 1 GiB of logits for ``"triton_chunked"``).
 
     Returns:
         The loss (float32, float64 for float64 inputs): a scalar, or ``[N]`` for
@@ -113,11 +116,15 @@ def fused_linear_sdft_loss(
     if teacher_hidden is None:
         kl_rows = torch.zeros_like(label_mask)
     denom = normaliser(label_mask, num_items, accumulation_dtype(student_hidden.dtype))
-    function = TorchChunkedSDFT if impl == "torch" else _triton_function()
     tensors = [student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias]
-    if impl == "triton":
+    if impl != "torch":  # Triton kernels index rows with one stride and contiguous columns
         tensors = [None if t is None else t.contiguous() for t in tensors]
-    loss, ce, kl = function.apply(*tensors, labels.contiguous(), label_mask, kl_rows, denom, options, chunk_size)
+    args = (*tensors, labels.contiguous(), label_mask, kl_rows, denom, options, chunk_size)
+    if impl == "triton":
+        loss, ce, kl = _triton_function().apply(*args)
+    else:
+        epilogue = TritonEpilogue if impl == "triton_chunked" else TorchEpilogue
+        loss, ce, kl = TorchChunkedSDFT.apply(*args, epilogue)
     if not return_components:
         return loss
     return SDFTLossOutput(loss, ce, kl, label_mask.sum())
@@ -126,9 +133,9 @@ def fused_linear_sdft_loss(
 def _resolve_impl(impl: str, device: torch.device) -> str:
     if impl == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if impl in TRITON_IMPLS and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
-            f"impl='triton' needs CUDA tensors (got device {device}); use impl='torch' on this device, "
+            f"impl={impl!r} needs CUDA tensors (got device {device}); use impl='torch' on this device, "
             "or set TRITON_INTERPRET=1 before importing triton to run the kernels in the interpreter"
         )
     return impl

@@ -13,7 +13,8 @@ from typing import Optional
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
-IMPLS = ("auto", "triton", "torch", "reference")
+IMPLS = ("auto", "triton", "triton_chunked", "torch", "reference")
+TRITON_IMPLS = ("triton", "triton_chunked")  # need CUDA (or Triton's interpreter)
 
 
 @dataclass(frozen=True)

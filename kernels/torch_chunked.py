@@ -1,7 +1,11 @@
-"""The chunked plain-torch path: what CPU users train with.
+"""The chunk loop, and its plain-torch epilogue: what CPU users train with.
 
 Tokens are processed in chunks of ``chunk_size`` rows, so the transient memory is a few
-``[chunk, V]`` float32 buffers instead of whole ``[N, V]`` logits. When gradients are needed
+``[chunk, V]`` buffers instead of whole ``[N, V]`` logits. What happens between a chunk's
+logit GEMMs and its gradient GEMMs is the *epilogue*: :class:`TorchEpilogue` (element-wise
+torch ops on float32 buffers; ``impl="torch"``) or :class:`TritonEpilogue` (one Triton kernel
+on logits kept in the inputs' dtype; ``impl="triton_chunked"``, see
+:mod:`sdft_kernels.triton_chunked`). When gradients are needed
 and the upstream gradient is a scalar (``reduction`` "mean" or "sum"), the logit gradient of a
 chunk is formed right after its loss and pushed through the two gradient GEMMs at once: the
 whole forward+backward then costs the four essential GEMMs (``8 N D V`` FLOPs) plus a few
@@ -25,17 +29,26 @@ from .options import LossOptions
 from .reduction import combine, row_scales
 from .reference import accumulation_dtype
 
-# Transient bytes the chunk loop may use by default. Four reusable [chunk, V] float32 buffers
-# (student logits, log-probabilities at 1 and at tau, teacher log-probabilities), a fifth with a
-# softcap, and about one buffer of temporaries, so 192 MiB gives 256-token chunks at V = 32768.
+# Transient bytes the torch epilogue may use by default. Four reusable [chunk, V] float32
+# buffers (student logits, log-probabilities at 1 and at tau, teacher log-probabilities), a fifth
+# with a softcap, and about one buffer of temporaries, so 192 MiB gives 256-token chunks at
+# V = 32768.
 DEFAULT_CHUNK_BUDGET_BYTES = 192 * 2**20
 _LIVE_BUFFERS = 6
+# The Triton epilogue keeps two [chunk, V] buffers in the inputs' dtype. Fewer, larger chunks
+# mean fewer read-modify-writes of the float32 weight gradient (8 V D bytes each): 1 GiB gives
+# 2048-token chunks at Llama-3's V = 128256 in bfloat16.
+TRITON_CHUNK_BUDGET_BYTES = 2**30
 
 
-def default_chunk_size(vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES) -> int:
-    """Rows per chunk so that the chunk's float32 buffers stay within ``budget_bytes``."""
-    rows = budget_bytes // (_LIVE_BUFFERS * 4 * max(vocab_size, 1))
-    return max(16, int(rows))
+def default_chunk_size(vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES,
+                       row_bytes: Optional[int] = None) -> int:
+    """Rows per chunk so that the chunk's buffers stay within ``budget_bytes``.
+
+    ``row_bytes``: bytes of one chunk row; default: the torch epilogue's float32 buffers.
+    """
+    row_bytes = row_bytes or _LIVE_BUFFERS * 4 * max(vocab_size, 1)
+    return max(16, int(budget_bytes // row_bytes))
 
 
 class Grads(NamedTuple):
@@ -60,10 +73,12 @@ class _Workspace:
         self.rows, self.vocab, self.dtype, self.device = rows, vocab, dtype, device
         self._buffers: dict[str, Tensor] = {}
 
-    def get(self, name: str, rows: int) -> Tensor:
+    def get(self, name: str, rows: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """Rows ``[:rows]`` of buffer ``name`` (``dtype`` defaults to the workspace's)."""
         buf = self._buffers.get(name)
         if buf is None:
-            buf = self._buffers[name] = torch.empty(self.rows, self.vocab, dtype=self.dtype, device=self.device)
+            buf = self._buffers[name] = torch.empty(self.rows, self.vocab, dtype=dtype or self.dtype,
+                                                    device=self.device)
         return buf[:rows]
 
 
@@ -117,7 +132,7 @@ def _divergence(logp_s: Tensor, logp_t: Tensor, scratch: Tensor, options: LossOp
     return div, ratio_s.sub_(kl_s.unsqueeze(1)).mul_(p_s).mul_(1.0 - beta)
 
 
-def _chunk(h, W, b, ht, Wt, bt, y, options: LossOptions, ce_scale, kl_scale, ws: _Workspace):
+def _torch_chunk(h, W, b, ht, Wt, bt, y, options: LossOptions, ce_scale, kl_scale, ws: _Workspace):
     """Loss rows of one chunk and, if scales are given, its logit gradient ``[C, V]``.
 
     Returns ``(ce [C], div [C] or None, dz or None)``; ``ce`` and ``div`` are unmasked. ``dz``
@@ -155,24 +170,101 @@ def _chunk(h, W, b, ht, Wt, bt, y, options: LossOptions, ce_scale, kl_scale, ws:
     return ce, div, dz
 
 
+class TorchEpilogue:
+    """Element-wise torch ops on float32 (float64) buffers: runs anywhere; ``impl="torch"``."""
+
+    name = "torch"
+    budget_bytes = DEFAULT_CHUNK_BUDGET_BYTES
+
+    @staticmethod
+    def row_bytes(V: int, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype]) -> int:
+        return _LIVE_BUFFERS * accumulation_dtype(dtype).itemsize * max(V, 1)
+
+    @staticmethod
+    def chunk(h, W, b, ht, Wt, bt, y, kl_mask, options, ce_scale, kl_scale, ws):
+        """``(ce [C], div [C] or None, dz [C, V] or None)``; ce/div unmasked, dz in float32."""
+        return _torch_chunk(h, W, b, ht, Wt, bt, y, options, ce_scale, kl_scale, ws)
+
+
+class TritonEpilogue:
+    """Logits from ``torch.mm`` in the inputs' dtype, then one Triton kernel per chunk
+    (:func:`sdft_kernels.triton_chunked.chunk_epilogue`); ``impl="triton_chunked"``."""
+
+    name = "triton_chunked"
+    budget_bytes = TRITON_CHUNK_BUDGET_BYTES
+
+    @staticmethod
+    def row_bytes(V: int, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype]) -> int:
+        return max(V, 1) * (dtype.itemsize + (teacher_dtype.itemsize if teacher_dtype is not None else 0))
+
+    @staticmethod
+    def chunk(h, W, b, ht, Wt, bt, y, kl_mask, options, ce_scale, kl_scale, ws):
+        """``(ce [C], div [C] or None, dz [C, V] or None)``; ce/div masked, dz in ``h``'s dtype."""
+        from .triton_chunked import chunk_epilogue  # triton imports lazily: CPU users need not pay
+
+        rows = h.shape[0]
+        z_s = torch.mm(h, W.t(), out=ws.get("z_s", rows, h.dtype))
+        z_t = None if ht is None else torch.mm(ht, Wt.t(), out=ws.get("z_t", rows, ht.dtype))
+        ce, div = chunk_epilogue(z_s, z_t, b, bt, y, kl_mask, options, ce_scale, kl_scale)
+        return ce, (div if ht is not None else None), (z_s if ce_scale is not None else None)
+
+
+_FP32_ACCUMULATING_ADDMM: dict[tuple[torch.device, torch.dtype], bool] = {}
+
+
+def _fp32_accumulating_addmm(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether ``torch.addmm(acc32, a, b, out_dtype=float32, out=acc32)`` works for ``dtype``
+    products on ``device``.
+
+    cuBLAS can accumulate half-precision products into a float32 matrix in place (torch
+    >= 2.8 exposes it as ``out_dtype``); the CPU backend cannot. Probed once per device and dtype.
+    """
+    key = (device, dtype)
+    if key not in _FP32_ACCUMULATING_ADDMM:
+        try:
+            a = torch.ones(2, 2, dtype=dtype, device=device)
+            acc = torch.ones(2, 2, dtype=torch.float32, device=device)
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            ok = bool((acc == 3).all())
+        except (RuntimeError, TypeError, NotImplementedError):
+            ok = False
+        _FP32_ACCUMULATING_ADDMM[key] = ok
+    return _FP32_ACCUMULATING_ADDMM[key]
+
+
+def _weight_grad_dtype(dz_dtype: torch.dtype, acc: torch.dtype, device: torch.device) -> torch.dtype:
+    """float32 (float64) sums, unless dz is half precision and nothing can accumulate it into
+    float32 at GEMM speed: then the sums stay in dz's dtype, rounded once per chunk."""
+    if dz_dtype == acc or _fp32_accumulating_addmm(device, dz_dtype):
+        return acc
+    return dz_dtype
+
+
+def _accumulate_weight_grad(d_w: Tensor, dz: Tensor, h_c: Tensor, first: bool) -> None:
+    """``d_w (+)= dz^T @ h_c``; the first chunk overwrites (``beta=0`` ignores what d_w held)."""
+    beta = 0.0 if first else 1.0
+    if dz.dtype == d_w.dtype:
+        d_w.addmm_(dz.t(), h_c if h_c.dtype == dz.dtype else h_c.to(dz.dtype), beta=beta)
+    else:  # half-precision dz into float32 sums (see _fp32_accumulating_addmm)
+        torch.addmm(d_w, dz.t(), h_c, beta=beta, out_dtype=d_w.dtype, out=d_w)
+
+
 def chunked_sdft(
     h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, options: LossOptions,
     ce_scale: Optional[Tensor], kl_scale: Optional[Tensor],
-    need: tuple[bool, bool, bool], chunk_size: Optional[int],
+    need: tuple[bool, bool, bool], chunk_size: Optional[int], epilogue=TorchEpilogue,
 ) -> tuple[Tensor, Tensor, Grads]:
     """Masked loss rows ``ce_rows [N]``, ``div_rows [N]`` and, with scales, the gradients.
 
     ``need`` says which of (hidden, weight, bias) gradients to form; ``ce_scale``/``kl_scale``
-    ``[N]`` are the per-row factors of :func:`sdft_kernels.reduction.row_scales`.
+    ``[N]`` are the per-row factors of :func:`sdft_kernels.reduction.row_scales`;
+    ``epilogue`` is :class:`TorchEpilogue` or :class:`TritonEpilogue`.
     """
     N, V = h.shape[0], W.shape[0]
     acc = accumulation_dtype(h.dtype)
     ce_rows = torch.zeros(N, dtype=acc, device=h.device)
     div_rows = torch.zeros(N, dtype=acc, device=h.device)
     want_grad = ce_scale is not None and any(need)
-    d_h = torch.zeros_like(h) if want_grad and need[0] else None
-    d_w = torch.zeros(W.shape, dtype=acc, device=W.device) if want_grad and need[1] else None
-    d_b = torch.zeros(V, dtype=acc, device=W.device) if want_grad and need[2] else None
 
     rows = label_mask | kl_mask
     # Dropping rows that count for nothing needs their indices on the host: only on CPU,
@@ -185,10 +277,25 @@ def chunked_sdft(
         h = torch.where(keep, h, h.new_zeros(()))
         ht = None if ht is None else torch.where(keep, ht, ht.new_zeros(()))
     M = N if index is None else index.numel()
-    step = chunk_size or default_chunk_size(V)
+    step = chunk_size or default_chunk_size(
+        V, epilogue.budget_bytes, epilogue.row_bytes(V, h.dtype, None if ht is None else ht.dtype))
     if chunk_size is None and M > 0:  # equal chunks: no small, inefficient GEMM at the end
         step = -(-M // -(-M // step))
     ws = _Workspace(min(step, max(M, 1)), V, acc, h.device)
+
+    # Every row of d_h is written by some chunk unless rows were dropped; d_w is overwritten by
+    # the first chunk. The dz of a chunk is the torch epilogue's float32 or the Triton one's
+    # input dtype; the weight gradient's sums are float32 either way where the device allows.
+    d_h = d_w = d_b = None
+    if want_grad and need[0]:
+        d_h = torch.zeros_like(h) if index is not None or M == 0 else torch.empty_like(h)
+    if want_grad and need[1]:
+        dz_dtype = acc if epilogue is TorchEpilogue else h.dtype
+        d_w = torch.empty(W.shape, dtype=_weight_grad_dtype(dz_dtype, acc, W.device), device=W.device)
+        if M == 0:
+            d_w.zero_()
+    if want_grad and need[2]:
+        d_b = torch.zeros(V, dtype=acc, device=W.device)
 
     def take(t, s, e):
         if t is None:
@@ -199,8 +306,8 @@ def chunked_sdft(
         e = min(s + step, M)
         rows_ix = slice(s, e) if index is None else index[s:e]
         h_c = take(h, s, e)
-        ce, div, dz = _chunk(
-            h_c, W, b, take(ht, s, e), Wt, bt, take(labels, s, e), options,
+        ce, div, dz = epilogue.chunk(
+            h_c, W, b, take(ht, s, e), Wt, bt, take(labels, s, e), take(kl_mask, s, e), options,
             take(ce_scale, s, e) if want_grad else None, take(kl_scale, s, e) if want_grad else None, ws,
         )
         ce_rows[rows_ix] = torch.where(take(label_mask, s, e), ce, 0.0)
@@ -213,10 +320,10 @@ def chunked_sdft(
                 torch.mm(dz, W, out=d_h[s:e])
             else:
                 d_h[rows_ix] = (dz.to(h.dtype) @ W) if dz.dtype != h.dtype else dz @ W
-        if d_w is not None:  # accumulated in acc dtype: float32 for half inputs
-            d_w.addmm_(dz.t(), h_c if h_c.dtype == acc else h_c.to(acc))
+        if d_w is not None:
+            _accumulate_weight_grad(d_w, dz, h_c, first=s == 0)
         if d_b is not None:
-            d_b += dz.sum(0)
+            d_b += dz.sum(0, dtype=acc)
         del dz
 
     grads = Grads(
@@ -228,10 +335,15 @@ def chunked_sdft(
 
 
 class TorchChunkedSDFT(torch.autograd.Function):
-    """Autograd glue for :func:`chunked_sdft`; returns ``(loss, ce, kl)``."""
+    """Autograd glue for :func:`chunked_sdft`; returns ``(loss, ce, kl)``.
+
+    ``epilogue`` (the last argument) picks the chunk epilogue: :class:`TorchEpilogue` or
+    :class:`TritonEpilogue`.
+    """
 
     @staticmethod
-    def forward(ctx, h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, denom, options, chunk_size):
+    def forward(ctx, h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, denom, options, chunk_size,
+                epilogue=TorchEpilogue):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
         eager = any(need) and options.reduction != "none"
         ce_scale = kl_scale = None
@@ -239,10 +351,11 @@ class TorchChunkedSDFT(torch.autograd.Function):
             ce_scale, kl_scale = row_scales(torch.ones((), dtype=denom.dtype, device=denom.device),
                                             denom, label_mask, kl_mask, options)
         ce_rows, div_rows, grads = chunked_sdft(
-            h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, options, ce_scale, kl_scale, need, chunk_size
+            h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, options, ce_scale, kl_scale, need, chunk_size,
+            epilogue,
         )
         loss, ce, kl = combine(ce_rows, div_rows, denom, options)
-        ctx.options, ctx.chunk_size, ctx.need, ctx.eager = options, chunk_size, need, eager
+        ctx.options, ctx.chunk_size, ctx.need, ctx.eager, ctx.epilogue = options, chunk_size, need, eager, epilogue
         if eager:
             ctx.grads = grads
         elif any(need):
@@ -263,6 +376,6 @@ class TorchChunkedSDFT(torch.autograd.Function):
             ce_scale, kl_scale = row_scales(grad_loss, denom, label_mask, kl_mask, ctx.options)
             _, _, (d_h, d_w, d_b) = chunked_sdft(
                 h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, ctx.options,
-                ce_scale, kl_scale, ctx.need, ctx.chunk_size,
+                ce_scale, kl_scale, ctx.need, ctx.chunk_size, ctx.epilogue,
             )
-        return d_h, d_w, d_b, None, None, None, None, None, None, None, None, None
+        return d_h, d_w, d_b, None, None, None, None, None, None, None, None, None, None

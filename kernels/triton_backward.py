@@ -1,10 +1,7 @@
 """Backward Triton kernels: gradients of hidden states, weight and bias from per-token scales.
 
-The gradient of the loss with respect to the student logits is, per tile::
-
-    dz = ce_scale * (softmax(z_s) - onehot(y)) + kl_scale * tau * dD/d(z_s / tau)   [* (1 - (z_s/c)^2)]
-
-It is never stored: two kernels recompute it tile by tile from the forward statistics.
+The gradient of the loss with respect to the student logits (``triton_math.logit_grad``) is
+never stored: two kernels recompute it tile by tile from the forward statistics.
 
 * ``sdft_backward_hidden_kernel``: one program per ``BLOCK_N`` tokens sweeps the vocabulary and
   accumulates ``dh[rows] += dz @ W[cols]`` chunk by chunk of D in its own rows.
@@ -27,20 +24,18 @@ from torch import Tensor
 from .options import LossOptions
 from .triton_common import (
     DIVERGENCE_CODES,
-    FORWARD_KL,
     INTERPRET,
-    REVERSE_KL,
     KernelConfig,
     accumulation_tl_dtype,
     as_scalar,
     dot_precision,
-    logaddexp,
     logits_tile,
     loss_constants,
     teacher_dot_dtype,
     tl_dtype,
 )
 from .triton_forward import ForwardStats
+from .triton_math import logit_grad
 
 # One config per kernel and operand width, no autotuning (python -m
 # sdft_kernels.triton_compile_check: no register spills on sm_80 and sm_90). The hidden kernel
@@ -71,44 +66,25 @@ def logits_grad_tile(
     DOT_DTYPE: tl.constexpr, TEACHER_DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """``d loss / d z_s`` for one ``[BLOCK_N, BLOCK_V]`` tile in ACC, zero outside the masks."""
-    # The teacher tile comes first: only its log-probabilities then stay live while the
-    # student tile accumulates, not the student tile and a partial dz during the teacher's.
-    # reverse_kl keeps a_t = z_t / tau (see below); the others the log-probabilities a_t - lse_t.
-    t_tile = tl.zeros([BLOCK_N, BLOCK_V], ACC)
+    """``d loss / d z_s`` (:func:`logit_grad`) for one ``[BLOCK_N, BLOCK_V]`` tile in ACC, zero
+    outside the masks."""
+    # The teacher tile comes first: then only it stays live while the student tile
+    # accumulates, not the student tile and a partial dz during the teacher's GEMM.
+    z_t = tl.zeros([BLOCK_N, BLOCK_V], ACC)
     if HAS_TEACHER:
         z_t = logits_tile(
             ht_ptr, wt_ptr, bt_ptr, rows.to(tl.int64) * stride_ht, cols.to(tl.int64) * stride_wt, row_mask,
             col_mask, cols, DT, softcap, inv_softcap, HAS_TEACHER_BIAS, HAS_SOFTCAP, TEACHER_DOT_DTYPE, ACC,
             PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
         )
-        if DIVERGENCE == REVERSE_KL:
-            t_tile = z_t * inv_tau
-        else:
-            t_tile = z_t * inv_tau - lse_t[:, None]
     z_s = logits_tile(
         h_ptr, w_ptr, b_ptr, rows.to(tl.int64) * stride_h, cols.to(tl.int64) * stride_w, row_mask, col_mask,
         cols, D, softcap, inv_softcap, HAS_BIAS, HAS_SOFTCAP, DOT_DTYPE, ACC, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
     )
-    p_1 = tl.exp(z_s - lse[:, None])
-    dz = ce_scale[:, None] * (p_1 - tl.where(cols[None, :] == labels[:, None], 1.0, 0.0))
-    if HAS_TEACHER:
-        logp_s = z_s * inv_tau - lse_s[:, None]
-        p_s = tl.exp(logp_s)
-        # grad: d D / d(z_s / tau), the softmax Jacobian applied to d D / d p_s.
-        if DIVERGENCE == FORWARD_KL:
-            grad = p_s - tl.exp(t_tile)
-        elif DIVERGENCE == REVERSE_KL:
-            # p_s (log p_s - log p_t - KL) with the lses cancelled exactly: aux = E_ps[a_s - a_t].
-            # Subtracting lses of size |z| / tau in float32 would leave eps |z| / tau per element.
-            grad = p_s * ((z_s * inv_tau - t_tile) - aux[:, None])
-        else:
-            log_m = logaddexp(t_tile + log_beta, logp_s + log_1m_beta)
-            grad = one_m_beta * p_s * (logp_s - log_m - aux[:, None])
-        # d/dz = (1 / tau) d/da and the loss weighs D by tau^2: kl_scale * tau in all.
-        dz += (kl_scale / inv_tau)[:, None] * grad
-    if HAS_SOFTCAP:
-        dz *= 1.0 - (z_s * inv_softcap) * (z_s * inv_softcap)
+    dz = logit_grad(
+        z_s, z_t, cols, labels, lse, lse_s, lse_t, aux, ce_scale, kl_scale,
+        inv_tau, inv_softcap, log_beta, log_1m_beta, one_m_beta, HAS_TEACHER, HAS_SOFTCAP, DIVERGENCE,
+    )
     return tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
 
 

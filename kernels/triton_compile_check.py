@@ -4,8 +4,8 @@ Run by hand (triton must not be in interpreter mode)::
 
     TRITON_INTERPRET=0 python -m sdft_kernels.triton_compile_check
 
-Each kernel is compiled at its default config for float32 and bfloat16 inputs and the main
-flag combinations. ``triton.compile`` gives the PTX and the shared memory; registers and spill
+Each kernel (the fused forward and backward kernels, and the chunked path's epilogue) is
+compiled at its default config for float32 and bfloat16 inputs and the main flag combinations. ``triton.compile`` gives the PTX and the shared memory; registers and spill
 stores come from running triton's own ``ptxas -v`` on that PTX. Prints one table row per
 compilation and exits with status 1 if any compilation failed or spilled.
 """
@@ -27,7 +27,8 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from .triton_backward import default_backward_configs, sdft_backward_hidden_kernel, sdft_backward_weight_kernel
-from .triton_common import DIVERGENCE_CODES, INTERPRET, KernelConfig, dot_precision
+from .triton_chunked import default_epilogue_config, sdft_chunk_epilogue_kernel
+from .triton_common import DIVERGENCE_CODES, INTERPRET, dot_precision
 from .triton_forward import default_forward_config, sdft_forward_kernel
 
 # Each kernel with the launcher's choice of default config for an input dtype.
@@ -35,6 +36,7 @@ KERNELS = {
     "forward": (sdft_forward_kernel, default_forward_config),
     "backward_hidden": (sdft_backward_hidden_kernel, lambda dtype: default_backward_configs(dtype)[0]),
     "backward_weight": (sdft_backward_weight_kernel, lambda dtype: default_backward_configs(dtype)[1]),
+    "chunk_epilogue": (sdft_chunk_epilogue_kernel, lambda dtype: default_epilogue_config()),
 }
 # The main flag combinations: CE only; teacher with biases and softcap; JSD (two sweeps).
 _FKL, _RKL, _JSD = (DIVERGENCE_CODES[d] for d in ("forward_kl", "reverse_kl", "jsd"))
@@ -49,7 +51,8 @@ ARCHS = (80, 90)
 
 # Pointer arguments whose element type is the input dtype; all other pointers are listed here.
 _OTHER_POINTERS = {"labels_ptr": "*i64", "kl_mask_ptr": "*u8"}
-_INPUT_POINTERS = {"h_ptr", "w_ptr", "b_ptr", "ht_ptr", "wt_ptr", "bt_ptr", "dh_ptr", "dw_ptr", "db_ptr"}
+_INPUT_POINTERS = {"h_ptr", "w_ptr", "b_ptr", "ht_ptr", "wt_ptr", "bt_ptr", "dh_ptr", "dw_ptr", "db_ptr",
+                   "zs_ptr", "zt_ptr", "dz_ptr"}
 _FLOAT64_SCALARS = {"inv_tau", "softcap", "log_beta", "log_1m_beta", "beta"}
 
 
@@ -65,19 +68,19 @@ class CompileResult(NamedTuple):
     error: str = ""
 
 
-def kernel_signature(kernel, dtype: str, flags: dict, config: KernelConfig):
+def kernel_signature(kernel, dtype: str, flags: dict, config):
     """``(signature, constexprs, attrs)`` as the launcher would specialise them.
 
     Sizes and strides are assumed to be multiples of 16 and pointers 16-byte aligned, as for
     real LLM shapes (D = 4096, V = 128256), so loads vectorise as they would there.
     """
-    constexprs = dict(
-        flags,
+    common = dict(
         DOT_DTYPE=DTYPES[dtype][1], TEACHER_DOT_DTYPE=DTYPES[dtype][1], ACC=tl.float32, PRECISION=dot_precision(),
-        BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
+        BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=getattr(config, "block_d", None),
+        COMPUTE_DW=True, COMPUTE_DB=flags["HAS_BIAS"], COMPUTE_GRAD=True,
     )
-    if "COMPUTE_DW" in kernel.arg_names:
-        constexprs.update(COMPUTE_DW=True, COMPUTE_DB=flags["HAS_BIAS"])
+    # Each kernel takes the shared constexprs it has a parameter for.
+    constexprs = dict(flags, **{k: v for k, v in common.items() if k in kernel.arg_names})
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -129,7 +132,7 @@ def compile_one(job: tuple[str, int, str, str]) -> CompileResult:
         compiled = triton.compile(
             ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
             target=GPUTarget("cuda", arch, 32),
-            options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
+            options=dict(num_warps=config.num_warps, num_stages=getattr(config, "num_stages", 1)),
         )
         registers, stores, loads = ptxas_usage(compiled.asm["ptx"], arch)
         return CompileResult(name, arch, dtype, flag_set, registers, stores, loads, compiled.metadata.shared)

@@ -23,19 +23,18 @@ from torch import Tensor
 from .options import LossOptions
 from .triton_common import (
     DIVERGENCE_CODES,
-    FORWARD_KL,
     INTERPRET,
-    REVERSE_KL,
+    JSD,
     KernelConfig,
     accumulation_tl_dtype,
     as_scalar,
     dot_precision,
-    logaddexp,
     logits_tile,
     loss_constants,
     teacher_dot_dtype,
     tl_dtype,
 )
+from .triton_math import jsd_tile_sums, sweep_finish, sweep_init, sweep_student, sweep_teacher
 
 # One config per operand width, no autotuning (python -m sdft_kernels.triton_compile_check
 # shows both compile for sm_80 and sm_90 without register spills). The weight stream, read
@@ -96,78 +95,43 @@ def sdft_forward_kernel(
     softcap = as_scalar(softcap, ACC)
     inv_softcap = 1.0 / softcap
 
-    neg_inf = tl.full([BLOCK_N], float("-inf"), ACC)
-    m = neg_inf  # running max of z_s (the max of z_s / tau is m / tau: tau > 0)
-    sum_1 = tl.zeros([BLOCK_N], ACC)  # sum exp(z_s - m)
-    sum_s = tl.zeros([BLOCK_N], ACC)  # sum exp((z_s - m) / tau)
-    z_label = tl.zeros([BLOCK_N], ACC)
-    m_t = neg_inf  # running max of z_t
-    sum_t = tl.zeros([BLOCK_N], ACC)  # sum exp((z_t - m_t) / tau)
-    # forward_kl: sum exp((z_t - m_t) / tau) (a_t - a_s); reverse_kl: sum exp((z_s - m) / tau) (a_s - a_t)
-    # (Maxima are kept in logit units and differences taken before scaling by 1 / tau: the
-    # largest terms then carry no rounding from |z| / tau.)
-    weighted = tl.zeros([BLOCK_N], ACC)
-
+    m, sum_1, sum_s, z_label, m_t, sum_t, weighted = sweep_init(BLOCK_N, ACC)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        w_offsets = cols.to(tl.int64) * stride_w
         z_s = logits_tile(
-            h_ptr, w_ptr, b_ptr, h_offsets, w_offsets, row_mask, col_mask, cols, D, softcap, inv_softcap,
-            HAS_BIAS, HAS_SOFTCAP, DOT_DTYPE, ACC, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+            h_ptr, w_ptr, b_ptr, h_offsets, cols.to(tl.int64) * stride_w, row_mask, col_mask, cols, D,
+            softcap, inv_softcap, HAS_BIAS, HAS_SOFTCAP, DOT_DTYPE, ACC, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
         )
-        m_new = tl.maximum(m, tl.max(tl.where(col_mask[None, :], z_s, float("-inf")), axis=1))
-        shifted = z_s - m_new[:, None]
-        sum_1 = sum_1 * tl.exp(m - m_new) + tl.sum(tl.where(col_mask[None, :], tl.exp(shifted), 0.0), axis=1)
-        z_label += tl.sum(tl.where(cols[None, :] == labels[:, None], z_s, 0.0), axis=1)
+        m_new, sum_1, sum_s, z_label, alpha_s, e_s = sweep_student(
+            z_s, cols, col_mask, labels, m, sum_1, sum_s, z_label, inv_tau, HAS_TEACHER,
+        )
         if HAS_TEACHER:
-            alpha_s = tl.exp((m - m_new) * inv_tau)
-            e_s = tl.where(col_mask[None, :], tl.exp(shifted * inv_tau), 0.0)
-            sum_s = sum_s * alpha_s + tl.sum(e_s, axis=1)
             z_t = logits_tile(
                 ht_ptr, wt_ptr, bt_ptr, ht_offsets, cols.to(tl.int64) * stride_wt, row_mask, col_mask, cols, DT,
                 softcap, inv_softcap, HAS_TEACHER_BIAS, HAS_SOFTCAP, TEACHER_DOT_DTYPE, ACC, PRECISION,
                 BLOCK_N, BLOCK_V, BLOCK_D,
             )
-            m_t_new = tl.maximum(m_t, tl.max(tl.where(col_mask[None, :], z_t, float("-inf")), axis=1))
-            alpha_t = tl.exp((m_t - m_t_new) * inv_tau)
-            e_t = tl.where(col_mask[None, :], tl.exp((z_t - m_t_new[:, None]) * inv_tau), 0.0)
-            sum_t = sum_t * alpha_t + tl.sum(e_t, axis=1)
-            if DIVERGENCE == FORWARD_KL:
-                weighted = weighted * alpha_t + tl.sum(e_t * ((z_t - z_s) * inv_tau), axis=1)
-            elif DIVERGENCE == REVERSE_KL:
-                weighted = weighted * alpha_s + tl.sum(e_s * ((z_s - z_t) * inv_tau), axis=1)
-            m_t = m_t_new
+            m_t, sum_t, weighted = sweep_teacher(
+                z_s, z_t, col_mask, alpha_s, e_s, m_t, sum_t, weighted, inv_tau, DIVERGENCE,
+            )
         m = m_new
-
-    lse = m + tl.log(sum_1)
-    ce = tl.where(labels >= 0, lse - z_label, 0.0)
+    lse, ce, lse_s, lse_t, div, aux = sweep_finish(
+        m, sum_1, sum_s, z_label, m_t, sum_t, weighted, labels, inv_tau, HAS_TEACHER, DIVERGENCE,
+    )
     tl.store(lse_ptr + rows, lse, mask=row_mask)
     tl.store(ce_ptr + rows, ce, mask=row_mask)
-
-    zero = tl.zeros([BLOCK_N], ACC)
-    lse_s = zero
-    lse_t = zero
-    div = zero
-    aux = zero
     if HAS_TEACHER:
-        lse_s = m * inv_tau + tl.log(sum_s)
-        lse_t = m_t * inv_tau + tl.log(sum_t)
-        if DIVERGENCE == FORWARD_KL:
-            div = weighted / sum_t - lse_t + lse_s
-        elif DIVERGENCE == REVERSE_KL:
-            aux = weighted / sum_s  # E_ps[a_s - a_t]: the backward needs it without the lses
-            div = aux - lse_s + lse_t
-        else:
-            # JSD: m = beta p_t + (1 - beta) p_s mixes normalised probabilities, so it needs the
+        if DIVERGENCE == JSD:
+            # m = beta p_t + (1 - beta) p_s mixes normalised probabilities, so it needs the
             # final lses: a second sweep accumulates KL(p_t||m) and KL(p_s||m).
             log_beta = as_scalar(log_beta, ACC)
             log_1m_beta = as_scalar(log_1m_beta, ACC)
             beta = as_scalar(beta, ACC)
             log_sum_s = tl.log(sum_s)
             log_sum_t = tl.log(sum_t)
-            kl_t = zero
-            kl_s = zero
+            kl_t = tl.zeros([BLOCK_N], ACC)
+            kl_s = tl.zeros([BLOCK_N], ACC)
             for v0 in range(0, V, BLOCK_V):
                 cols = v0 + tl.arange(0, BLOCK_V)
                 col_mask = cols < V
@@ -181,12 +145,11 @@ def sdft_forward_kernel(
                     softcap, inv_softcap, HAS_TEACHER_BIAS, HAS_SOFTCAP, TEACHER_DOT_DTYPE, ACC, PRECISION,
                     BLOCK_N, BLOCK_V, BLOCK_D,
                 )
-                logp_s = (z_s - m[:, None]) * inv_tau - log_sum_s[:, None]
-                logp_t = (z_t - m_t[:, None]) * inv_tau - log_sum_t[:, None]
-                # log m in log space: beta = 0 or 1 makes one side -inf, and the exact 0 follows.
-                log_m = logaddexp(logp_t + log_beta, logp_s + log_1m_beta)
-                kl_t += tl.sum(tl.where(col_mask[None, :], tl.exp(logp_t) * (logp_t - log_m), 0.0), axis=1)
-                kl_s += tl.sum(tl.where(col_mask[None, :], tl.exp(logp_s) * (logp_s - log_m), 0.0), axis=1)
+                part_t, part_s = jsd_tile_sums(
+                    z_s, z_t, col_mask, m, m_t, log_sum_s, log_sum_t, inv_tau, log_beta, log_1m_beta,
+                )
+                kl_t += part_t
+                kl_s += part_s
             div = beta * kl_t + (1.0 - beta) * kl_s
             aux = kl_s
         kl_mask = tl.load(kl_mask_ptr + rows, mask=row_mask, other=0)

@@ -24,6 +24,7 @@ def _on_cuda(problem, dtype):
     return p
 
 
+@pytest.mark.parametrize("impl", ["triton", "triton_chunked"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize(
@@ -33,19 +34,21 @@ def _on_cuda(problem, dtype):
         (2048, 1024, 128256),  # a Llama-3 vocabulary
     ],
 )
-def test_triton_matches_truth_no_worse_than_torch(dtype, divergence, N, D, V):
+def test_triton_matches_truth_no_worse_than_torch(impl, dtype, divergence, N, D, V):
     base = make_problem(N=N, D=D, V=V, kl_mask=True, bias=False, dtype=torch.float32)
     truth_p = _on_cuda(base, torch.float64) if V < 60000 else _on_cuda(base, torch.float32)
     truth = run(truth_p, impl="reference", divergence=divergence)
     plain = run(_on_cuda(base, dtype), impl="reference", divergence=divergence)
-    fast = run(_on_cuda(base, dtype), impl="triton", divergence=divergence)
-    assert_no_worse_than_plain(truth, plain, fast, SLACK[dtype], f"triton {dtype} {divergence}")
+    # chunk_size 384 (chunked path): three chunks, the last one ragged.
+    fast = run(_on_cuda(base, dtype), impl=impl, divergence=divergence, chunk_size=384)
+    assert_no_worse_than_plain(truth, plain, fast, SLACK[dtype], f"{impl} {dtype} {divergence}")
 
 
-def test_deterministic():
+@pytest.mark.parametrize("impl", ["triton", "triton_chunked"])
+def test_deterministic(impl):
     p = _on_cuda(make_problem(N=3000, D=512, V=50000, dtype=torch.float32), torch.bfloat16)
-    a, ga = run(p, impl="triton")
-    b, gb = run(p, impl="triton")
+    a, ga = run(p, impl=impl, chunk_size=1024)
+    b, gb = run(p, impl=impl, chunk_size=1024)
     assert torch.equal(a.loss, b.loss)
     assert all(torch.equal(x, y) for x, y in zip(ga, gb))
 
@@ -65,6 +68,35 @@ def test_no_logits_sized_allocation():
     fp32_accumulators = p.h.numel() * 4 + p.W.numel() * 4
     assert extra < grads + fp32_accumulators + 64 * 2**20, f"{extra / 2**20:.0f} MiB extra"
     assert extra < N * V * 2 / 4, "something of logits size was allocated"
+
+
+def test_chunked_memory_is_its_chunk_buffers_plus_gradients():
+    """Two [chunk, V] bf16 logit buffers, the float32 weight-gradient sums, the gradients and
+    the zeroed copies of the hidden states; nothing of [N, V] size."""
+    N, D, V, chunk = 8192, 1024, 128256, 1024
+    p = _on_cuda(make_problem(N=N, D=D, V=V, dtype=torch.float32), torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss = fused_linear_sdft_loss(p.h, p.W, p.labels, p.ht, p.Wt, impl="triton_chunked", chunk_size=chunk)
+    loss.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    expected = 2 * chunk * V * 2 + p.W.numel() * (4 + 2) + p.h.numel() * 2 * 3
+    assert extra < expected + 64 * 2**20, f"{extra / 2**20:.0f} MiB extra, expected about {expected / 2**20:.0f}"
+
+
+def test_weight_gradient_sums_are_float32_on_cuda():
+    """cuBLAS accumulates the bf16 chunk products into float32 sums in place (torch >= 2.8);
+    without it the chunked path would round the weight gradient once per chunk."""
+    from sdft_kernels.torch_chunked import _fp32_accumulating_addmm
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    for dtype in (torch.bfloat16, torch.float16):
+        assert _fp32_accumulating_addmm(device, dtype), (
+            f"torch {torch.__version__}: addmm(out_dtype=float32) of {dtype} products into a float32 "
+            "buffer is unavailable"
+        )
 
 
 def test_auto_is_triton_on_cuda():

@@ -10,9 +10,11 @@ import torch
 from sdft_kernels import fused_linear_sdft_loss
 from tests.kernels.helpers import assert_close, assert_no_worse_than_plain, make_problem, run
 
-# triton runs here in its interpreter on CPU tensors (tests/conftest.py); on a GPU machine
-# test_cuda.py runs it on CUDA tensors instead.
-FAST_IMPLS = ["torch", "triton"] if os.environ.get("TRITON_INTERPRET") == "1" else ["torch"]
+# The Triton implementations run here in the interpreter on CPU tensors (tests/conftest.py);
+# on a GPU machine test_cuda.py runs them on CUDA tensors instead.
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+FAST_IMPLS = ["torch", "triton", "triton_chunked"] if INTERPRETER else ["torch"]
+CHUNKED_IMPLS = ["torch", "triton_chunked"] if INTERPRETER else ["torch"]
 F64 = dict(rtol=1e-9, atol=1e-11)
 
 
@@ -87,7 +89,7 @@ def test_num_items_normalises_mean(impl):
     assert_close(out.loss, total.loss / 1000, what="mean with num_items", **F64)
 
 
-@pytest.mark.parametrize("impl", ["torch"])
+@pytest.mark.parametrize("impl", CHUNKED_IMPLS)
 @pytest.mark.parametrize("chunk_size", [1, 7, None])
 def test_chunk_size_does_not_change_the_result(impl, chunk_size):
     p = make_problem(N=37, D=16, V=90, kl_mask=True)
@@ -106,7 +108,7 @@ def test_components_add_up():
 @pytest.mark.parametrize("dtype,slack", [(torch.float32, 1e-5), (torch.float16, 1e-3)])
 def test_low_precision_error_no_worse_than_plain_torch(impl, dtype, slack):
     """Error against the float64 truth stays within plain torch's error at the dtype plus a slack."""
-    if dtype == torch.float16 and impl == "torch" and not _cpu_half_matmul_ok():
+    if dtype == torch.float16 and impl in CHUNKED_IMPLS and not _cpu_half_matmul_ok():
         pytest.skip("this torch build has no float16 matmul on CPU")
     p64 = make_problem(N=37, D=24, V=203, kl_mask=True)
     truth = run(p64, impl="reference", chunk_size=8)

@@ -58,7 +58,8 @@ def test_label_validation_can_be_turned_off():
     assert torch.equal(a, b)
 
 
-def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+@pytest.mark.parametrize("impl", ["triton", "triton_chunked"])
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch, impl):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="impl='triton' needs CUDA"):
-        _call(impl="triton")
+    with pytest.raises(ValueError, match=f"impl='{impl}' needs CUDA"):
+        _call(impl=impl)

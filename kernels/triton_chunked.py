@@ -1,0 +1,225 @@
+"""The chunked GPU path's epilogue: loss rows and logit gradient of one ``[C, V]`` logits chunk.
+
+``impl="triton_chunked"`` runs the chunk loop of :mod:`sdft_kernels.torch_chunked` with the
+four GEMMs in cuBLAS (through ``torch.mm``) and everything between them in this one kernel.
+Per chunk of C tokens::
+
+    z_s = h_c @ W.T,  z_t = ht_c @ Wt.T          # cuBLAS, [C, V] in the inputs' dtypes
+    ce, div, dz = epilogue(z_s, z_t)              # this kernel; dz overwrites z_s
+    dh_c = dz @ W,  dW += dz.T @ h_c              # cuBLAS
+
+So the whole forward+backward costs the essential ``8 N D V`` FLOPs at cuBLAS speed plus one
+memory-bound kernel that reads each logit twice and writes the gradient once (three times for
+JSD), instead of the fused kernels' recomputation (``16 N D V`` FLOPs in Triton tiles). The
+price is memory: two ``[C, V]`` buffers, sized by the chunk budget.
+
+The logits are rounded to the inputs' dtype, as ``F.linear`` would round them (plain torch
+and the reference do the same); the statistics and gradient are computed in float32 (float64
+for float64 inputs) with the arithmetic of :mod:`sdft_kernels.triton_math`, the same as the
+fused kernels'.
+
+One program owns ``BLOCK_N`` rows and sweeps them three times over the vocabulary at most:
+statistics, the JSD's second sweep, and the gradient. Each element of ``dz`` depends on that
+element of ``z_s`` and on its row's finished statistics, so writing ``dz`` in place over
+``z_s`` never overwrites a logit that is still to be read.
+"""
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .options import LossOptions
+from .triton_common import (
+    DIVERGENCE_CODES,
+    INTERPRET,
+    JSD,
+    accumulation_tl_dtype,
+    apply_softcap,
+    as_scalar,
+    loss_constants,
+)
+from .triton_math import jsd_tile_sums, logit_grad, sweep_finish, sweep_init, sweep_student, sweep_teacher
+
+
+class EpilogueConfig(NamedTuple):
+    """Rows and vocabulary entries per tile (powers of two), warps per program."""
+
+    block_n: int
+    block_v: int
+    num_warps: int
+
+
+# Memory-bound: wide rows of 16-byte loads keep enough bytes in flight; one row per program
+# gives C programs per chunk (C is in the thousands at real vocabularies).
+EPILOGUE_CONFIG = EpilogueConfig(block_n=1, block_v=4096, num_warps=8)
+# The interpreter runs programs one after another: few, large tiles are fastest there.
+EPILOGUE_CONFIG_INTERPRET = EpilogueConfig(block_n=16, block_v=256, num_warps=1)
+
+
+@triton.jit
+def load_logit_tile(
+    z_ptr, b_ptr,  # [C, V] logits (any float dtype), [V] bias
+    row_offsets, cols, row_mask, col_mask,  # [BLOCK_N] int64 row * stride, [BLOCK_V] columns
+    softcap, inv_softcap,  # ACC scalars
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr,
+):
+    """One tile of stored logits in ACC, bias added and softcapped; masked entries are 0."""
+    z = tl.load(z_ptr + row_offsets[:, None] + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                other=0.0).to(ACC)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+    if HAS_SOFTCAP:
+        z = apply_softcap(z, softcap, inv_softcap)
+    return z
+
+
+@triton.jit
+def sdft_chunk_epilogue_kernel(
+    zs_ptr, zt_ptr, b_ptr, bt_ptr,  # [C, V] student / teacher logits (GEMM outputs), [V] biases
+    labels_ptr, kl_mask_ptr, ce_scale_ptr, kl_scale_ptr,  # [C] int64, uint8, ACC, ACC
+    ce_ptr, div_ptr,  # [C] ACC outputs: cross-entropy (0 if ignored), divergence (0 outside kl_mask)
+    dz_ptr,  # [C, V] logit gradient; may be zs_ptr itself
+    C, V,  # sizes
+    stride_zs, stride_zt, stride_dz,  # row strides in elements (columns are contiguous)
+    ignore_index,  # label of positions without cross-entropy
+    inv_tau: tl.float64, softcap: tl.float64,  # 1 / temperature; softcap (unused without HAS_SOFTCAP)
+    log_beta: tl.float64, log_1m_beta: tl.float64, beta: tl.float64,  # JSD mixture weights
+    HAS_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DIVERGENCE: tl.constexpr,  # optional inputs; FORWARD_KL/REVERSE_KL/JSD
+    COMPUTE_GRAD: tl.constexpr,  # write dz (needs ce_scale/kl_scale)
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < C
+    zs_offsets = rows.to(tl.int64) * stride_zs
+    zt_offsets = rows.to(tl.int64) * stride_zt
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
+    # -1 never equals a column, even when ignore_index itself lies in [0, V).
+    labels = tl.where(labels == ignore_index, -1, labels).to(tl.int32)
+    inv_tau = as_scalar(inv_tau, ACC)
+    softcap = as_scalar(softcap, ACC)
+    inv_softcap = 1.0 / softcap
+    log_beta = as_scalar(log_beta, ACC)
+    log_1m_beta = as_scalar(log_1m_beta, ACC)
+    beta = as_scalar(beta, ACC)
+
+    m, sum_1, sum_s, z_label, m_t, sum_t, weighted = sweep_init(BLOCK_N, ACC)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        z_s = load_logit_tile(zs_ptr, b_ptr, zs_offsets, cols, row_mask, col_mask, softcap, inv_softcap,
+                              HAS_BIAS, HAS_SOFTCAP, ACC)
+        m_new, sum_1, sum_s, z_label, alpha_s, e_s = sweep_student(
+            z_s, cols, col_mask, labels, m, sum_1, sum_s, z_label, inv_tau, HAS_TEACHER,
+        )
+        if HAS_TEACHER:
+            z_t = load_logit_tile(zt_ptr, bt_ptr, zt_offsets, cols, row_mask, col_mask, softcap, inv_softcap,
+                                  HAS_TEACHER_BIAS, HAS_SOFTCAP, ACC)
+            m_t, sum_t, weighted = sweep_teacher(
+                z_s, z_t, col_mask, alpha_s, e_s, m_t, sum_t, weighted, inv_tau, DIVERGENCE,
+            )
+        m = m_new
+    lse, ce, lse_s, lse_t, div, aux = sweep_finish(
+        m, sum_1, sum_s, z_label, m_t, sum_t, weighted, labels, inv_tau, HAS_TEACHER, DIVERGENCE,
+    )
+    if HAS_TEACHER:
+        if DIVERGENCE == JSD:
+            log_sum_s = tl.log(sum_s)
+            log_sum_t = tl.log(sum_t)
+            kl_t = tl.zeros([BLOCK_N], ACC)
+            kl_s = tl.zeros([BLOCK_N], ACC)
+            for v0 in range(0, V, BLOCK_V):
+                cols = v0 + tl.arange(0, BLOCK_V)
+                col_mask = cols < V
+                z_s = load_logit_tile(zs_ptr, b_ptr, zs_offsets, cols, row_mask, col_mask, softcap, inv_softcap,
+                                      HAS_BIAS, HAS_SOFTCAP, ACC)
+                z_t = load_logit_tile(zt_ptr, bt_ptr, zt_offsets, cols, row_mask, col_mask, softcap, inv_softcap,
+                                      HAS_TEACHER_BIAS, HAS_SOFTCAP, ACC)
+                part_t, part_s = jsd_tile_sums(
+                    z_s, z_t, col_mask, m, m_t, log_sum_s, log_sum_t, inv_tau, log_beta, log_1m_beta,
+                )
+                kl_t += part_t
+                kl_s += part_s
+            div = beta * kl_t + (1.0 - beta) * kl_s
+            aux = kl_s
+        kl_mask = tl.load(kl_mask_ptr + rows, mask=row_mask, other=0)
+        div = tl.where(kl_mask != 0, div, 0.0)
+    tl.store(ce_ptr + rows, ce, mask=row_mask)
+    tl.store(div_ptr + rows, div, mask=row_mask)
+
+    if COMPUTE_GRAD:
+        ce_scale = tl.load(ce_scale_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+        kl_scale = tl.load(kl_scale_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+        # Rows that count for nothing get an exact zero gradient, whatever their logits hold.
+        active = row_mask & ((ce_scale != 0.0) | (kl_scale != 0.0))
+        one_m_beta = 1.0 - beta
+        dz_offsets = rows.to(tl.int64) * stride_dz
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_mask = cols < V
+            z_s = load_logit_tile(zs_ptr, b_ptr, zs_offsets, cols, row_mask, col_mask, softcap, inv_softcap,
+                                  HAS_BIAS, HAS_SOFTCAP, ACC)
+            z_t = z_s
+            if HAS_TEACHER:
+                z_t = load_logit_tile(zt_ptr, bt_ptr, zt_offsets, cols, row_mask, col_mask, softcap, inv_softcap,
+                                      HAS_TEACHER_BIAS, HAS_SOFTCAP, ACC)
+            dz = logit_grad(
+                z_s, z_t, cols, labels, lse, lse_s, lse_t, aux, ce_scale, kl_scale,
+                inv_tau, inv_softcap, log_beta, log_1m_beta, one_m_beta, HAS_TEACHER, HAS_SOFTCAP, DIVERGENCE,
+            )
+            dz = tl.where(active[:, None] & col_mask[None, :], dz, 0.0)
+            tl.store(dz_ptr + dz_offsets[:, None] + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
+                     mask=row_mask[:, None] & col_mask[None, :])
+
+
+def default_epilogue_config() -> EpilogueConfig:
+    return EPILOGUE_CONFIG_INTERPRET if INTERPRET else EPILOGUE_CONFIG
+
+
+def chunk_epilogue(
+    z_s: Tensor,
+    z_t: Optional[Tensor],
+    b: Optional[Tensor],
+    bt: Optional[Tensor],
+    labels: Tensor,
+    kl_mask: Tensor,
+    options: LossOptions,
+    ce_scale: Optional[Tensor] = None,
+    kl_scale: Optional[Tensor] = None,
+    *,
+    config: Optional[EpilogueConfig] = None,
+) -> tuple[Tensor, Tensor]:
+    """Masked loss rows ``(ce [C], div [C])`` of one chunk; with scales, ``dz`` replaces ``z_s``.
+
+    ``z_s``/``z_t``: ``[C, V]`` logits *before* bias and softcap (the kernel applies both), rows
+    contiguous; ``labels [C]`` int64, ``kl_mask [C]`` bool; ``ce_scale``/``kl_scale [C]`` as in
+    :func:`sdft_kernels.reduction.row_scales`. The rows are float32 (float64 for float64
+    logits). ``dz`` is written in ``z_s``'s dtype, exactly 0 on rows whose scales are both 0.
+    """
+    C, V = z_s.shape
+    acc_dtype = torch.float64 if z_s.dtype == torch.float64 else torch.float32
+    ce = torch.empty(C, device=z_s.device, dtype=acc_dtype)
+    div = torch.empty(C, device=z_s.device, dtype=acc_dtype)
+    if C == 0:
+        return ce, div
+    compute_grad = ce_scale is not None
+    has_teacher = z_t is not None
+    config = config or default_epilogue_config()
+    c = loss_constants(options)
+    sdft_chunk_epilogue_kernel[(triton.cdiv(C, config.block_n),)](
+        z_s, z_t if has_teacher else z_s, b if b is not None else z_s, bt if bt is not None else z_s,
+        labels, kl_mask.view(torch.uint8),
+        ce_scale if compute_grad else ce, kl_scale if compute_grad else ce,
+        ce, div, z_s,
+        C, V, z_s.stride(0), z_t.stride(0) if has_teacher else 0, z_s.stride(0),
+        options.ignore_index, c.inv_tau, c.softcap, c.log_beta, c.log_1m_beta, c.beta,
+        HAS_BIAS=b is not None, HAS_TEACHER=has_teacher, HAS_TEACHER_BIAS=bt is not None,
+        HAS_SOFTCAP=options.softcap is not None, DIVERGENCE=DIVERGENCE_CODES[options.divergence],
+        COMPUTE_GRAD=compute_grad, ACC=accumulation_tl_dtype(z_s.dtype),
+        BLOCK_N=config.block_n, BLOCK_V=config.block_v,
+        num_warps=config.num_warps,
+    )
+    return ce, div
