@@ -71,10 +71,11 @@ def fused_linear_sdft_loss(
         num_items: normaliser of ``"mean"`` (e.g. the token count of a whole accumulated
             batch); default: the number of positions whose label is not ignored. At least 1.
         softcap: if set, every logit z becomes ``softcap * tanh(z / softcap)`` (Gemma 2).
-        impl: ``"triton"`` (fused Triton kernels: no logits stored at all; default on CUDA),
-            ``"triton_chunked"`` (CUDA: chunks of logits from cuBLAS GEMMs and one fused Triton
-            epilogue; fewer FLOPs, more memory), ``"torch"`` (chunked plain torch; default
-            elsewhere), ``"reference"`` (materialised; for checking) or ``"auto"``.
+        impl: ``"auto"`` (:func:`default_impl`), ``"triton_chunked"`` (CUDA; the default
+            there: chunks of logits from cuBLAS GEMMs and one fused Triton epilogue), ``"triton"``
+            (CUDA: fused Triton kernels that store no logits at all; less memory, twice the
+            FLOPs), ``"torch"`` (chunked plain torch; the default elsewhere) or ``"reference"``
+            (materialised; for checking).
         return_components: return :class:`SDFTLossOutput` ``(loss, ce, kl, n_tokens)``;
             the parts are detached and unweighted, and computing them needs no host sync.
         validate_labels: check the label range (one host sync); turn off to avoid the sync.
@@ -130,9 +131,19 @@ def fused_linear_sdft_loss(
     return SDFTLossOutput(loss, ce, kl, label_mask.sum())
 
 
+def default_impl(device: Union[str, torch.device]) -> str:
+    """What ``impl="auto"`` runs on ``device``.
+
+    CUDA: ``"triton_chunked"``, the essential GEMMs in cuBLAS plus one Triton epilogue per
+    chunk of logits; ``impl="triton"`` stores no logits at all (less memory) but recomputes
+    them in Triton tiles (twice the FLOPs). Elsewhere: the chunked torch path.
+    """
+    return "triton_chunked" if torch.device(device).type == "cuda" else "torch"
+
+
 def _resolve_impl(impl: str, device: torch.device) -> str:
     if impl == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return default_impl(device)
     if impl in TRITON_IMPLS and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"impl={impl!r} needs CUDA tensors (got device {device}); use impl='torch' on this device, "

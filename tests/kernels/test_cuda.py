@@ -99,8 +99,8 @@ def test_weight_gradient_sums_are_float32_on_cuda():
         )
 
 
-def test_auto_is_triton_on_cuda():
+def test_auto_is_triton_chunked_on_cuda():
     p = _on_cuda(make_problem(N=100, D=64, V=1000, dtype=torch.float32), torch.float32)
     a, _ = run(p, impl="auto")
-    b, _ = run(p, impl="triton")
+    b, _ = run(p, impl="triton_chunked")
     assert torch.equal(a.loss, b.loss)

@@ -185,6 +185,13 @@ def test_double_backward_raises(impl):
         torch.autograd.grad(loss, p.h, create_graph=True)
 
 
+def test_default_impl_per_device():
+    from sdft_kernels import default_impl
+
+    assert default_impl("cpu") == "torch"
+    assert default_impl(torch.device("cuda", 0)) == "triton_chunked"  # no GPU needed to ask
+
+
 def test_auto_picks_torch_on_cpu_and_matches():
     p = make_problem(N=20, D=16, V=60)
     a, _ = run(p, impl="auto")
