@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 # project, a `torch>=` requirement could pull a multi-GB CUDA build instead.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test bench bench-gpu compile-check demo demo-quick clean
+.PHONY: venv test bench bench-gpu gpu-wheels compile-check demo demo-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,15 +28,48 @@ compile-check: venv
 bench: venv
 	$(PY) -m bench.run --device cpu
 
-# On a lent GPU machine: its own python3 already holds torch, triton and pytest, and nothing can
-# be downloaded there, so no venv: install the project in place (offline) and run the CUDA tests
-# and the GPU suite in one call. Peers missing there (liger-kernel, cut-cross-entropy) are
-# recorded as skipped unless their wheels are carried.
+# The GPU benchmark, for a session with a lent GPU machine (device tool), in two steps:
+#   1. here:                 make gpu-wheels   (the peers' wheels into .whl/, ~1 MB)
+#   2. the device tool run:  command "make bench-gpu", carry [".whl"], timeout_s 600
+# bench-gpu (bench/bench_gpu.sh) installs the project in place (offline) and the carried
+# wheels into /tmp/site, runs the CUDA tests, then the GPU grid (headline shape first) with a
+# time budget, and writes everything flat into $OUT when set (the tool brings it back: copy
+# it into bench/results/), else into bench/results/: setup.log, cuda-tests.log, bench.log,
+# cuda-<date>.json (rewritten after every case) with its .md and plots, 7 files at most.
+# Failed CUDA tests do not stop the benchmark; the target still fails at the end.
+# Timing: tests stopped after GPU_TESTS_TIMEOUT_S; no bench case starts after GPU_BUDGET_S
+# (nor after GPU_DEADLINE_S - 90 s of the whole target); all done by ~GPU_DEADLINE_S + 10.
+# `python -m bench.run --device cuda --dry-run --budget-s 400` estimates the grid here.
 GPU_PYTHON ?= python3
+GPU_OUT ?= $(or $(OUT),bench/results)
+GPU_BUDGET_S ?= 400
+GPU_TESTS_TIMEOUT_S ?= 150
+GPU_DEADLINE_S ?= 560
+GPU_BENCH_ARGS ?=
 bench-gpu:
-	$(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation --no-index -e .
-	$(GPU_PYTHON) -m pytest -q -m cuda tests/kernels
-	$(GPU_PYTHON) -m bench.run --device cuda
+	GPU_PYTHON='$(GPU_PYTHON)' GPU_OUT='$(GPU_OUT)' GPU_BUDGET_S='$(GPU_BUDGET_S)' \
+	GPU_TESTS_TIMEOUT_S='$(GPU_TESTS_TIMEOUT_S)' GPU_DEADLINE_S='$(GPU_DEADLINE_S)' \
+	GPU_BENCH_ARGS='$(GPU_BENCH_ARGS)' bash bench/bench_gpu.sh
+
+# The peers missing on the GPU machine, as wheels for its Python 3.12, at the versions in
+# .venv, into .whl/ (git-ignored; carried to the device with carry [".whl"]). Their
+# non-optional requirements are torch and triton only, which that machine has (checked
+# 2026-11-26 for liger-kernel 0.8.5, cut-cross-entropy 25.1.1, orda-kernel 0.1.0); the
+# Requires-Dist lines are printed so a new version's needs show. Name any that are missing
+# there in GPU_WHEEL_EXTRA (NAME==VERSION ...).
+GPU_PEERS ?= liger-kernel cut-cross-entropy orda-kernel
+GPU_WHEEL_EXTRA ?=
+GPU_WHEEL_TAGS = --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64
+gpu-wheels:
+	@test -x $(PY) || { echo "gpu-wheels: $(PY) not found: the peers' versions are read from the venv (make venv)"; exit 1; }
+	rm -rf .whl
+	$(PY) -m pip download -q --no-deps $(GPU_WHEEL_TAGS) -d .whl \
+		$$($(PY) -c "from importlib.metadata import version; print(' '.join(f'{d}=={version(d)}' for d in '$(GPU_PEERS)'.split()))") \
+		$(GPU_WHEEL_EXTRA)
+	@for w in .whl/*.whl; do echo "$$w requires:"; unzip -p "$$w" '*/METADATA' | grep '^Requires-Dist' | grep -v 'extra ==' | sed 's/^/    /'; done
+	@du -ch .whl/*.whl | sed 's/^/  /'
 
 demo: venv
 	$(PY) -m sdft demo

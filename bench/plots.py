@@ -48,9 +48,11 @@ def write_plots(results: dict, out_dir: Path, stem: str) -> list:
         for name in dict.fromkeys(c["contender"] for c in members):
             pts = sorted(((c[x], c) for c in members if c["contender"] == name), key=lambda p: p[0])
             xs = [p[0] for p in pts]
-            # One colour per contender in both panels (the floor has no memory line).
+            # One colour per contender in both panels (the floor has no memory line); ours'
+            # pinned implementations (CUDA) dash-dotted beside ours' default.
             colour = f"C{list(CONTENDERS).index(name) % 10}" if name in CONTENDERS else None
-            style = dict(marker="o", color=colour, linestyle="--" if name == "floor" else "-",
+            line = "--" if name == "floor" else ("-." if name.startswith("ours_") else "-")
+            style = dict(marker="o", color=colour, linestyle=line,
                          label=CONTENDERS[name].title if name in CONTENDERS else name)
             ax_t.plot(xs, [c["median_s"] for _, c in pts], **style)
             if name != "floor":

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from .agreement import blocked_oracle, compare, values_of
-from .contenders import CONTENDERS, Skip, contenders_for
+from .contenders import CONTENDERS, Skip, contenders_for, same_as_ours
 from .floor import group_flops
 from .inputs import build_inputs
 from .measure_case import ORACLE_BUDGET_BYTES
@@ -41,6 +41,8 @@ def cases(device: str) -> list:
             for c in contenders_for(group):
                 if device == "cpu" and c.cpu_runs == "never":
                     continue
+                if device == "cuda" and same_as_ours(c, device):
+                    continue  # the variant of ours that impl="auto" runs: "ours" is this case
                 out.append(pytest.param(shape, group, c.name,
                                         id=f"{group}-N{shape.N}-D{shape.D}-V{shape.V}-{c.name}"))
     return out

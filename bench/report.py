@@ -1,7 +1,9 @@
 """Render a results JSON (written by :mod:`bench.run`) as markdown, with target lines.
 
 ``python -m bench.report bench/results/cpu-2026-11-26.json`` re-renders the markdown and the
-plots next to the JSON; everything shown is computed from the JSON alone.
+plots next to the JSON; everything shown is computed from the JSON alone. A partial file (a
+run killed part-way: ``meta.complete`` false, the cases it never reached "pending") renders
+too, marked partial.
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ def _shape_key(c):
     return (c["N"], c["D"], c["V"])
 
 
+def _title(name: str) -> str:
+    return CONTENDERS[name].title if name in CONTENDERS else name
+
+
 def _shape_title(c) -> str:
     title = f"N={c['N']} D={c['D']} V={c['V']}"
     if c.get("model"):
@@ -99,7 +105,7 @@ def case_table(cases: list, group: str) -> list:
     for c in cases:
         mem = None if c["contender"] == "floor" else c.get("mem_bytes")
         rows.append("| " + " | ".join([
-            CONTENDERS[c["contender"]].title if c["contender"] in CONTENDERS else c["contender"],
+            _title(c["contender"]),
             c["status"],
             fmt_agreement(c) if c["status"] in ("ok", "disagrees") else "-",
             fmt_time(c.get("median_s")),
@@ -112,13 +118,22 @@ def case_table(cases: list, group: str) -> list:
 
 
 def render_markdown(results: dict, plot_names: list = ()) -> str:
-    meta, cases = results["meta"], results["cases"]
+    meta, all_cases = results["meta"], results["cases"]
+    # Cases a killed run never reached: counted, not tabulated.
+    cases = [c for c in all_cases if c["status"] != "pending"]
+    pending = [c for c in all_cases if c["status"] == "pending"]
     out = [f"# Benchmark results: {meta['device']} {meta['dtype']}, {meta['date']}", ""]
+    if meta.get("complete") is False:
+        out += [f"**Partial results**: the run stopped after {len(cases)} of "
+                f"{meta.get('cases_planned', len(all_cases))} planned cases "
+                f"({meta.get('elapsed_s', '?')} s in); {len(pending)} were never reached.", ""]
     out += [
         f"- Device: {meta.get('device_name', '?')}; torch {meta['versions'].get('torch')}, "
         f"{meta.get('threads', '?')} threads.",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if k != "torch") + ".",
         f"- Objective: {meta['objective']}.",
+        *([f"- Ours: impl=\"auto\", which runs impl=\"{meta['ours_impl']}\" on this device."]
+          if meta.get("ours_impl") else []),
         f"- Time: median of {meta['repeats']} calls after {meta['warmup']} warm-up call(s); "
         "ratios are taken within this one run.",
         f"- Memory: {meta['memory']}.",
@@ -127,6 +142,12 @@ def render_markdown(results: dict, plot_names: list = ()) -> str:
         "with plain torch.matmul at the same shapes and dtype.",
         f"- Commit: {meta.get('commit', '?')}{' (uncommitted changes)' if meta.get('dirty') else ''}; "
         f"command: `{meta.get('command', '')}`.",
+    ]
+    if meta.get("budget_s") is not None:
+        n_out = sum(1 for c in cases if (c.get("reason") or "").startswith("time budget of"))
+        out.append(f"- Time budget: {meta['budget_s']:g} s (no case starts after it); "
+                   f"{n_out} case(s) skipped for it; the run took {meta.get('elapsed_s', '?')} s.")
+    out += [
         "",
         "## Targets",
         "",
@@ -152,12 +173,26 @@ def render_markdown(results: dict, plot_names: list = ()) -> str:
     if skipped:
         out += ["## Not timed", "", "| group | shape | contender | status | reason |", "|---|---|---|---|---|"]
         for c in skipped:
-            out.append(f"| {c['group']} | N={c['N']} D={c['D']} V={c['V']} | {c['contender']} | "
+            out.append(f"| {c['group']} | N={c['N']} D={c['D']} V={c['V']} | {_title(c['contender'])} | "
                        f"{c['status']} | {(c.get('reason') or '').replace('|', '/')} |")
         out.append("")
 
+    if pending:
+        out += ["## Never reached", "",
+                f"{len(pending)} planned case(s) did not finish: the run stopped before them."]
+        first = pending[0]
+        if (first.get("reason") or "").startswith("in progress"):  # see bench.run
+            out.append(f"In progress when it stopped: {first['group']} {_shape_title(first)}, "
+                       f"{_title(first['contender'])}.")
+        out += ["", "Shapes:", ""]
+        for key in dict.fromkeys(_shape_key(c) for c in pending):
+            rows = [c for c in pending if _shape_key(c) == key]
+            groups = ", ".join(dict.fromkeys(c["group"] for c in rows))
+            out.append(f"- {_shape_title(rows[0])}: {len(rows)} case(s) ({groups})")
+        out.append("")
+
     out += ["## How each contender is configured", ""]
-    for name in dict.fromkeys(c["contender"] for c in cases):
+    for name in dict.fromkeys(c["contender"] for c in all_cases):
         if name in CONTENDERS:
             out.append(f"- {CONTENDERS[name].title}: {CONTENDERS[name].settings}")
     out.append("")

@@ -4,13 +4,21 @@
     python -m bench.run --device cuda             # bf16 real LM heads (make bench-gpu)
     python -m bench.run --device cpu --quick      # tiny grid, seconds: CI smoke
     python -m bench.run --device cpu --dry-run    # the plan and a rough time estimate
+    python -m bench.run --device cuda --dry-run   # the same for CUDA (needs no GPU)
+    python -m bench.run --device cuda --budget-s 400   # no case starts after 400 s
 
 Writes ``<out>/<device>[-quick]-<date>.json``, ``.md`` from it, and ``-vs-V.png`` /
-``-vs-N.png``. On CPU every case runs in a fresh process (``python -m bench.measure_case``)
-so that its peak-RSS growth is its own; on CUDA cases run in this process, where the
-allocator's peak statistics are exact. Within each shape and group the reference runs first
-and its loss and gradients are the oracle every other contender must match before it is
-timed. The GEMM floor runs in the same run, so every ratio compares numbers from one run.
+``-vs-N.png``. The JSON is rewritten (atomically) after every case, with the cases not yet
+run as status "pending" and ``meta.complete`` false, so a run killed part-way leaves a valid
+file of what it finished; ``python -m bench.report FILE.json`` renders such a file. The
+markdown and the plots are rendered once, at the end.
+
+On CPU every case runs in a fresh process (``python -m bench.measure_case``) so that its
+peak-RSS growth is its own; on CUDA cases run in this process, where the allocator's peak
+statistics are exact. Within each shape and group the reference runs first and its loss and
+gradients are the oracle every other contender must match before it is timed. The GEMM
+floor runs in the same run, so every ratio compares numbers from one run. On CUDA the
+headline shape runs first, so that a run cut short by ``--budget-s`` still judges the targets.
 """
 
 from __future__ import annotations
@@ -24,16 +32,17 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
-from .contenders import contenders_for
+from .contenders import CONTENDERS, SAME_AS_OURS, auto_impl, contenders_for, same_as_ours
 from .floor import group_flops
 from .inputs import IGNORE_FRACTION, LAMBDA, SEED, TAU
 from .measure_case import RESULT_MARKER, CudaProbe, measure
-from .shapes import CPU_HEADLINE, Shape, grid
+from .shapes import CPU_HEADLINE, FWD_BWD, Shape, grid
 from .targets import evaluate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +55,21 @@ _CPU_COST_VS_FLOOR = {"floor": 1.0, "ours": 1.1, "reference": 1.6, "liger_jsd": 
                       "orda": 3.0, "cce": 1.5}
 _CPU_COST_VS_FLOOR_FWD = {"reference": 2.0, "ours": 1.2, "liger_jsd": 3.4, "orda": 4.0}
 _CPU_GFLOPS, _CPU_PROCESS_START_S = 40.0, 2.5
+# CUDA --dry-run, guesses until a GPU run replaces them: bf16 GEMMs at ~600 TFLOP/s (an H100
+# or H200 reaches ~790 on large square products); each call's cost relative to its group's
+# floor; one-time compilation, paid by the first case of each contender and group (Triton
+# caches its kernels in the process) or, for torch.compile'd peers, by every case (the
+# measurement resets dynamo between cases); a per-case set-up (inputs, probes, allocator);
+# and the process's start (imports, CUDA context).
+_CUDA_TFLOPS = 600.0
+# "ours" costs what the variant of ours that impl="auto" runs costs.
+_CUDA_COST_VS_FLOOR = {"floor": 1.0, "reference": 2.5, "ours_triton": 2.0, "ours_chunked": 1.3,
+                       "ours_torch": 1.6, "liger_jsd": 2.0, "orda": 2.5, "cce": 1.3,
+                       "liger_flce": 1.5}
+_CUDA_COMPILE_FIRST_S = {"ours_triton": 15.0, "ours_chunked": 10.0, "orda": 15.0, "cce": 10.0,
+                         "liger_flce": 8.0}
+_CUDA_COMPILE_EVERY_S = {"liger_jsd": 20.0}
+_CUDA_CASE_S, _CUDA_START_S = 0.5, 20.0
 
 
 def case_spec(shape, group: str, contender: str, device: str, repeats: int, warmup: int,
@@ -55,9 +79,19 @@ def case_spec(shape, group: str, contender: str, device: str, repeats: int, warm
             "seed": SEED, "threads": threads, "oracle": None}
 
 
+def _cuda_priority(entry) -> int:
+    """CUDA run order, most informative first: every group at the headline shape (the targets
+    are judged there), then forward+backward at the other shapes (the plots), then the rest.
+    A run cut short by its time budget or a kill then still holds what matters most."""
+    shape, group = entry[0], entry[1]
+    return 0 if shape.headline else (1 if group == FWD_BWD else 2)
+
+
 def plan(device: str, quick: bool, groups=None, shapes=None) -> list:
     """``(shape, group, contender, skip reason or None)`` in run order; ``shapes`` (if given)
-    replaces the device's grid, and then every contender runs at every shape."""
+    replaces the device's grid, runs in the order given, and then every contender runs at
+    every shape. Within each shape and group the reference comes first (the oracle). CPU:
+    grid order; CUDA: by :func:`_cuda_priority`, grid order within each priority."""
     out = []
     everywhere = quick or bool(shapes)
     for shape in shapes or grid(device, quick):
@@ -69,8 +103,16 @@ def plan(device: str, quick: bool, groups=None, shapes=None) -> list:
                 if device == "cpu" and (c.cpu_runs == "never" or
                                         (c.cpu_runs == "headline" and not everywhere and not shape.headline)):
                     reason = c.cpu_reason
+                elif device == "cuda" and same_as_ours(c, device):
+                    reason = SAME_AS_OURS
                 out.append((shape, group, c.name, reason))
+    if device == "cuda" and not shapes:
+        out.sort(key=_cuda_priority)  # stable: the reference stays first in its shape and group
     return out
+
+
+def budget_reason(budget_s: float) -> str:
+    return f"time budget of {budget_s:g} s spent"
 
 
 def _run_subprocess(spec: dict) -> dict:
@@ -101,6 +143,39 @@ def _skipped(spec: dict, reason: str) -> dict:
     r = _failed(spec, reason)
     r["status"] = "skipped"
     return r
+
+
+PENDING_REASON = "not run yet: the run stopped (killed or interrupted) before this case"
+# The first pending case of a file that stays partial: the one in progress when it stopped.
+IN_PROGRESS_REASON = ("in progress when the run stopped: killed (time limit?), or it crashed "
+                      "or hung the process")
+
+
+def _pending(spec: dict, reason: str = PENDING_REASON) -> dict:
+    r = _failed(spec, reason)
+    r["status"] = "pending"
+    return r
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write ``obj`` as strict JSON to ``path`` through a temporary file and a rename, so that
+    a reader, or a kill at any moment, sees either the previous file or the new one whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(_strict(obj), indent=1, allow_nan=False))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_results(path: Path, results: dict, pending: list = ()) -> None:
+    """Ratios and targets of the cases so far, then the file, with ``pending`` (case dicts of
+    the entries not yet run) after the finished cases."""
+    cases = results["cases"] + list(pending)
+    add_ratios(cases)
+    results["targets"] = evaluate({"meta": results["meta"], "cases": cases})
+    write_json_atomic(path, {"meta": results["meta"], "cases": cases, "targets": results["targets"]})
 
 
 def add_ratios(cases: list) -> None:
@@ -169,6 +244,7 @@ def meta(args, date: str) -> dict:
                                                    else "a fresh process per case"))
     return {
         "device": args.device, "dtype": DTYPES[args.device], "date": date, "quick": args.quick,
+        "ours_impl": auto_impl(args.device),  # what impl="auto" ran
         "device_name": _device_name(args.device), "threads": torch.get_num_threads(),
         "repeats": args.repeats, "warmup": _warmup(args.device), "in_process": in_process,
         "objective": f"CE + {LAMBDA} * {TAU}^2 * KL(teacher || student), tau = {TAU}, "
@@ -187,17 +263,78 @@ def _warmup(device: str) -> int:
     return 2 if device == "cuda" else 0
 
 
-def estimate_seconds(entries: list, repeats: int, in_process: bool) -> float:
-    """Rough wall time of a CPU run (for --dry-run): nominal FLOPs at ~40 GFLOP/s."""
-    total = 0.0
+def case_estimates(device: str, entries: list, repeats: int, in_process: bool) -> list:
+    """Rough wall seconds of each entry of ``plan`` (0 for a skipped one), for --dry-run.
+
+    CPU: nominal FLOPs at ~40 GFLOP/s on 2 cores, times a per-contender factor, plus a fresh
+    process's start. CUDA: nominal FLOPs at ~600 TFLOP/s bf16, times a per-contender factor,
+    over the warm-up and timed calls, plus compilation and set-up seconds (see the constants
+    above). The first case also carries the process's start-up on CUDA."""
+    out, compiled = [], set()
     for shape, group, name, reason in entries:
         if reason:
+            out.append(0.0)
             continue
-        factor = ((_CPU_COST_VS_FLOOR_FWD if group == "fwd" else {}).get(name)
-                  or _CPU_COST_VS_FLOOR.get(name, 2.0))
-        total += repeats * factor * group_flops(group, shape.N, shape.D, shape.V) / (_CPU_GFLOPS * 1e9)
-        total += 0 if in_process else _CPU_PROCESS_START_S
-    return total
+        flops = group_flops(group, shape.N, shape.D, shape.V)
+        if device == "cpu":
+            factor = ((_CPU_COST_VS_FLOOR_FWD if group == "fwd" else {}).get(name)
+                      or _CPU_COST_VS_FLOOR.get(name, 2.0))
+            out.append(repeats * factor * flops / (_CPU_GFLOPS * 1e9)
+                       + (0 if in_process else _CPU_PROCESS_START_S))
+            continue
+        calls = _warmup(device) + repeats
+        like = name if name != "ours" else next(
+            (c.name for c in CONTENDERS.values() if c.impl == auto_impl(device)), name)
+        seconds = calls * _CUDA_COST_VS_FLOOR.get(like, 2.0) * flops / (_CUDA_TFLOPS * 1e12)
+        seconds += _CUDA_CASE_S + _CUDA_COMPILE_EVERY_S.get(like, 0.0)
+        if (like, group) not in compiled:
+            compiled.add((like, group))
+            seconds += _CUDA_COMPILE_FIRST_S.get(like, 0.0)
+        out.append(seconds)
+    if device == "cuda" and out:
+        out[0] += _CUDA_START_S
+    return out
+
+
+def estimate_seconds(entries: list, repeats: int, in_process: bool, device: str = "cpu") -> float:
+    """Rough wall time of a run (for --dry-run); see :func:`case_estimates`."""
+    return sum(case_estimates(device, entries, repeats, in_process))
+
+
+def dry_run_lines(args, entries: list) -> list:
+    """The plan, one line per case, then the time estimate and whether it fits --budget-s."""
+    in_process = args.device == "cuda" or args.in_process
+    est = case_estimates(args.device, entries, args.repeats, in_process)
+    lines = []
+    for (shape, group, name, reason), sec in zip(entries, est):
+        tail = f"skip: {reason}" if reason else f"~{sec:.0f} s"
+        lines.append(f"{group:10s} {shape.label:32s} {name:12s} {tail}")
+    total = sum(est)
+    n_run = sum(1 for e in entries if not e[3])
+    if args.device == "cpu":
+        rate = f"on 2 cores at ~{_CPU_GFLOPS:.0f} GFLOP/s"
+    else:
+        rate = (f"at ~{_CUDA_TFLOPS:.0f} TFLOP/s bf16, {_warmup(args.device)} warm-up + "
+                f"{args.repeats} timed calls per case, with guessed compile times "
+                "(Triton once per contender and group, torch.compile'd peers every case)")
+    lines.append(f"{len(entries)} cases, {n_run} to run: roughly {total:.0f} s "
+                 f"({total / 60:.1f} min) {rate}")
+    if args.budget_s is not None:
+        if total <= args.budget_s:
+            lines.append(f"fits --budget-s {args.budget_s:g} (estimate {total:.0f} s)")
+        else:
+            elapsed, started, last = 0.0, 0, None
+            for entry, sec in zip(entries, est):
+                if elapsed >= args.budget_s:
+                    break
+                elapsed += sec
+                if not entry[3]:
+                    started, last = started + 1, entry
+            where = f"; the last to start: {last[1]} {last[0].label} {last[2]}" if last else ""
+            lines.append(f"does NOT fit --budget-s {args.budget_s:g} (estimate {total:.0f} s): "
+                         f"about {started} of {n_run} cases would start{where}; the rest "
+                         "would be recorded as skipped")
+    return lines
 
 
 def run(args) -> Path:
@@ -216,16 +353,33 @@ def run(args) -> Path:
 
 
 def _run(args) -> Path:
+    start = time.monotonic()
     entries = plan(args.device, args.quick, args.groups, args.shape)
     date = datetime.date.today().isoformat()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{args.device}{'-quick' if args.quick else ''}-{date}"
+    json_path = out_dir / f"{stem}.json"
+
     results = {"meta": meta(args, date), "cases": []}
+    results["meta"].update(budget_s=args.budget_s, cases_planned=len(entries), complete=False,
+                           elapsed_s=0.0)
+    specs = [case_spec(shape, group, name, args.device, args.repeats, _warmup(args.device),
+                       args.threads) for shape, group, name, _ in entries]
+
+    def pending_from(i):  # entries[i:] as not run yet, the first of them in progress
+        return [dict(_pending(spec, IN_PROGRESS_REASON if j == i else PENDING_REASON),
+                     model=shape.model, headline=shape.headline)
+                for j, (spec, (shape, *_rest)) in enumerate(zip(specs[i:], entries[i:]), i)]
+
+    write_results(json_path, results, pending_from(0))
     oracles = {}
     in_process = args.device == "cuda" or args.in_process
-    for i, (shape, group, name, reason) in enumerate(entries, 1):
-        spec = case_spec(shape, group, name, args.device, args.repeats, _warmup(args.device),
-                         args.threads)
+    for i, ((shape, group, name, reason), spec) in enumerate(zip(entries, specs), 1):
         key = (group, shape.N, shape.D, shape.V)
         spec["oracle"] = oracles.get(key)
+        if not reason and args.budget_s is not None and time.monotonic() - start >= args.budget_s:
+            reason = budget_reason(args.budget_s)
         if reason:
             r = _skipped(spec, reason)
         else:
@@ -234,15 +388,11 @@ def _run(args) -> Path:
             oracles[key] = r["oracle_values"]
         r.update(model=shape.model, headline=shape.headline)
         results["cases"].append(r)
+        results["meta"]["elapsed_s"] = round(time.monotonic() - start, 1)
+        write_results(json_path, results, pending_from(i))
         _progress(i, len(entries), shape, r)
-    add_ratios(results["cases"])
-    results["targets"] = evaluate(results)
-
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.device}{'-quick' if args.quick else ''}-{date}"
-    json_path = out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(_strict(results), indent=1, allow_nan=False))
+    results["meta"]["complete"] = True
+    write_results(json_path, results)
     from .report import render, target_lines
 
     md_path, plots = render(json_path)
@@ -258,7 +408,7 @@ def _progress(i, n, shape, r) -> None:
     agree = "oracle" if a.get("is_oracle") else ("agrees" if a.get("agrees") else ("disagrees" if a else ""))
     detail = (f"{fmt_time(r['median_s'])}, {fmt_bytes(r['mem_bytes'])} {agree}" if r["status"] == "ok"
               else f"{r['status']}: {r.get('reason')}")
-    print(f"[{i:3d}/{n}] {r['group']:10s} {shape.label:28s} {r['contender']:10s} {detail}", flush=True)
+    print(f"[{i:3d}/{n}] {r['group']:10s} {shape.label:28s} {r['contender']:12s} {detail}", flush=True)
 
 
 def _shape(text: str) -> Shape:
@@ -285,13 +435,21 @@ def parse_args(argv=None):
     p.add_argument("--in-process", action="store_true",
                    help="CPU: measure every case in this process (faster, memory less isolated)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and an estimate, run nothing")
+    p.add_argument("--budget-s", type=float, metavar="SECONDS",
+                   help="once this many seconds have passed, start no new case: the rest are "
+                        "recorded as skipped and the outputs written as usual")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan and a rough time estimate, run nothing (needs no GPU)")
     args = p.parse_args(argv)
     args.argv = argv
     if args.repeats is None:
         args.repeats = 3 if args.device == "cpu" else 5
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
+    if args.budget_s is not None and not (args.budget_s >= 0 and math.isfinite(args.budget_s)):
+        p.error("--budget-s must be a finite number of seconds >= 0")
+    if args.dry_run:
+        return args  # planning needs no device
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if args.device == "cuda" and os.environ.pop("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -303,15 +461,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.dry_run:
-        entries = plan(args.device, args.quick, args.groups, args.shape)
-        for shape, group, name, reason in entries:
-            print(f"{group:10s} {shape.label:32s} {name:10s} {'skip: ' + reason if reason else ''}")
-        if args.device == "cpu":
-            est = estimate_seconds(entries, args.repeats, args.in_process)
-            print(f"{len(entries)} cases, roughly {est / 60:.0f} min on 2 cores at ~{_CPU_GFLOPS:.0f} GFLOP/s")
-        else:
-            print(f"{len(entries)} cases; each compiles its Triton / torch.compile code afresh in "
-                  "its warm-up calls, which dominates the wall time")
+        print("\n".join(dry_run_lines(args, plan(args.device, args.quick, args.groups, args.shape))))
         return 0
     run(args)
     return 0

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The whole GPU benchmark in one command, for a lent GPU machine: `make bench-gpu` runs this
+# (so does `bash bench/bench_gpu.sh` alone, with the same defaults, should make be missing).
+#
+# That machine's own python3 already holds torch, triton and pytest, and nothing can be
+# downloaded there, so there is no venv: the project is installed in place (offline), the
+# peers' wheels carried in .whl/ (made here by `make gpu-wheels`) go to /tmp/site, then the
+# CUDA tests run and then the benchmark grid, headline shape first, within a time budget.
+#
+# Everything lands in $GPU_OUT (default: $OUT when set, else bench/results), flat,
+# at most 8 files: setup.log, cuda-tests.log, bench.log, cuda-<date>.json (rewritten after
+# every case, so it survives a kill), its .md and up to two plots.
+#
+# Time (seconds from this script's start): the CUDA tests are stopped after
+# GPU_TESTS_TIMEOUT_S; the benchmark starts no case after GPU_BUDGET_S of its own time, nor
+# after GPU_DEADLINE_S - 90 of the whole script's, and is stopped at GPU_DEADLINE_S - 10; a
+# stopped benchmark's partial JSON is rendered afterwards. With the defaults (150, 400, 560)
+# the script ends within ~570 s, inside the device tool's 600 s command limit.
+#
+# Exit status: 0 only when the set-up, the CUDA tests and the benchmark all succeeded; the
+# benchmark runs (and its files are written) whatever the tests did.
+
+set -u -o pipefail
+
+py=${GPU_PYTHON:-python3}
+out=${GPU_OUT:-${OUT:-bench/results}}
+budget=${GPU_BUDGET_S:-400}
+tests_timeout=${GPU_TESTS_TIMEOUT_S:-150}
+deadline=${GPU_DEADLINE_S:-560}
+extra_args=${GPU_BENCH_ARGS:-}
+repo=$(pwd)
+site=/tmp/site
+export PYTHONUNBUFFERED=1
+
+mkdir -p "$out"
+log() { echo "bench-gpu [${SECONDS}s]: $*"; }
+
+# ---------------------------------------------------------------- set-up (setup.log)
+setup_rc=0
+{
+    log "start in $repo, writing to $out"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
+    "$py" -c 'import sys, torch, triton
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| triton", triton.__version__,
+      "| cuda available:", torch.cuda.is_available())' 2>&1
+} >"$out/setup.log" 2>&1
+
+pythonpath=$repo  # bench/ and tests/ import from the repository root
+if compgen -G ".whl/*.whl" >/dev/null; then
+    if "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target "$site" .whl/*.whl >>"$out/setup.log" 2>&1; then
+        pythonpath=$site:$pythonpath
+        log "installed $(ls .whl/*.whl | wc -l) carried wheel(s) into $site" >>"$out/setup.log"
+    else
+        setup_rc=1
+        log "installing the carried wheels FAILED: the peers will be recorded as skipped" >>"$out/setup.log"
+    fi
+else
+    log "no .whl/ folder: peers not on this machine will be recorded as skipped" \
+        "(make gpu-wheels here, then carry .whl)" >>"$out/setup.log"
+fi
+export PYTHONPATH=$pythonpath${PYTHONPATH:+:$PYTHONPATH}
+
+if ! "$py" -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$out/setup.log" 2>&1; then
+    log "the editable install failed (see above); trying sdft_kernels through a link" >>"$out/setup.log"
+fi
+if ! "$py" -c "import sdft_kernels" >>"$out/setup.log" 2>&1; then
+    # kernels/ installs as sdft_kernels: a link under that name makes it importable anyway.
+    mkdir -p /tmp/sdft-link && ln -sfn "$repo/kernels" /tmp/sdft-link/sdft_kernels
+    export PYTHONPATH=/tmp/sdft-link:$PYTHONPATH
+    "$py" -c "import sdft_kernels" >>"$out/setup.log" 2>&1 || setup_rc=1
+fi
+"$py" - >>"$out/setup.log" 2>&1 <<'EOF'
+from importlib import metadata
+for dist in ("sdft-kernels", "liger-kernel", "cut-cross-entropy", "orda-kernel"):
+    try:
+        print(dist, metadata.version(dist))
+    except metadata.PackageNotFoundError:
+        print(dist, "not installed")
+EOF
+log "set-up done (status $setup_rc); PYTHONPATH=$PYTHONPATH" >>"$out/setup.log"
+cat "$out/setup.log"
+
+# ---------------------------------------------------------------- CUDA tests (cuda-tests.log)
+log "CUDA tests (stopped after ${tests_timeout} s)"
+timeout -k 10 "$tests_timeout" "$py" -m pytest -q -rfEs --durations=10 -p no:cacheprovider \
+    -m cuda tests/kernels 2>&1 | tee "$out/cuda-tests.log"
+tests_rc=$?
+[ "$tests_rc" -eq 124 ] && log "CUDA tests stopped at ${tests_timeout} s" | tee -a "$out/cuda-tests.log"
+
+# ---------------------------------------------------------------- benchmark (bench.log, results)
+left=$((deadline - SECONDS))
+bench_budget=$((left - 90 < budget ? left - 90 : budget))
+[ "$bench_budget" -lt 0 ] && bench_budget=0
+bench_timeout=$((left - 10 > 30 ? left - 10 : 30))
+log "benchmark: --budget-s $bench_budget, stopped after ${bench_timeout} s"
+marker=$(mktemp)  # files newer than this are this run's
+# shellcheck disable=SC2086  # GPU_BENCH_ARGS is a list of arguments
+timeout -k 10 "$bench_timeout" "$py" -m bench.run --device cuda --budget-s "$bench_budget" \
+    --out "$out" $extra_args 2>&1 | tee "$out/bench.log"
+bench_rc=$?
+rm -f "$out"/.*.json.tmp
+json=$(find "$out" -maxdepth 1 -name '*.json' -newer "$marker" | head -n 1)
+rm -f "$marker"
+if [ "$bench_rc" -ne 0 ] && [ -n "$json" ]; then
+    # Stopped or crashed before rendering: render what the JSON holds (a partial run too).
+    log "benchmark exit $bench_rc: rendering the results written so far ($json)" | tee -a "$out/bench.log"
+    "$py" -m bench.report "$json" >/dev/null 2>>"$out/bench.log" || true
+fi
+
+log "files in $out:"
+ls -la "$out"
+if [ "$setup_rc" -ne 0 ] || [ "$tests_rc" -ne 0 ] || [ "$bench_rc" -ne 0 ]; then
+    log "FAILED: set-up status $setup_rc, CUDA tests exit $tests_rc, benchmark exit $bench_rc"
+    exit 1
+fi
+log "done: CUDA tests passed, benchmark complete"
