@@ -24,24 +24,34 @@ def _on_cuda(problem, dtype):
     return p
 
 
+RAGGED = (1000, 512, 32003)  # ragged in every dimension
+LLAMA3 = (2048, 1024, 128256)  # a Llama-3 vocabulary
+# bf16, the dtype people train in, gets every divergence at both shapes; fp16 and fp32 the
+# paper's forward KL; bf16 also biases with a Gemma-2 softcap. (Each dtype x divergence x
+# flag set compiles every kernel once: the list is kept short to fit a lent GPU's minutes.)
+ACCURACY_CASES = [
+    *[(torch.bfloat16, d, shape, {}) for d in ("forward_kl", "reverse_kl", "jsd") for shape in (RAGGED, LLAMA3)],
+    (torch.float16, "forward_kl", RAGGED, {}),
+    (torch.float32, "forward_kl", RAGGED, {}),
+    (torch.bfloat16, "forward_kl", RAGGED, {"bias": True, "softcap": 30.0}),
+]
+
+
 @pytest.mark.parametrize("impl", ["triton", "triton_chunked"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize(
-    "N,D,V",
-    [
-        (1000, 512, 32003),  # ragged in every dimension
-        (2048, 1024, 128256),  # a Llama-3 vocabulary
-    ],
+    "dtype, divergence, shape, extra", ACCURACY_CASES,
+    ids=[f"{str(c[0])[6:]}-{c[1]}-V{c[2][2]}{'-bias-softcap' if c[3] else ''}" for c in ACCURACY_CASES],
 )
-def test_triton_matches_truth_no_worse_than_torch(impl, dtype, divergence, N, D, V):
-    base = make_problem(N=N, D=D, V=V, kl_mask=True, bias=False, dtype=torch.float32)
+def test_triton_matches_truth_no_worse_than_torch(impl, dtype, divergence, shape, extra):
+    N, D, V = shape
+    softcap = extra.get("softcap")
+    base = make_problem(N=N, D=D, V=V, kl_mask=True, bias=extra.get("bias", False), dtype=torch.float32)
     truth_p = _on_cuda(base, torch.float64) if V < 60000 else _on_cuda(base, torch.float32)
-    truth = run(truth_p, impl="reference", divergence=divergence)
-    plain = run(_on_cuda(base, dtype), impl="reference", divergence=divergence)
-    # chunk_size 384 (chunked path): three chunks, the last one ragged.
-    fast = run(_on_cuda(base, dtype), impl=impl, divergence=divergence, chunk_size=384)
-    assert_no_worse_than_plain(truth, plain, fast, SLACK[dtype], f"{impl} {dtype} {divergence}")
+    truth = run(truth_p, impl="reference", divergence=divergence, softcap=softcap)
+    plain = run(_on_cuda(base, dtype), impl="reference", divergence=divergence, softcap=softcap)
+    # chunk_size 384 (chunked path): several chunks, the last one ragged.
+    fast = run(_on_cuda(base, dtype), impl=impl, divergence=divergence, softcap=softcap, chunk_size=384)
+    assert_no_worse_than_plain(truth, plain, fast, SLACK[dtype], f"{impl} {dtype} {divergence} {extra}")
 
 
 @pytest.mark.parametrize("impl", ["triton", "triton_chunked"])
