@@ -285,13 +285,16 @@ def chunked_sdft(
 
     # Every row of d_h is written by some chunk unless rows were dropped; d_w is overwritten by
     # the first chunk. The dz of a chunk is the torch epilogue's float32 or the Triton one's
-    # input dtype; the weight gradient's sums are float32 either way where the device allows.
+    # input dtype. On a GPU, a float32 dz of half-precision inputs is rounded to their dtype
+    # before the gradient GEMMs (as the Triton paths do), so that they run on tensor cores
+    # rather than as float32 products; on CPU it stays float32. The weight gradient's sums are
+    # float32 either way where the device allows.
+    gemm_dtype = h.dtype if epilogue is TritonEpilogue or h.device.type != "cpu" else acc
     d_h = d_w = d_b = None
     if want_grad and need[0]:
         d_h = torch.zeros_like(h) if index is not None or M == 0 else torch.empty_like(h)
     if want_grad and need[1]:
-        dz_dtype = acc if epilogue is TorchEpilogue else h.dtype
-        d_w = torch.empty(W.shape, dtype=_weight_grad_dtype(dz_dtype, acc, W.device), device=W.device)
+        d_w = torch.empty(W.shape, dtype=_weight_grad_dtype(gemm_dtype, acc, W.device), device=W.device)
         if M == 0:
             d_w.zero_()
     if want_grad and need[2]:
@@ -315,6 +318,9 @@ def chunked_sdft(
             div_rows[rows_ix] = torch.where(take(kl_mask, s, e), div, 0.0)
         if dz is None:
             continue
+        if d_b is not None:  # from dz as the epilogue formed it, before any rounding
+            d_b += dz.sum(0, dtype=acc)
+        dz = dz.to(gemm_dtype)
         if d_h is not None:
             if dz.dtype == h.dtype and index is None:
                 torch.mm(dz, W, out=d_h[s:e])
@@ -322,8 +328,6 @@ def chunked_sdft(
                 d_h[rows_ix] = (dz.to(h.dtype) @ W) if dz.dtype != h.dtype else dz @ W
         if d_w is not None:
             _accumulate_weight_grad(d_w, dz, h_c, first=s == 0)
-        if d_b is not None:
-            d_b += dz.sum(0, dtype=acc)
         del dz
 
     grads = Grads(
