@@ -19,6 +19,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from sdft_kernels.options import IMPLS, LossOptions
+
 
 class ConfigError(ValueError):
     """A configuration key is unknown, missing or of the wrong type."""
@@ -118,6 +120,16 @@ class TrainConfig:
             raise ConfigError(f"sampling: one of group_by_length, random, sequential, got {self.sampling!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype: one of float32, bfloat16, float16, got {self.dtype!r}")
+        loss = self.loss
+        try:  # the loss's own checks, now rather than after the model has loaded
+            LossOptions(ce_weight=loss.ce_weight, kl_weight=loss.kl_weight, temperature=loss.temperature,
+                        divergence=loss.divergence)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"loss: {e}") from None
+        if loss.impl not in IMPLS:
+            raise ConfigError(f"loss.impl: one of {', '.join(IMPLS)}, got {loss.impl!r}")
+        if loss.kl_positions not in ("labels", "all"):
+            raise ConfigError(f"loss.kl_positions: one of labels, all, got {loss.kl_positions!r}")
 
 
 def _convert(value: Any, annotation: Any, key: str) -> Any:

@@ -7,6 +7,7 @@ from typing import Optional, Union
 from torch import Tensor, nn
 
 from sdft_kernels import LossOptions, SDFTLossOutput, fused_linear_sdft_loss
+from sdft_kernels.options import IMPLS
 
 KL_POSITIONS = ("labels", "all")
 
@@ -41,6 +42,8 @@ class SDFTLoss(nn.Module):
                                    reduction=reduction)
         if kl_positions not in KL_POSITIONS:
             raise ValueError(f"kl_positions must be one of {KL_POSITIONS}, got {kl_positions!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.impl, self.kl_positions, self.chunk_size = impl, kl_positions, chunk_size
         self.validate_labels = validate_labels
 

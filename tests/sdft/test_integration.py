@@ -148,3 +148,11 @@ def test_bf16_frozen_copy_for_fp32_student():
     b = causal_lm_loss(student, batch, exact)
     assert a.loss.dtype == torch.float32
     torch.testing.assert_close(a.kl, b.kl, rtol=0.05, atol=1e-3)
+
+
+def test_sdft_loss_checks_its_settings_when_built():
+    with pytest.raises(ValueError, match="impl must be one of .* got 'cuda'"):
+        SDFTLoss(impl="cuda")
+    with pytest.raises(ValueError, match="kl_positions must be one of .* got 'every'"):
+        SDFTLoss(kl_positions="every")
+    assert SDFTLoss(impl="triton_chunked").impl == "triton_chunked"

@@ -119,6 +119,16 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     assert "teacher.sorce: unknown key" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="data.train_file or data.dataset"):
         load_config(None, ["--model=x"])
+    # The loss settings are checked with the config, before any model loads.
+    base = ["--model=x", "--data.train_file=y.jsonl"]
+    with pytest.raises(ConfigError, match="loss.impl: one of auto, triton, triton_chunked, torch, reference, got 'cuda'"):
+        load_config(None, base + ["--loss.impl=cuda"])
+    with pytest.raises(ConfigError, match="loss: .*divergence.*'kl'"):
+        load_config(None, base + ["--loss.divergence=kl"])
+    with pytest.raises(ConfigError, match="loss: .*temperature"):
+        load_config(None, base + ["--loss.temperature=0"])
+    with pytest.raises(ConfigError, match="loss.kl_positions: one of labels, all, got 'every'"):
+        load_config(None, base + ["--loss.kl_positions=every"])
 
 
 def test_bad_rows_are_counted_and_too_many_fail(tmp_path):
