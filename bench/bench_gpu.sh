@@ -83,10 +83,15 @@ cat "$out/setup.log"
 
 # ---------------------------------------------------------------- CUDA tests (cuda-tests.log)
 log "CUDA tests (stopped after ${tests_timeout} s)"
-timeout -k 10 "$tests_timeout" "$py" -m pytest -q -rfEs --durations=10 -p no:cacheprovider \
+# SIGINT, not timeout's default SIGTERM: interrupted, pytest still prints its failures and
+# summary (killed by SIGTERM it prints nothing); -k sends SIGKILL 10 s later if it hangs.
+timeout -s INT -k 10 "$tests_timeout" "$py" -m pytest -q -rfEs --durations=10 -p no:cacheprovider \
     -m cuda tests/kernels 2>&1 | tee "$out/cuda-tests.log"
 tests_rc=$?
-[ "$tests_rc" -eq 124 ] && log "CUDA tests stopped at ${tests_timeout} s" | tee -a "$out/cuda-tests.log"
+case $tests_rc in
+    124) log "CUDA tests interrupted at ${tests_timeout} s" | tee -a "$out/cuda-tests.log" ;;
+    137) log "CUDA tests killed (no exit ${tests_timeout} + 10 s after the interrupt)" | tee -a "$out/cuda-tests.log" ;;
+esac
 
 # ---------------------------------------------------------------- benchmark (bench.log, results)
 left=$((deadline - SECONDS))

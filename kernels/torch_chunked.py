@@ -213,19 +213,24 @@ _FP32_ACCUMULATING_ADDMM: dict[tuple[torch.device, torch.dtype], bool] = {}
 
 
 def _fp32_accumulating_addmm(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Whether ``torch.addmm(acc32, a, b, out_dtype=float32, out=acc32)`` works for ``dtype``
-    products on ``device``.
+    """Whether ``torch.addmm(acc32, a.t(), b, beta=..., out_dtype=float32, out=acc32)`` works
+    for ``dtype`` products on ``device``, as :func:`_accumulate_weight_grad` calls it.
 
     cuBLAS can accumulate half-precision products into a float32 matrix in place (torch
-    >= 2.8 exposes it as ``out_dtype``); the CPU backend cannot. Probed once per device and dtype.
+    >= 2.8 exposes it as ``out_dtype``; 2.8 and 2.9 also required ``self`` in the inputs'
+    dtype); the CPU backend cannot. The probe is the real call pattern on small integers
+    (exact in every dtype): a transposed first factor, ``beta=0`` over NaN garbage, then
+    ``beta=1``, compared with the float32 product. Once per device and dtype.
     """
     key = (device, dtype)
     if key not in _FP32_ACCUMULATING_ADDMM:
         try:
-            a = torch.ones(2, 2, dtype=dtype, device=device)
-            acc = torch.ones(2, 2, dtype=torch.float32, device=device)
-            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-            ok = bool((acc == 3).all())
+            a = (torch.arange(12, device=device).reshape(3, 4) % 5 - 2).to(dtype)
+            b = (torch.arange(15, device=device).reshape(3, 5) % 7 - 3).to(dtype)
+            acc = torch.full((4, 5), float("nan"), dtype=torch.float32, device=device)
+            torch.addmm(acc, a.t(), b, beta=0.0, out_dtype=torch.float32, out=acc)
+            torch.addmm(acc, a.t(), b, beta=1.0, out_dtype=torch.float32, out=acc)
+            ok = bool(torch.equal(acc, 2 * (a.float().t() @ b.float())))
         except (RuntimeError, TypeError, NotImplementedError):
             ok = False
         _FP32_ACCUMULATING_ADDMM[key] = ok
@@ -320,7 +325,8 @@ def chunked_sdft(
             continue
         if d_b is not None:  # from dz as the epilogue formed it, before any rounding
             d_b += dz.sum(0, dtype=acc)
-        dz = dz.to(gemm_dtype)
+        if dz.dtype != gemm_dtype:  # into a reused buffer: no fresh [chunk, V] per chunk
+            dz = ws.get("dz_gemm", dz.shape[0], gemm_dtype).copy_(dz)
         if d_h is not None:
             if dz.dtype == h.dtype and index is None:
                 torch.mm(dz, W, out=d_h[s:e])
@@ -349,7 +355,11 @@ class TorchChunkedSDFT(torch.autograd.Function):
     def forward(ctx, h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, denom, options, chunk_size,
                 epilogue=TorchEpilogue):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
-        eager = any(need) and options.reduction != "none"
+        # float16 excepted: its logit gradient, formed for an upstream gradient of 1, would
+        # flush the softmax tail (~1 / (N V)) to zero before a GradScaler's loss scale could
+        # lift it; there the backward forms it with the real upstream gradient, as autograd
+        # over plain logits does (recomputing the logits: 12 NDV FLOPs instead of 8).
+        eager = any(need) and options.reduction != "none" and h.dtype != torch.float16
         ce_scale = kl_scale = None
         if eager:  # the upstream gradient will be a scalar: form the gradients now.
             ce_scale, kl_scale = row_scales(torch.ones((), dtype=denom.dtype, device=denom.device),
@@ -374,7 +384,8 @@ class TorchChunkedSDFT(torch.autograd.Function):
             g = ctx.grads
             ctx.grads = None
             # The gradients were formed for an upstream gradient of 1 and are ours to scale.
-            d_h, d_w, d_b = (None if t is None else t.mul_(grad_loss.to(t.dtype)) for t in g)
+            # grad_loss stays float32 (a loss scale of 65536 overflows float16).
+            d_h, d_w, d_b = (None if t is None else t.mul_(grad_loss) for t in g)
         else:
             h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, denom = ctx.saved_tensors
             ce_scale, kl_scale = row_scales(grad_loss, denom, label_mask, kl_mask, ctx.options)

@@ -36,16 +36,18 @@ class Problem:
 
 def make_problem(
     N=37, D=24, V=203, Dt=None, *, teacher=True, bias=False, ignore_frac=0.2, kl_mask=False,
-    dtype=torch.float64, scale=1.0, seed=0, weight_grad=True,
+    dtype=torch.float64, scale=1.0, seed=0, weight_grad=True, device="cpu",
 ) -> Problem:
     """A ragged problem with about ``ignore_frac`` ignored labels; the teacher is a perturbed
-    copy of the student so that the divergence is small but not zero, as in fine-tuning."""
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    copy of the student so that the divergence is small but not zero, as in fine-tuning.
+
+    Drawn on ``device`` (CPU draws of LLM-sized heads take seconds each)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, device=device)  # noqa: E731
     h = rnd(N, D) * scale
     W = rnd(V, D) / D**0.5
-    labels = torch.randint(0, V, (N,), generator=g)
-    labels[torch.rand(N, generator=g) < ignore_frac] = -100
+    labels = torch.randint(0, V, (N,), generator=g, device=device)
+    labels[torch.rand(N, generator=g, device=device) < ignore_frac] = -100
     p = Problem(h, W, labels)
     if bias:
         p.b = rnd(V) * 0.5
@@ -56,7 +58,7 @@ def make_problem(
         if bias:
             p.bt = rnd(V) * 0.5
     if kl_mask:  # differs from the label mask: some ignored positions carry the KL, some labelled do not
-        p.kl_mask = torch.rand(N, generator=g) < 0.7
+        p.kl_mask = torch.rand(N, generator=g, device=device) < 0.7
     out = Problem(h.to(dtype), W.to(dtype), labels, *(None if t is None else t.to(dtype) for t in (p.ht, p.Wt, p.b, p.bt)), p.kl_mask)
     out.h.requires_grad_(True)
     out.W.requires_grad_(weight_grad)

@@ -117,6 +117,47 @@ def test_low_precision_error_no_worse_than_plain_torch(impl, dtype, slack):
     assert_no_worse_than_plain(truth, plain, fast, slack, f"{impl} {dtype}")
 
 
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_float16_under_a_loss_scale(impl):
+    """A GradScaler-sized upstream gradient (65536) through float16: no overflow to inf/NaN,
+    and errors no worse than autograd over plain float16 logits under the same scale."""
+    if impl in CHUNKED_IMPLS and not _cpu_half_matmul_ok():
+        pytest.skip("this torch build has no float16 matmul on CPU")
+    p64 = make_problem(N=64, D=24, V=203, bias=True, kl_mask=True, scale=3.0)
+    scale = torch.tensor(65536.0, dtype=torch.float64)
+    truth = run(p64, scale, impl="reference")
+    plain = run(p64.cast(torch.float16), scale, impl="reference")
+    fast = run(p64.cast(torch.float16), scale, impl=impl, chunk_size=16)
+    assert all(bool(torch.isfinite(g).all()) for g in fast[1]), "non-finite gradients"
+    # Slack 4e-3 of the largest value, about 8 float16 ulps: with gradients in the thousands
+    # the logits' float16 rounding dominates, and the chunked Triton path rounds them at
+    # another place than F.linear (bias added in float32), so its errors are another draw.
+    assert_no_worse_than_plain(truth, plain, fast, 4e-3, f"{impl} float16 x 65536")
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_float16_small_logit_gradients_survive_a_loss_scale(impl):
+    """Logits spread wide enough that most softmax tails are ~1e-9: under a loss scale they
+    are representable in float16 and must reach the weight gradient, as they do through
+    autograd over plain float16 logits. (A logit gradient formed for an upstream gradient of 1
+    and scaled afterwards flushes them to zero.) Judged on the 20 weight-gradient rows of
+    smallest norm, where those tails are all there is."""
+    if impl in CHUNKED_IMPLS and not _cpu_half_matmul_ok():
+        pytest.skip("this torch build has no float16 matmul on CPU")
+    p64 = make_problem(N=64, D=24, V=203, bias=True, kl_mask=True, scale=7.0)
+    scale = torch.tensor(65536.0, dtype=torch.float64)
+    want = run(p64, scale, impl="reference")[1][1]
+    small = want.norm(dim=1).argsort()[:20]
+
+    def error(grads):
+        dW = grads[1].double()[small]
+        return float(((dW - want[small]).norm(dim=1) / want[small].norm(dim=1)).median())
+
+    plain = error(run(p64.cast(torch.float16), scale, impl="reference")[1])
+    fast = error(run(p64.cast(torch.float16), scale, impl=impl, chunk_size=16)[1])
+    assert fast <= 1.5 * plain, f"{impl}: small rows' error {fast:.2g} against plain float16's {plain:.2g}"
+
+
 def _cpu_half_matmul_ok() -> bool:
     try:
         torch.ones(2, 2, dtype=torch.float16) @ torch.ones(2, 2, dtype=torch.float16)
