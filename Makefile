@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 # project, a `torch>=` requirement could pull a multi-GB CUDA build instead.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test bench bench-gpu gpu-wheels compile-check demo demo-quick clean
+.PHONY: venv test bench bench-gpu gpu-wheels compile-check compile-check-device demo demo-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,19 @@ test: venv
 
 compile-check: venv
 	TRITON_INTERPRET=0 $(PY) -m sdft_kernels.triton_compile_check
+
+# The same with the Triton of the lent GPU machines (3.6.0 on 2026-11-26; see
+# /work/.library/device/KINDS.md), in its own venv, plus the interpreter kernel tests under it.
+# Its interpreter needs numpy < 2.3. kernels/ is put on the path as sdft_kernels by a link.
+DEVICE_TRITON ?= triton==3.6.0
+DEVICE_VENV ?= .venv-device-triton
+compile-check-device:
+	test -x $(DEVICE_VENV)/bin/python || $(PYTHON) -m venv $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(DEVICE_TRITON)" "numpy<2.3" pytest
+	mkdir -p $(DEVICE_VENV)/link && ln -sfn $(CURDIR)/kernels $(DEVICE_VENV)/link/sdft_kernels
+	PYTHONPATH=$(DEVICE_VENV)/link:$(CURDIR) TRITON_INTERPRET=0 TRITON_DEFAULT_FP_FUSION=1 \
+		$(DEVICE_VENV)/bin/python -m sdft_kernels.triton_compile_check
+	PYTHONPATH=$(DEVICE_VENV)/link:$(CURDIR) $(DEVICE_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/kernels
 
 bench: venv
 	$(PY) -m bench.run --device cpu
@@ -78,4 +91,4 @@ demo-quick: venv
 	$(PY) -m sdft demo --quick
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(DEVICE_VENV) .pytest_cache build *.egg-info
