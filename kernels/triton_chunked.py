@@ -9,14 +9,14 @@ Per chunk of C tokens::
     dh_c = dz @ W,  dW += dz.T @ h_c              # cuBLAS
 
 So the whole forward+backward costs the essential ``8 N D V`` FLOPs at cuBLAS speed plus one
-memory-bound kernel that reads each logit twice and writes the gradient once (three times for
-JSD), instead of the fused kernels' recomputation (``16 N D V`` FLOPs in Triton tiles). The
+memory-bound kernel that reads each logit twice (three times for JSD) and writes the gradient
+once, instead of the fused kernels' recomputation (``16 N D V`` FLOPs in Triton tiles). The
 price is memory: two ``[C, V]`` buffers, sized by the chunk budget.
 
-The logits are rounded to the inputs' dtype, as ``F.linear`` would round them (plain torch
-and the reference do the same); the statistics and gradient are computed in float32 (float64
-for float64 inputs) with the arithmetic of :mod:`sdft_kernels.triton_math`, the same as the
-fused kernels'.
+The GEMM outputs are rounded to the inputs' dtype, as ``F.linear`` would round them (plain
+torch and the reference do the same); biases are added in float32 after that rounding. The
+statistics and gradient are computed in float32 (float64 for float64 inputs) with the
+arithmetic of :mod:`sdft_kernels.triton_math`, the same as the fused kernels'.
 
 One program owns ``BLOCK_N`` rows and sweeps them three times over the vocabulary at most:
 statistics, the JSD's second sweep, and the gradient. Each element of ``dz`` depends on that
