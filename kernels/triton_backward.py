@@ -23,14 +23,15 @@ from torch import Tensor
 
 from .options import LossOptions
 from .triton_common import (
-    DIVERGENCE_CODES,
     INTERPRET,
     KernelConfig,
     accumulation_tl_dtype,
-    as_scalar,
     dot_precision,
+    load_labels,
     logits_tile,
-    loss_constants,
+    loss_flags,
+    loss_scalars,
+    scalar_args,
     teacher_dot_dtype,
     tl_dtype,
 )
@@ -101,8 +102,7 @@ def load_row_stats(
     count for some term: the others are never loaded, so a NaN there reaches no gradient.
     """
     in_range = rows < N
-    labels = tl.load(labels_ptr + rows, mask=in_range, other=ignore_index)
-    labels = tl.where(labels == ignore_index, -1, labels).to(tl.int32)
+    labels = load_labels(labels_ptr, rows, in_range, ignore_index)
     lse = tl.load(lse_ptr + rows, mask=in_range, other=0.0)
     lse_s = tl.load(lse_s_ptr + rows, mask=in_range, other=0.0)
     lse_t = tl.load(lse_t_ptr + rows, mask=in_range, other=0.0)
@@ -134,12 +134,9 @@ def sdft_backward_hidden_kernel(
     row_mask, active, labels, lse, lse_s, lse_t, aux, ce_scale, kl_scale = load_row_stats(
         rows, N, labels_ptr, lse_ptr, lse_s_ptr, lse_t_ptr, aux_ptr, ce_scale_ptr, kl_scale_ptr, ignore_index, ACC,
     )
-    inv_tau = as_scalar(inv_tau, ACC)
-    softcap = as_scalar(softcap, ACC)
-    inv_softcap = 1.0 / softcap
-    log_beta = as_scalar(log_beta, ACC)
-    log_1m_beta = as_scalar(log_1m_beta, ACC)
-    one_m_beta = 1.0 - as_scalar(beta, ACC)
+    inv_tau, softcap, inv_softcap, log_beta, log_1m_beta, beta = loss_scalars(
+        inv_tau, softcap, log_beta, log_1m_beta, beta, ACC)
+    one_m_beta = 1.0 - beta
     dh_offsets = rows.to(tl.int64) * stride_dh
 
     for v0 in range(0, V, BLOCK_V):
@@ -194,12 +191,9 @@ def sdft_backward_weight_kernel(
 ):
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
-    inv_tau = as_scalar(inv_tau, ACC)
-    softcap = as_scalar(softcap, ACC)
-    inv_softcap = 1.0 / softcap
-    log_beta = as_scalar(log_beta, ACC)
-    log_1m_beta = as_scalar(log_1m_beta, ACC)
-    one_m_beta = 1.0 - as_scalar(beta, ACC)
+    inv_tau, softcap, inv_softcap, log_beta, log_1m_beta, beta = loss_scalars(
+        inv_tau, softcap, log_beta, log_1m_beta, beta, ACC)
+    one_m_beta = 1.0 - beta
     dw_offsets = cols.to(tl.int64) * stride_dw
     db = tl.zeros([BLOCK_V], ACC)
 
@@ -292,7 +286,6 @@ def sdft_backward(
     hidden_config = hidden_config or default_hidden
     weight_config = weight_config or default_weight
     acc_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-    c = loss_constants(options)
     common = (
         h, W, b if b is not None else W,
         ht if has_teacher else h, Wt if has_teacher else W, bt if bt is not None else W,
@@ -300,10 +293,9 @@ def sdft_backward(
     )
     sizes = (N, V, D, ht.shape[1] if has_teacher else 0)
     strides = (h.stride(0), W.stride(0), ht.stride(0) if has_teacher else 0, Wt.stride(0) if has_teacher else 0)
-    scalars = (options.ignore_index, c.inv_tau, c.softcap, c.log_beta, c.log_1m_beta, c.beta)
+    scalars = scalar_args(options)
     flags = dict(
-        HAS_BIAS=b is not None, HAS_TEACHER=has_teacher, HAS_TEACHER_BIAS=bt is not None,
-        HAS_SOFTCAP=options.softcap is not None, DIVERGENCE=DIVERGENCE_CODES[options.divergence],
+        loss_flags(options, b is not None, has_teacher, bt is not None),
         DOT_DTYPE=tl_dtype(h.dtype),
         TEACHER_DOT_DTYPE=teacher_dot_dtype(h.dtype, ht.dtype, Wt.dtype) if has_teacher else tl_dtype(h.dtype),
         ACC=accumulation_tl_dtype(h.dtype), PRECISION=dot_precision(),

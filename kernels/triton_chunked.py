@@ -33,13 +33,14 @@ from torch import Tensor
 
 from .options import LossOptions
 from .triton_common import (
-    DIVERGENCE_CODES,
     INTERPRET,
     JSD,
     accumulation_tl_dtype,
     apply_softcap,
-    as_scalar,
-    loss_constants,
+    load_labels,
+    loss_flags,
+    loss_scalars,
+    scalar_args,
 )
 from .triton_math import jsd_tile_sums, logit_grad, sweep_finish, sweep_init, sweep_student, sweep_teacher
 
@@ -77,6 +78,24 @@ def load_logit_tile(
 
 
 @triton.jit
+def load_tile_pair(
+    zs_ptr, zt_ptr, b_ptr, bt_ptr,  # [C, V] student and teacher logits, their [V] biases
+    zs_offsets, zt_offsets, cols, row_mask, col_mask,  # [BLOCK_N] int64 row offsets, [BLOCK_V] columns
+    softcap, inv_softcap,  # ACC scalars
+    HAS_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr,
+):
+    """``(z_s, z_t)`` tiles (:func:`load_logit_tile`); without a teacher ``z_t`` is ``z_s``."""
+    z_s = load_logit_tile(zs_ptr, b_ptr, zs_offsets, cols, row_mask, col_mask, softcap, inv_softcap,
+                          HAS_BIAS, HAS_SOFTCAP, ACC)
+    z_t = z_s
+    if HAS_TEACHER:
+        z_t = load_logit_tile(zt_ptr, bt_ptr, zt_offsets, cols, row_mask, col_mask, softcap, inv_softcap,
+                              HAS_TEACHER_BIAS, HAS_SOFTCAP, ACC)
+    return z_s, z_t
+
+
+@triton.jit
 def sdft_chunk_epilogue_kernel(
     zs_ptr, zt_ptr, b_ptr, bt_ptr,  # [C, V] student / teacher logits (GEMM outputs), [V] biases
     labels_ptr, kl_mask_ptr, ce_scale_ptr, kl_scale_ptr,  # [C] int64, uint8, ACC, ACC
@@ -96,20 +115,16 @@ def sdft_chunk_epilogue_kernel(
     row_mask = rows < C
     zs_offsets = rows.to(tl.int64) * stride_zs
     zt_offsets = rows.to(tl.int64) * stride_zt
-    labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
-    # -1 never equals a column, even when ignore_index itself lies in [0, V).
-    labels = tl.where(labels == ignore_index, -1, labels).to(tl.int32)
-    inv_tau = as_scalar(inv_tau, ACC)
-    softcap = as_scalar(softcap, ACC)
-    inv_softcap = 1.0 / softcap
-    log_beta = as_scalar(log_beta, ACC)
-    log_1m_beta = as_scalar(log_1m_beta, ACC)
-    beta = as_scalar(beta, ACC)
+    labels = load_labels(labels_ptr, rows, row_mask, ignore_index)
+    inv_tau, softcap, inv_softcap, log_beta, log_1m_beta, beta = loss_scalars(
+        inv_tau, softcap, log_beta, log_1m_beta, beta, ACC)
 
     m, sum_1, sum_s, z_label, m_t, sum_t, weighted = sweep_init(BLOCK_N, ACC)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
+        # The student tile is swept before the teacher's is loaded (not load_tile_pair): with
+        # both live, ptxas spilled the float32 JSD variant on sm_80.
         z_s = load_logit_tile(zs_ptr, b_ptr, zs_offsets, cols, row_mask, col_mask, softcap, inv_softcap,
                               HAS_BIAS, HAS_SOFTCAP, ACC)
         m_new, sum_1, sum_s, z_label, alpha_s, e_s = sweep_student(
@@ -134,10 +149,9 @@ def sdft_chunk_epilogue_kernel(
             for v0 in range(0, V, BLOCK_V):
                 cols = v0 + tl.arange(0, BLOCK_V)
                 col_mask = cols < V
-                z_s = load_logit_tile(zs_ptr, b_ptr, zs_offsets, cols, row_mask, col_mask, softcap, inv_softcap,
-                                      HAS_BIAS, HAS_SOFTCAP, ACC)
-                z_t = load_logit_tile(zt_ptr, bt_ptr, zt_offsets, cols, row_mask, col_mask, softcap, inv_softcap,
-                                      HAS_TEACHER_BIAS, HAS_SOFTCAP, ACC)
+                z_s, z_t = load_tile_pair(
+                    zs_ptr, zt_ptr, b_ptr, bt_ptr, zs_offsets, zt_offsets, cols, row_mask, col_mask,
+                    softcap, inv_softcap, HAS_BIAS, HAS_TEACHER, HAS_TEACHER_BIAS, HAS_SOFTCAP, ACC)
                 part_t, part_s = jsd_tile_sums(
                     z_s, z_t, col_mask, m, m_t, log_sum_s, log_sum_t, inv_tau, log_beta, log_1m_beta,
                 )
@@ -160,12 +174,9 @@ def sdft_chunk_epilogue_kernel(
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             col_mask = cols < V
-            z_s = load_logit_tile(zs_ptr, b_ptr, zs_offsets, cols, row_mask, col_mask, softcap, inv_softcap,
-                                  HAS_BIAS, HAS_SOFTCAP, ACC)
-            z_t = z_s
-            if HAS_TEACHER:
-                z_t = load_logit_tile(zt_ptr, bt_ptr, zt_offsets, cols, row_mask, col_mask, softcap, inv_softcap,
-                                      HAS_TEACHER_BIAS, HAS_SOFTCAP, ACC)
+            z_s, z_t = load_tile_pair(zs_ptr, zt_ptr, b_ptr, bt_ptr, zs_offsets, zt_offsets, cols, row_mask,
+                                      col_mask, softcap, inv_softcap, HAS_BIAS, HAS_TEACHER, HAS_TEACHER_BIAS,
+                                      HAS_SOFTCAP, ACC)
             dz = logit_grad(
                 z_s, z_t, cols, labels, lse, lse_s, lse_t, aux, ce_scale, kl_scale,
                 inv_tau, inv_softcap, log_beta, log_1m_beta, one_m_beta, HAS_TEACHER, HAS_SOFTCAP, DIVERGENCE,
@@ -208,16 +219,14 @@ def chunk_epilogue(
     compute_grad = ce_scale is not None
     has_teacher = z_t is not None
     config = config or default_epilogue_config()
-    c = loss_constants(options)
     sdft_chunk_epilogue_kernel[(triton.cdiv(C, config.block_n),)](
         z_s, z_t if has_teacher else z_s, b if b is not None else z_s, bt if bt is not None else z_s,
         labels, kl_mask.view(torch.uint8),
         ce_scale if compute_grad else ce, kl_scale if compute_grad else ce,
         ce, div, z_s,
         C, V, z_s.stride(0), z_t.stride(0) if has_teacher else 0, z_s.stride(0),
-        options.ignore_index, c.inv_tau, c.softcap, c.log_beta, c.log_1m_beta, c.beta,
-        HAS_BIAS=b is not None, HAS_TEACHER=has_teacher, HAS_TEACHER_BIAS=bt is not None,
-        HAS_SOFTCAP=options.softcap is not None, DIVERGENCE=DIVERGENCE_CODES[options.divergence],
+        *scalar_args(options),
+        **loss_flags(options, b is not None, has_teacher, bt is not None),
         COMPUTE_GRAD=compute_grad, ACC=accumulation_tl_dtype(z_s.dtype),
         BLOCK_N=config.block_n, BLOCK_V=config.block_v,
         num_warps=config.num_warps,

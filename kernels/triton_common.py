@@ -70,6 +70,20 @@ def loss_constants(options: LossOptions) -> LossConstants:
     )
 
 
+def scalar_args(options: LossOptions) -> tuple:
+    """``(ignore_index, inv_tau, softcap, log_beta, log_1m_beta, beta)``: the scalar arguments
+    every kernel takes, in its parameter order (device side: :func:`loss_scalars`)."""
+    return (options.ignore_index, *loss_constants(options))
+
+
+def loss_flags(options: LossOptions, has_bias: bool, has_teacher: bool, has_teacher_bias: bool) -> dict:
+    """The constexpr flags every kernel takes: which optional inputs exist, softcap, divergence."""
+    return dict(
+        HAS_BIAS=has_bias, HAS_TEACHER=has_teacher, HAS_TEACHER_BIAS=has_teacher_bias,
+        HAS_SOFTCAP=options.softcap is not None, DIVERGENCE=DIVERGENCE_CODES[options.divergence],
+    )
+
+
 def tl_dtype(dtype: torch.dtype):
     try:
         return _TL_DTYPES[dtype]
@@ -118,6 +132,23 @@ def as_scalar(value, DTYPE: tl.constexpr):
     zero handles both without first rounding the Python float to float32.
     """
     return (tl.zeros([], DTYPE) + value).to(DTYPE)
+
+
+@triton.jit
+def loss_scalars(inv_tau, softcap, log_beta, log_1m_beta, beta, ACC: tl.constexpr):
+    """The float64 scalar arguments (:func:`scalar_args`) as ACC scalars, plus ``1 / softcap``:
+    ``(inv_tau, softcap, inv_softcap, log_beta, log_1m_beta, beta)``."""
+    softcap = as_scalar(softcap, ACC)
+    return (as_scalar(inv_tau, ACC), softcap, 1.0 / softcap, as_scalar(log_beta, ACC),
+            as_scalar(log_1m_beta, ACC), as_scalar(beta, ACC))
+
+
+@triton.jit
+def load_labels(labels_ptr, rows, row_mask, ignore_index):
+    """``[BLOCK_N]`` int32 labels with ignored ones (and rows past the end) as -1: -1 never
+    equals a column, even when ignore_index itself lies in [0, V)."""
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
+    return tl.where(labels == ignore_index, -1, labels).to(tl.int32)
 
 
 @triton.jit

@@ -22,15 +22,16 @@ from torch import Tensor
 
 from .options import LossOptions
 from .triton_common import (
-    DIVERGENCE_CODES,
     INTERPRET,
     JSD,
     KernelConfig,
     accumulation_tl_dtype,
-    as_scalar,
     dot_precision,
+    load_labels,
     logits_tile,
-    loss_constants,
+    loss_flags,
+    loss_scalars,
+    scalar_args,
     teacher_dot_dtype,
     tl_dtype,
 )
@@ -89,13 +90,9 @@ def sdft_forward_kernel(
     row_mask = rows < N
     h_offsets = rows.to(tl.int64) * stride_h
     ht_offsets = rows.to(tl.int64) * stride_ht
-    labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
-    # -1 never equals a column, even when ignore_index itself lies in [0, V).
-    labels = tl.where(labels == ignore_index, -1, labels).to(tl.int32)
-
-    inv_tau = as_scalar(inv_tau, ACC)
-    softcap = as_scalar(softcap, ACC)
-    inv_softcap = 1.0 / softcap
+    labels = load_labels(labels_ptr, rows, row_mask, ignore_index)
+    inv_tau, softcap, inv_softcap, log_beta, log_1m_beta, beta = loss_scalars(
+        inv_tau, softcap, log_beta, log_1m_beta, beta, ACC)
 
     m, sum_1, sum_s, z_label, m_t, sum_t, weighted = sweep_init(BLOCK_N, ACC)
     for v0 in range(0, V, BLOCK_V):
@@ -127,9 +124,6 @@ def sdft_forward_kernel(
         if DIVERGENCE == JSD:
             # m = beta p_t + (1 - beta) p_s mixes normalised probabilities, so it needs the
             # final lses: a second sweep accumulates KL(p_t||m) and KL(p_s||m).
-            log_beta = as_scalar(log_beta, ACC)
-            log_1m_beta = as_scalar(log_1m_beta, ACC)
-            beta = as_scalar(beta, ACC)
             log_sum_s = tl.log(sum_s)
             log_sum_t = tl.log(sum_t)
             kl_t = tl.zeros([BLOCK_N], ACC)
@@ -197,7 +191,6 @@ def sdft_forward(
         return stats
     has_teacher = ht is not None
     config = config or default_forward_config(h.dtype)
-    c = loss_constants(options)
     grid = (triton.cdiv(N, config.block_n),)
     sdft_forward_kernel[grid](
         h, W, b if b is not None else W,
@@ -206,10 +199,8 @@ def sdft_forward(
         *stats,
         N, V, D, ht.shape[1] if has_teacher else 0,
         h.stride(0), W.stride(0), ht.stride(0) if has_teacher else 0, Wt.stride(0) if has_teacher else 0,
-        options.ignore_index,
-        c.inv_tau, c.softcap, c.log_beta, c.log_1m_beta, c.beta,
-        HAS_BIAS=b is not None, HAS_TEACHER=has_teacher, HAS_TEACHER_BIAS=bt is not None,
-        HAS_SOFTCAP=options.softcap is not None, DIVERGENCE=DIVERGENCE_CODES[options.divergence],
+        *scalar_args(options),
+        **loss_flags(options, b is not None, has_teacher, bt is not None),
         DOT_DTYPE=tl_dtype(h.dtype),
         TEACHER_DOT_DTYPE=teacher_dot_dtype(h.dtype, ht.dtype, Wt.dtype) if has_teacher else tl_dtype(h.dtype),
         ACC=accumulation_tl_dtype(h.dtype), PRECISION=dot_precision(),
