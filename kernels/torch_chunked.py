@@ -173,7 +173,6 @@ def _torch_chunk(h, W, b, ht, Wt, bt, y, options: LossOptions, ce_scale, kl_scal
 class TorchEpilogue:
     """Element-wise torch ops on float32 (float64) buffers: runs anywhere; ``impl="torch"``."""
 
-    name = "torch"
     budget_bytes = DEFAULT_CHUNK_BUDGET_BYTES
 
     @staticmethod
@@ -190,7 +189,6 @@ class TritonEpilogue:
     """Logits from ``torch.mm`` in the inputs' dtype, then one Triton kernel per chunk
     (:func:`sdft_kernels.triton_chunked.chunk_epilogue`); ``impl="triton_chunked"``."""
 
-    name = "triton_chunked"
     budget_bytes = TRITON_CHUNK_BUDGET_BYTES
 
     @staticmethod

@@ -156,22 +156,15 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
             return value.lower() in ("true", "1", "yes")
         if isinstance(value, bool):
             return value
-    elif annotation is int:
+    elif annotation in (int, float):
+        # A float field takes an int too (lr: 1); an int field takes no float, and no bool.
         if isinstance(value, str):
             try:
-                return int(value)
+                return annotation(value)
             except ValueError:
                 pass
-        elif isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif annotation is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        elif isinstance(value, (int, float) if annotation is float else int) and not isinstance(value, bool):
+            return annotation(value)
     elif annotation is str:
         if isinstance(value, str):
             return value
