@@ -14,5 +14,7 @@ materialised reference before it is timed, and is reported against the floor: th
 Modules: ``shapes`` (the grids), ``inputs`` (seeded problems), ``floor`` (GEMM floor and
 FLOP counts), ``contenders`` (ours and the peers, behind one interface), ``agreement``
 (oracle values and tolerances), ``measure_case`` (one case: memory, agreement, timing),
-``run`` (the grid and the results JSON), ``report`` (markdown, targets and plots).
+``plan`` (which cases run, in which order), ``estimate`` (dry-run time estimates),
+``results`` (the results JSON and run metadata), ``run`` (the command line and the loop),
+``report`` (markdown, targets and plots).
 """

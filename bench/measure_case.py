@@ -43,6 +43,7 @@ import torch
 from .agreement import blocked_oracle, compare, values_of
 from .contenders import CONTENDERS, Skip
 from .inputs import SEED, build_inputs
+from .plan import warmup_calls
 from .shapes import CE_FWD_BWD, FWD
 
 RESULT_MARKER = "BENCH_RESULT "
@@ -139,7 +140,7 @@ def _is_oom(e: BaseException) -> bool:
 # ---------------------------------------------------------------- one case
 
 def measure(spec: dict) -> dict:
-    """Measure the case described by ``spec`` (see :func:`bench.run.case_spec`)."""
+    """Measure the case described by ``spec`` (see :func:`bench.plan.case_spec`)."""
     result = {k: spec[k] for k in ("group", "contender", "device", "dtype", "N", "D", "V")}
     result.update(status="ok", reason=None, agreement=None, times_s=None, median_s=None,
                   mem_bytes=None, mem_method=None, oracle_values=None)
@@ -149,7 +150,7 @@ def measure(spec: dict) -> dict:
     contender = CONTENDERS[spec["contender"]]
     dtype = getattr(torch, spec["dtype"])
     backward = group != FWD
-    warmup = spec.get("warmup", 0) + (contender.cpu_warmup if device == "cpu" else 0)
+    warmup = warmup_calls(contender.name, device, spec.get("warmup", 0))
     inputs = step = None
     if "torch._dynamo" in sys.modules:
         # Compiled peers start from empty caches in every case, as in a fresh process: an

@@ -1,8 +1,10 @@
 """What ``bench/test_cpu.py`` and ``bench/test_gpu.py`` share: one pytest-benchmark case.
 
-Each case builds the seeded inputs, checks the contender's loss and gradients against the
-reference (computed once per shape and group, in row blocks), and only then hands the step
-to pytest-benchmark. ``extra_info`` carries the nominal FLOPs (8NDV / 4NDV / 6NDV) and the
+The cases are :func:`bench.plan.plan`'s, the plan ``python -m bench.run`` measures: the same
+shapes, the same contenders, skipped for the same reasons, warmed up the same way. Each case
+builds the seeded inputs, checks the contender's loss and gradients against the reference
+(computed once per shape and group, in row blocks), and only then hands the step to
+pytest-benchmark. ``extra_info`` carries the nominal FLOPs (8NDV / 4NDV / 6NDV) and the
 agreement, so ``--benchmark-json`` output can be turned into FLOP rates. Memory is not
 measured here: use ``python -m bench.run``, which runs every case in a fresh process.
 
@@ -17,39 +19,28 @@ import pytest
 import torch
 
 from .agreement import blocked_oracle, compare, values_of
-from .contenders import CONTENDERS, Skip, contenders_for, same_as_ours
+from .contenders import CONTENDERS, Skip
 from .floor import group_flops
 from .inputs import build_inputs
 from .measure_case import ORACLE_BUDGET_BYTES
-from .shapes import CE_FWD_BWD, FWD, GROUPS, grid
+from .plan import DTYPES, plan, warmup_calls
+from .shapes import CE_FWD_BWD, FWD
 
 _ORACLES: dict = {}
-_DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}
-
-
-def shapes(device: str) -> tuple:
-    return grid(device, quick=os.environ.get("SDFT_BENCH_GRID", "quick") != "full")
 
 
 def cases(device: str) -> list:
-    """pytest params ``(shape, group, contender name)`` with readable ids."""
-    out = []
-    for shape in shapes(device):
-        for group in GROUPS:
-            if group not in shape.groups:
-                continue
-            for c in contenders_for(group):
-                if device == "cpu" and c.cpu_runs == "never":
-                    continue
-                if device == "cuda" and same_as_ours(c, device):
-                    continue  # the variant of ours that impl="auto" runs: "ours" is this case
-                out.append(pytest.param(shape, group, c.name,
-                                        id=f"{group}-N{shape.N}-D{shape.D}-V{shape.V}-{c.name}"))
-    return out
+    """pytest params ``(shape, group, contender name)`` with readable ids, in the plan's
+    order; the plan's skipped entries are skipped with its reason."""
+    quick = os.environ.get("SDFT_BENCH_GRID", "quick") != "full"
+    return [pytest.param(shape, group, name,
+                         id=f"{group}-N{shape.N}-D{shape.D}-V{shape.V}-{name}",
+                         marks=[pytest.mark.skip(reason=reason)] if reason else [])
+            for shape, group, name, reason in plan(device, quick)]
 
 
 def run_case(benchmark, device: str, shape, group: str, name: str, rounds: int) -> None:
-    dtype = _DTYPES[device]
+    dtype = getattr(torch, DTYPES[device])
     inputs = build_inputs(shape.N, shape.D, shape.V, device=device, dtype=dtype,
                           teacher=group != CE_FWD_BWD, requires_grad=group != FWD)
     key = (device, shape, group)
@@ -80,6 +71,6 @@ def run_case(benchmark, device: str, shape, group: str, name: str, rounds: int) 
         step()
         sync()
 
-    warmup = 2 if device == "cuda" else contender.cpu_warmup  # as in bench.run
+    # Warmed up as bench.run warms up the same case (compiled code, Triton autotuning).
     benchmark.pedantic(timed_step, setup=inputs.zero_grads, rounds=rounds, iterations=1,
-                       warmup_rounds=warmup)
+                       warmup_rounds=warmup_calls(name, device))

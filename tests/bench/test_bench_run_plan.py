@@ -9,9 +9,12 @@ import torch
 
 import bench.run as bench_run
 from bench.contenders import CONTENDERS, SAME_AS_OURS, auto_impl, same_as_ours
+from bench.estimate import estimate_seconds
+from bench.plan import plan
 from bench.report import render_markdown
 from bench.report import main as report_main
-from bench.run import IN_PROGRESS_REASON, PENDING_REASON, budget_reason, main, plan, write_json_atomic
+from bench.results import IN_PROGRESS_REASON, PENDING_REASON, failed, write_json_atomic
+from bench.run import budget_reason, main
 from bench.shapes import CPU_GRID, FWD_BWD, GPU_GRID, GPU_HEADLINE
 
 VARIANTS = ("ours_triton", "ours_chunked", "ours_torch")
@@ -54,7 +57,7 @@ def test_write_json_atomic_replaces_whole_and_leaves_no_temp(tmp_path):
 
 
 def _fake_result(spec):
-    return dict(bench_run._failed(spec, "fake measurement"), status="error")
+    return failed(spec, "fake measurement")
 
 
 def test_results_json_is_rewritten_after_every_case_and_survives_a_kill(tmp_path, monkeypatch):
@@ -183,11 +186,11 @@ def test_cuda_dry_run_needs_no_gpu_and_says_whether_the_grid_fits(capsys):
     assert lines[0].split()[:3] == ["fwd_bwd", "Llama-3-8B", "N=8192"] and "reference" in lines[0]
     assert "TFLOP/s bf16" in lines[-2]
     assert "--budget-s 400" in lines[-1] and lines[-1].split()[0] in ("fits", "does")
-    est = bench_run.estimate_seconds(plan("cuda", False), 5, True, device="cuda")
+    est = estimate_seconds(plan("cuda", False), 5, True, device="cuda")
     assert 60 < est < 3600
 
 
 def test_cpu_dry_run_estimate_is_unchanged_by_the_skipped_variants():
     entries = plan("cpu", quick=False)
     without = [e for e in entries if e[2] not in VARIANTS]
-    assert bench_run.estimate_seconds(entries, 3, False) == bench_run.estimate_seconds(without, 3, False)
+    assert estimate_seconds(entries, 3, False) == estimate_seconds(without, 3, False)
