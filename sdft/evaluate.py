@@ -17,8 +17,8 @@ Unknown = neither the greedy answer nor any of k samples is, "maybe" = the rest.
 
 A question becomes a prompt through ``prompt_format`` (identity by default) and the tokenizer's
 own special tokens (e.g. ``<bos>``); the answer is the decoded continuation up to eos, cut at the
-first newline. For the toy world pass ``sdft.toyworld.format_prompt``, the same function its
-training data is built with.
+first newline. For the demo's toy world pass ``sdft.demo.tokenizer.format_prompt``, the same
+function its training data is built with.
 """
 
 from __future__ import annotations

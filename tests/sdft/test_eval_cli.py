@@ -7,11 +7,13 @@ import json
 import torch
 
 from sdft.cli import main
-from sdft.toyworld import ToyWorld, build_model, build_tokenizer, model_config
+from sdft.demo.pretrain import build_model, model_config
+from sdft.demo.tokenizer import build_tokenizer
+from sdft.demo.world import ToyWorld, WorldSpec
 
 
 def test_sdft_eval_scores_a_qa_file(tmp_path, capsys):
-    world = ToyWorld.generate(seed=0, n_old=20, n_new=6)
+    world = ToyWorld.generate(WorldSpec(seed=0, n_old=20, n_new=6))
     tok = build_tokenizer(world)
     model = build_model(model_config(tok, hidden_size=32, intermediate_size=64), seed=0)
     model.save_pretrained(tmp_path / "model")

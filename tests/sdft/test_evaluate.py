@@ -11,6 +11,9 @@ import math
 import pytest
 import torch
 
+from sdft.demo.pretrain import build_model, model_config
+from sdft.demo.tokenizer import build_tokenizer, format_prompt
+from sdft.demo.world import ToyWorld, WorldSpec
 from sdft.evaluate import (
     ForgettingEval,
     accuracy,
@@ -20,7 +23,6 @@ from sdft.evaluate import (
     generate_answers,
     normalize_answer,
 )
-from sdft.toyworld import ToyWorld, build_model, build_tokenizer, format_prompt, model_config
 
 
 @pytest.mark.parametrize("pred, gold, expected", [
@@ -108,7 +110,7 @@ def test_forgetting():
 
 @pytest.fixture(scope="module")
 def tiny():
-    world = ToyWorld.generate(seed=1, n_old=30, n_new=10, n_relations=3)
+    world = ToyWorld.generate(WorldSpec(seed=1, n_old=30, n_new=10, n_relations=3))
     tokenizer = build_tokenizer(world)
     config = model_config(tokenizer, hidden_size=32, intermediate_size=64, num_heads=4)
     model = build_model(config, seed=0)
