@@ -15,7 +15,7 @@ def _train(argv: list[str]) -> int:
     from .config import load_config
 
     cfg = load_config(args.config, overrides)  # fails on unknown keys before any model loads
-    from .train import train
+    from .recipe import train
 
     final = train(cfg, resume=args.resume)
     print(f"final model: {final}")

@@ -114,6 +114,13 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"max_steps: must be > 0, or -1 to train for `epochs`, got {self.max_steps}")
+        if self.max_steps == -1 and not self.epochs > 0:
+            raise ConfigError(f"epochs: must be > 0 (or set max_steps > 0), got {self.epochs}: "
+                              "the run would write an untrained model as its result")
+        if not self.stage1_epochs >= 0:
+            raise ConfigError(f"stage1_epochs: must be >= 0, got {self.stage1_epochs}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if self.sampling not in ("group_by_length", "random", "sequential"):

@@ -7,9 +7,10 @@ dropped or truncated silently: :class:`DataReport` counts it, and too many bad r
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -23,10 +24,18 @@ class DataError(ValueError):
     """The data cannot be used as configured."""
 
 
+class BadRow(NamedTuple):
+    """A line of a JSONL file that is not a JSON object: counted as a bad row, not fatal."""
+
+    where: str  # file:line
+    reason: str
+
+
 @dataclass
 class DataReport:
     rows: int = 0
     kept: int = 0
+    malformed: int = 0
     missing_fields: int = 0
     empty_response: int = 0
     prompt_too_long: int = 0
@@ -35,27 +44,57 @@ class DataReport:
 
     @property
     def bad(self) -> int:
-        return self.missing_fields + self.empty_response + self.prompt_too_long
+        return self.malformed + self.missing_fields + self.empty_response + self.prompt_too_long
 
     def __str__(self) -> str:
-        return (f"{self.rows} rows: {self.kept} kept, {self.missing_fields} missing fields, "
+        return (f"{self.rows} rows: {self.kept} kept, {self.malformed} malformed, {self.missing_fields} missing fields, "
                 f"{self.empty_response} empty responses, {self.prompt_too_long} prompts too long, "
                 f"{self.truncated} responses truncated")
 
 
 def load_rows(cfg: DataConfig):
-    """A ``datasets.Dataset`` from a local file (by extension) or a hub name."""
+    """The rows of a local file (by extension) or of a hub dataset.
+
+    A ``.jsonl`` file is read line by line: a line that is not a JSON object becomes a
+    :class:`BadRow` naming the file and line, counted against ``data.max_bad_fraction`` like any
+    other bad row. Other formats go through ``datasets``; a file it cannot read fails here,
+    named. A missing or empty file fails too, before any model is loaded.
+    """
     import datasets
 
-    if cfg.train_file:
-        path = Path(cfg.train_file)
-        fmt = _FORMATS.get(path.suffix.lower())
-        if fmt is None:
-            raise DataError(f"data.train_file: unsupported extension {path.suffix!r} (use {', '.join(_FORMATS)})")
-        if not path.exists():
-            raise DataError(f"data.train_file: {path} does not exist")
-        return datasets.load_dataset(fmt, data_files=str(path), split="train")
-    return datasets.load_dataset(cfg.dataset, split=cfg.split)
+    if not cfg.train_file:
+        return datasets.load_dataset(cfg.dataset, split=cfg.split)
+    path = Path(cfg.train_file)
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"data.train_file: unsupported extension {path.suffix!r} (use {', '.join(_FORMATS)})")
+    if not path.is_file():
+        raise DataError(f"data.train_file: {path} does not exist")
+    if path.suffix.lower() == ".jsonl":
+        rows = _read_jsonl(path)
+    else:
+        try:
+            rows = datasets.load_dataset(fmt, data_files=str(path), split="train")
+        except Exception as err:  # datasets raises many types; the message is what matters
+            raise DataError(f"data.train_file: cannot read {path} as {fmt}: {err}") from err
+    if len(rows) == 0:
+        raise DataError(f"data.train_file: {path} has no rows")
+    return rows
+
+
+def _read_jsonl(path: Path) -> list:
+    rows: list = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                rows.append(BadRow(f"{path}:{number}", f"not valid JSON ({err.msg}, column {err.colno})"))
+                continue
+            rows.append(row if isinstance(row, dict) else BadRow(f"{path}:{number}", "not a JSON object"))
+    return rows
 
 
 def _prompt_and_response(row: dict, cfg: DataConfig, tokenizer) -> tuple[Optional[list[int]], Optional[list[int]], str]:
@@ -96,6 +135,10 @@ def tokenize_rows(rows, tokenizer, cfg: DataConfig) -> tuple[list[dict[str, Any]
     examples = []
     for i, row in enumerate(rows):
         report.rows += 1
+        if isinstance(row, BadRow):
+            report.malformed += 1
+            report.examples.append(f"{row.where}: {row.reason}")
+            continue
         prompt_ids, response_ids, reason = _prompt_and_response(row, cfg, tokenizer)
         if reason == "missing":
             report.missing_fields += 1
@@ -123,6 +166,8 @@ def tokenize_rows(rows, tokenizer, cfg: DataConfig) -> tuple[list[dict[str, Any]
             "known": bool(known) if known is not None else False,
         })
     report.kept = len(examples)
+    if report.rows and not report.kept:
+        raise DataError(f"no usable row: {report}; e.g. " + "; ".join(report.examples[:3]))
     if report.rows and report.bad / report.rows > cfg.max_bad_fraction:
         raise DataError(
             f"{report.bad} of {report.rows} rows are unusable (more than data.max_bad_fraction="

@@ -105,7 +105,7 @@ def _frozen_head(head: HeadSpec) -> HeadSpec:
 # Cached teacher hidden states
 # ----------------------------------------------------------------------------------------------
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: keyed on token content and model weights
 _STORAGE = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
@@ -115,14 +115,36 @@ def _fingerprint(weight: Tensor) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
+def token_fingerprint(input_ids) -> str:
+    """A hash of one example's token ids (a list or a 1-D tensor): the cache's key beside the
+    example id, so that a dataset with the same ids and lengths but other tokens is refused."""
+    ids = torch.as_tensor(input_ids, dtype=torch.int64).cpu().contiguous()
+    return hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:24]
+
+
+def model_fingerprint(model: nn.Module, samples: int = 4096) -> str:
+    """A hash of a model's weights, cheap enough for an 8B model: every parameter's name and
+    shape and ``samples`` evenly spaced values of it (any training step moves nearly all)."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        picked = flat[:: max(1, flat.numel() // samples)][:samples]
+        digest.update(f"{name}{tuple(param.shape)}".encode())
+        digest.update(picked.to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
 class HiddenStateCache:
     """Teacher final hidden states stored once, looked up per batch by example id.
 
     Layout of the folder: ``hidden.bin`` (all examples' non-pad hidden states back to back,
-    ``[total_tokens, Dt]`` in ``dtype``, memory-mapped), ``index.json`` (id -> offset, length),
-    ``head.pt`` (head weight and bias), ``meta.json`` (sizes, dtype, head fingerprint, softcap,
-    scale). The batch must carry the example ids in ``id_field`` and the attention mask, so the
-    stored states can be put back at the non-pad positions (left or right padding alike).
+    ``[total_tokens, Dt]`` in ``dtype``, memory-mapped), ``index.json`` (id -> offset, length,
+    hash of the token ids), ``head.pt`` (head weight and bias), ``meta.json`` (sizes, dtype,
+    model and head fingerprints, softcap, scale). The batch must carry the example ids in
+    ``id_field`` and the attention mask: the stored states are put back at the non-pad
+    positions, and each row's tokens must hash to what the cache stored for its id. The states
+    are computed from right-padded sequences, so they match right-padded training batches
+    (left padding shifts the position ids of most models).
     """
 
     def __init__(self, path: Union[str, Path], id_field: str = "id"):
@@ -133,7 +155,7 @@ class HiddenStateCache:
         self.meta = json.loads(meta_file.read_text())
         if self.meta.get("version") != _CACHE_VERSION:
             raise ValueError(f"cache {self.path} has version {self.meta.get('version')}, expected {_CACHE_VERSION}")
-        self.index: dict[str, list[int]] = json.loads((self.path / "index.json").read_text())
+        self.index: dict[str, list] = json.loads((self.path / "index.json").read_text())
         self.id_field = id_field
         self.dtype = getattr(torch, self.meta["dtype"])
         total, width = self.meta["total_tokens"], self.meta["hidden_size"]
@@ -164,7 +186,7 @@ class HiddenStateCache:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         device = next(model.parameters()).device
-        index: dict[str, list[int]] = {}
+        index: dict[str, list] = {}
         offset, width = 0, None
         with open(path / "hidden.bin", "wb") as sink, _eval_mode(model):
             for chunk in _batched(examples, batch_size):
@@ -174,17 +196,19 @@ class HiddenStateCache:
                 for row, key in enumerate(keys):
                     if key in index:
                         raise ValueError(f"duplicate example id {key!r} in {id_field!r}")
-                    states = hidden[row, : int(mask[row].sum())].to(dtype).cpu()
+                    n = int(mask[row].sum())
+                    states = hidden[row, :n].to(dtype).cpu()
                     raw = states.view(torch.int16) if dtype != torch.float32 else states
                     sink.write(raw.contiguous().numpy().tobytes())
-                    index[key] = [offset, states.shape[0]]
+                    index[key] = [offset, n, token_fingerprint(ids[row, :n])]
                     offset += states.shape[0]
         head = head_spec(model)
         torch.save({"weight": head.weight.detach().cpu(), "bias": None if head.bias is None else head.bias.detach().cpu()},
                    path / "head.pt")
         meta = dict(version=_CACHE_VERSION, dtype=_STORAGE[dtype], hidden_size=width or 0, total_tokens=offset,
                     n_examples=len(index), softcap=head.softcap, hidden_scale=head.hidden_scale,
-                    vocab_size=head.weight.shape[0], head_fingerprint=_fingerprint(head.weight))
+                    vocab_size=head.weight.shape[0], head_fingerprint=_fingerprint(head.weight),
+                    model_fingerprint=model_fingerprint(model))
         (path / "index.json").write_text(json.dumps(index))
         (path / "meta.json").write_text(json.dumps(meta, indent=1))
         return cls(path, id_field=id_field)
@@ -195,7 +219,8 @@ class HiddenStateCache:
         examples: Optional[Sequence[Mapping[str, object]]] = None,
         model: Optional[nn.Module] = None,
     ) -> None:
-        """Raise ``ValueError`` if the cache was not built from these examples or this teacher."""
+        """Raise ``ValueError`` if the cache was not built from these examples (ids and token
+        content) or with this teacher model (its weights and head)."""
         if examples is not None:
             if len(examples) != self.meta["n_examples"]:
                 raise ValueError(f"cache {self.path} holds {self.meta['n_examples']} examples, the dataset has {len(examples)}")
@@ -203,9 +228,13 @@ class HiddenStateCache:
                 key = str(ex[self.id_field])
                 if key not in self.index:
                     raise ValueError(f"example id {key!r} is not in cache {self.path}")
+                _, length, tokens = self.index[key]
                 n = len(ex["input_ids"])
-                if self.index[key][1] != n:
-                    raise ValueError(f"example {key!r} has {n} tokens but cache {self.path} stored {self.index[key][1]}")
+                if length != n:
+                    raise ValueError(f"example {key!r} has {n} tokens but cache {self.path} stored {length}")
+                if token_fingerprint(ex["input_ids"]) != tokens:
+                    raise ValueError(f"example {key!r} has other tokens than cache {self.path} was built from "
+                                     "(another dataset or tokenizer with the same ids): rebuild the cache")
         if model is not None:
             head = head_spec(model)
             if tuple(head.weight.shape) != tuple(self.head.weight.shape):
@@ -215,6 +244,9 @@ class HiddenStateCache:
                 raise ValueError(f"model hidden size {width} != cached hidden size {self.meta['hidden_size']}")
             if _fingerprint(head.weight) != self.meta["head_fingerprint"]:
                 raise ValueError(f"model head weights differ from the head cache {self.path} was built with")
+            if model_fingerprint(model) != self.meta["model_fingerprint"]:
+                raise ValueError(f"model weights differ from those cache {self.path} was built with: its hidden "
+                                 "states are another teacher's; rebuild the cache from this model")
 
     # -- lookup ---------------------------------------------------------------------------------
     def __call__(self, batch: Mapping[str, Tensor]) -> TeacherOutput:
@@ -231,10 +263,12 @@ class HiddenStateCache:
             key = str(key)
             if key not in self.index:
                 raise KeyError(f"example id {key!r} is not in cache {self.path}")
-            offset, length = self.index[key]
+            offset, length, tokens = self.index[key]
             n = int(mask[row].sum())
             if n != length:
                 raise ValueError(f"example {key!r}: batch has {n} non-pad tokens, cache {self.path} stored {length}")
+            if token_fingerprint(input_ids[row][mask[row]]) != tokens:
+                raise ValueError(f"example {key!r}: the batch's tokens differ from those cache {self.path} stored")
             raw = torch.from_numpy(np.array(self._data[offset: offset + length]))  # copy: the map is read-only
             out[row, mask[row].cpu()] = raw if self.dtype == torch.float32 else raw.view(self.dtype)
         device = input_ids.device

@@ -1,13 +1,17 @@
-"""``SDFTTrainer``: the HF Trainer with the SDFT loss; only ``compute_loss`` changes."""
+"""``SDFTTrainer``: the HF Trainer with the SDFT loss, and :func:`build_trainer`, the one place
+where ``sdft train`` and the demo put a student, its teacher, the loss and an optimizer together.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
-from transformers import Trainer
+from torch import Tensor, nn
+from transformers import Trainer, TrainingArguments
 
-from .integration import SDFTModel, causal_lm_loss
+from .freezing import FreezeReport, masked_optimizer, param_groups
+from .integration import SDFTModel, causal_lm_loss, shifted_targets
 from .loss import SDFTLoss
 from .teacher import TeacherSource
 
@@ -20,16 +24,28 @@ class SDFTTrainer(Trainer):
         trainer = SDFTTrainer(model=model, args=args, train_dataset=ds, data_collator=collator,
                               teacher=FrozenCopy(model), sdft_loss=SDFTLoss(kl_weight=1.0))
 
-    ``num_items_in_batch`` (the labelled-token count of the whole accumulated batch, which the
-    Trainer computes) normalises the mean, so gradient accumulation matches one large batch.
-    ``model`` may also be an :class:`SDFTModel` (then ``teacher``/``sdft_loss`` come from it);
-    that form runs the step through the model's ``forward``, which multi-process wrappers need.
+    ``num_items_in_batch``, the count of targets in the whole accumulated batch, normalises the
+    mean, so gradient accumulation matches one large batch. The Trainer's own count is replaced
+    by exactly what the loss counts (:func:`count_loss_targets`: labels shifted, padding
+    masked, the loss's ``ignore_index``), whether the model is the plain student or an
+    :class:`SDFTModel`, which the Trainer would not recognise as a causal LM. ``model`` may be
+    an :class:`SDFTModel` (then ``teacher``/``sdft_loss`` come from it); that form runs the step
+    through the model's ``forward``, which multi-process wrappers need.
     """
 
     def __init__(self, *args, teacher: Optional[TeacherSource] = None, sdft_loss: Optional[SDFTLoss] = None, **kwargs):
         super().__init__(*args, **kwargs)
+        inner = self.accelerator.unwrap_model(self.model)
+        if isinstance(inner, SDFTModel):
+            teacher = inner.teacher if teacher is None else teacher
+            sdft_loss = inner.loss if sdft_loss is None else sdft_loss
         self.teacher = teacher
         self.sdft_loss = SDFTLoss() if sdft_loss is None else sdft_loss
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                f"SDFTTrainer sees {self.args.n_gpu} GPUs in one process (torch.nn.DataParallel); launch one "
+                "process per GPU instead (torchrun --nproc_per_node N), which runs DDP"
+            )
         # Makes the Trainer count num_items_in_batch and not divide the loss by the number of
         # accumulation steps itself: our loss is already normalised by the whole batch's count.
         self.model_accepts_loss_kwargs = True
@@ -41,7 +57,25 @@ class SDFTTrainer(Trainer):
         """Non-pad input tokens of this process so far."""
         return int(self._tokens_seen)
 
+    def get_batch_samples(self, *args, **kwargs):
+        """The Trainer's micro-batches of one optimizer step and their target count: the count
+        of :func:`count_loss_targets`, summed over the micro-batches (and over processes when
+        ``average_tokens_across_devices``), in place of the Trainer's own."""
+        batch_samples, num_items = super().get_batch_samples(*args, **kwargs)
+        if num_items is None or not batch_samples:
+            return batch_samples, num_items
+        device = args[2] if len(args) > 2 else kwargs.get("device", self.args.device)
+        ignore = self.sdft_loss.options.ignore_index
+        count = sum(count_loss_targets(batch, ignore) for batch in batch_samples).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return batch_samples, count
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            # An evaluation batch is normalised by its own target count, which the loss
+            # counts itself; the Trainer's count there follows its own rule, not the loss's.
+            num_items_in_batch = None
         mask = inputs.get("attention_mask")
         self._tokens_seen = self._tokens_seen + (mask.sum() if mask is not None else inputs["input_ids"].numel())
         inner = self.accelerator.unwrap_model(model)
@@ -76,6 +110,46 @@ class SDFTTrainer(Trainer):
             for name, value in self._last_components.items():
                 logs[name] = round(float(value), 6) if torch.is_tensor(value) else value
         super().log(logs, *args, **kwargs)
+
+
+def count_loss_targets(batch: Mapping[str, Tensor], ignore_index: int = -100) -> Tensor:
+    """How many targets :func:`sdft.causal_lm_loss` counts in ``batch``: the next-token labels
+    (``labels[:, 1:]``, or the inputs), padding masked, ``ignore_index`` left out. A 0-dim
+    int64 tensor on the batch's device (no host sync)."""
+    labels, _ = shifted_targets(batch, ignore_index)
+    return (labels != ignore_index).sum()
+
+
+def build_trainer(
+    student: nn.Module,
+    args: TrainingArguments,
+    train_dataset,
+    data_collator,
+    *,
+    teacher: Optional[TeacherSource] = None,
+    loss: Optional[SDFTLoss] = None,
+    freeze_report: Optional[FreezeReport] = None,
+    callbacks: Sequence = (),
+) -> SDFTTrainer:
+    """An :class:`SDFTTrainer` over ``SDFTModel(student, teacher, loss)``: how ``sdft train``
+    and the demo train.
+
+    The optimizer is AdamW with ``args``' learning rate, betas, epsilon and weight decay (so a
+    training argument cannot miss the optimizer): matrices and embeddings decay, 1-D tensors
+    (biases, norm scales) do not, and only parameters with ``requires_grad`` get state. With a
+    ``freeze_report`` holding partial masks, the frozen entries stay bit-identical under
+    AdamW's decay and momentum (:func:`sdft.freezing.masked_optimizer`). The Trainer builds the
+    learning-rate schedule from ``args``.
+    """
+    optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay), lr=args.learning_rate,
+                                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    if freeze_report is not None:
+        optimizer = masked_optimizer(optimizer, freeze_report)
+    trainer = SDFTTrainer(model=SDFTModel(student, teacher, loss), args=args, train_dataset=train_dataset,
+                          data_collator=data_collator, optimizers=(optimizer, None))
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    return trainer
 
 
 def _is_distributed_wrapper(model) -> bool:

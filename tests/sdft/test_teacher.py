@@ -74,6 +74,25 @@ def test_cache_refuses_mismatches(setup):
         causal_lm_loss(student, {k: v for k, v in batch.items() if k != "id"}, cache)
 
 
+def test_cache_is_keyed_on_token_content_and_model_weights(setup):
+    """Same ids and lengths but other tokens, or another model with the very same head: both
+    would silently distil towards the wrong states, so both are refused."""
+    student, teacher_model, batch, examples, tmp = setup
+    cache = HiddenStateCache.build(teacher_model, examples, tmp / "cache", dtype=torch.float32)
+    other = [dict(ex) for ex in examples]
+    other[2]["input_ids"] = other[2]["input_ids"][::-1]
+    with pytest.raises(ValueError, match="'ex2' has other tokens than cache"):
+        cache.check_matches(other)
+    swapped = dict(batch, input_ids=batch["input_ids"].clone())
+    swapped["input_ids"][1, 1] = swapped["input_ids"][1, 1] % 50 + 3  # a different token, same length
+    with pytest.raises(ValueError, match="'ex1': the batch's tokens differ"):
+        causal_lm_loss(student, swapped, cache)
+    same_head = perturbed_copy(teacher_model, seed=7)
+    same_head.get_output_embeddings().weight.data.copy_(teacher_model.get_output_embeddings().weight)
+    with pytest.raises(ValueError, match="model weights differ"):
+        cache.check_matches(examples, same_head)
+
+
 def test_adapter_disabled_teacher_is_the_base_model():
     peft = pytest.importorskip("peft")
     base = tiny_model("llama")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from transformers import TrainingArguments
 
-from sdft import SDFTLoss, SDFTTrainer
+from sdft import SDFTLoss, SDFTModel, SDFTTrainer, causal_lm_loss
 from sdft.teacher import FrozenCopy
-from tests.sdft.tiny_models import tiny_model
+from sdft.trainer import count_loss_targets
+from tests.sdft.tiny_models import perturbed_copy, tiny_model
 
 
 def _collate(rows):
@@ -44,24 +46,68 @@ def test_sdft_trainer_trains_and_logs(tmp_path):
     assert kls[0] == pytest.approx(0.0, abs=1e-5) and max(kls) > 0  # teacher = start: KL starts at 0
 
 
-def test_trainer_gradient_accumulation_matches_large_batch(tmp_path):
-    """With num_items_in_batch, 2 x 4 accumulated equals one batch of 8 (one SGD step)."""
-    rows = [{"input_ids": list(range(3, 3 + n))} for n in (4, 5, 4, 5, 9, 8, 9, 8)]  # unequal token counts per micro-batch
+def _labels_are_inputs(rows):
+    """A collator that sets labels = input_ids, padding included (as many do): position 0 is
+    labelled, and pad ids sit in the labels. Neither may count as a target."""
+    n = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), n, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+        mask[i, : len(r["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
+
+
+def _full_batch_objective(student, teacher_model, batch, kl_weight, tau):
+    """The SDFT objective of one whole batch from the models' own logits, in float64."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    z_s = student(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
+    with torch.no_grad():
+        z_t = teacher_model(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
+    targets = batch["labels"][:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    counted = targets != -100
+    ce = F.cross_entropy(z_s.transpose(1, 2), targets, ignore_index=-100, reduction="sum")
+    kl = (F.softmax(z_t / tau, -1) * (F.log_softmax(z_t / tau, -1) - F.log_softmax(z_s / tau, -1))).sum(-1)
+    return (ce + kl_weight * tau**2 * (kl * counted).sum()) / counted.sum()
+
+
+@pytest.mark.parametrize("wrap", ["plain", "SDFTModel"])
+def test_accumulated_step_equals_the_full_batch_objective(tmp_path, wrap):
+    """2 micro-batches x 2 rows, accumulated, move the weights exactly as one SGD step on the
+    objective of all 4 rows computed independently from the models' own logits."""
+    rows = [{"input_ids": list(range(3, 3 + n))} for n in (4, 7, 9, 5)]  # unequal counts per micro-batch
+    lr, kl_weight, tau = 0.5, 0.7, 0.5
+    teacher_model = perturbed_copy(tiny_model("llama"), scale=0.2)
+    oracle = tiny_model("llama")
+    _full_batch_objective(oracle, teacher_model, _labels_are_inputs(rows), kl_weight, tau).backward()
+    expected = {n: p.detach() - lr * p.grad for n, p in oracle.named_parameters()}
+
+    student = tiny_model("llama")
+    loss = SDFTLoss(kl_weight=kl_weight, temperature=tau)
+    model = student if wrap == "plain" else SDFTModel(student, FrozenCopy(teacher_model), loss)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             max_steps=1, learning_rate=lr, optim="sgd", lr_scheduler_type="constant",
+                             max_grad_norm=0.0, weight_decay=0.0, report_to=[], use_cpu=True, seed=0,
+                             save_strategy="no", remove_unused_columns=False)
     ds = Dataset.from_list(rows)
-    results = []
-    for bs, accum in ((8, 1), (4, 2)):
-        model = tiny_model("llama")
-        args = TrainingArguments(output_dir=str(tmp_path / f"{bs}"), per_device_train_batch_size=bs,
-                                 gradient_accumulation_steps=accum, max_steps=1, learning_rate=1e-2, optim="sgd",
-                                 lr_scheduler_type="constant", report_to=[], use_cpu=True, seed=0,
-                                 save_strategy="no", remove_unused_columns=False, dataloader_drop_last=False)
-        trainer = SDFTTrainer(model=model, args=args, train_dataset=ds, data_collator=_collate,
-                              teacher=FrozenCopy(tiny_model("llama", seed=1)))
-        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(ds)
-        trainer.train()
-        results.append({n: p.detach().clone() for n, p in model.named_parameters()})
-    for name in results[0]:
-        torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-5, atol=1e-6)
+    trainer = SDFTTrainer(model=model, args=args, train_dataset=ds, data_collator=_labels_are_inputs,
+                          teacher=FrozenCopy(teacher_model) if wrap == "plain" else None,
+                          sdft_loss=loss if wrap == "plain" else None)
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(ds)
+    trainer.train()
+    for name, param in student.named_parameters():
+        torch.testing.assert_close(param.detach(), expected[name].float(), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{wrap} {name}: {m}")
+
+
+def test_count_loss_targets_counts_what_the_loss_counts():
+    batch = _labels_are_inputs([{"input_ids": [5, 6, 7]}, {"input_ids": [5, 6, 7, 8, 9]}])
+    batch["labels"][1, 2] = -100
+    assert int(count_loss_targets(batch)) == 2 + 3  # shifted, padding and -100 left out
+    out = causal_lm_loss(tiny_model("llama"), batch)
+    assert int(out.n_tokens) == 5
+    batch["labels"][1, 3] = 7  # ignore_index of another loss
+    assert int(count_loss_targets(batch, ignore_index=7)) == 4
 
 
 def test_plain_model_under_ddp_is_refused_with_advice(tmp_path, monkeypatch):

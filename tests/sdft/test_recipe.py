@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from sdft.cli import main
 from sdft.config import ConfigError, load_config
 from sdft.data import DataError
-from sdft.train import train
+from sdft.recipe import train
 from tests.sdft.train_fixtures import workspace
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,39 +70,76 @@ def test_two_stage_recipe_teacher_is_stage1_and_first_kl_is_zero(tmp_path):
     assert any(not torch.equal(s1[n], final[n]) for n in s1)
 
 
-# Runs `sdft train` and SIGKILLs its own process right after step 7 is logged: checkpoint-6 is
-# then complete and step 7's work is lost, as when a job is killed between checkpoints.
-_KILL_AFTER_STEP_7 = """
+# Runs `sdft train` and SIGKILLs its own process at one point named by SDFT_TEST_KILL:
+#   "step:STAGE:N"       right after step N of STAGE is logged (between two checkpoints);
+#   "weights:PATH"       halfway through writing the weights file of folder PATH;
+#   "state:PATH"         after PATH's weights and optimizer, before its trainer state.
+_KILLING_DRIVER = """
 import os, signal, sys
-from sdft import train as T
-log = T.MetricsJsonl.on_log
+kind, _, where = os.environ["SDFT_TEST_KILL"].partition(":")
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+
+import safetensors.torch as st
+import transformers.modeling_utils as mu
+from transformers.trainer_callback import TrainerState
+from sdft import recipe
+
+def half_written(original):
+    def save_file(tensors, filename, metadata=None):
+        if kind == "weights" and os.path.dirname(os.path.abspath(filename)) == where:
+            data = st.save(tensors, metadata=metadata)
+            with open(filename, "wb") as f:
+                f.write(data[: len(data) // 2])
+            die()
+        return original(tensors, filename, metadata=metadata)
+    return save_file
+st.save_file = half_written(st.save_file)
+mu.safe_save_file = half_written(mu.safe_save_file)
+
+save_state = TrainerState.save_to_json
+def save_to_json(self, path):
+    if kind == "state" and os.path.dirname(os.path.abspath(path)) == where:
+        die()
+    save_state(self, path)
+TrainerState.save_to_json = save_to_json
+
+log = recipe.MetricsJsonl.on_log
 def on_log(self, args, state, control, logs=None, **kw):
     log(self, args, state, control, logs=logs, **kw)
-    if state.global_step >= 7:
-        os.kill(os.getpid(), signal.SIGKILL)
-T.MetricsJsonl.on_log = on_log
+    stage, _, step = where.partition(":")
+    if kind == "step" and self.stage == stage and state.global_step >= int(step):
+        die()
+recipe.MetricsJsonl.on_log = on_log
+
 from sdft.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
+def test_kills_during_training_and_saves_lose_nothing(tmp_path):
+    """A run killed at each point below, resumed each time, ends with the weights of a run
+    never interrupted: between checkpoints, halfway through a checkpoint's weights, between
+    its weights and its trainer state, and halfway through the stage-1 and final results."""
     ws = workspace(tmp_path, n_facts=24)
-    common = dict(max_steps=12, save_steps=3, sampling="random")
+    common = dict(stage1_epochs=2, epochs=3, save_steps=3, sampling="random", **{"data.known_field": "known"})
     straight = tmp_path / "straight"
     train(load_config(None, _overrides(ws, straight, **common)))
 
-    killed = tmp_path / "killed"
-    driver = tmp_path / "kill_after_step_7.py"
-    driver.write_text(_KILL_AFTER_STEP_7)
-    proc = subprocess.run([sys.executable, str(driver), "train", *_overrides(ws, killed, **common)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert (killed / "train" / "checkpoint-6").is_dir() and not (killed / "final").exists()
-    assert not (killed / "train" / "checkpoint-9").exists()
-
-    train(load_config(None, _overrides(ws, killed, **common)), resume=True)
-    a, b = _weights(straight / "final"), _weights(killed / "final")
+    run = tmp_path / "killed"
+    driver = tmp_path / "killing_driver.py"
+    driver.write_text(_KILLING_DRIVER)
+    kills = [f"weights:{run / 'stage1' / 'final.partial'}", "step:stage2:7",
+             f"weights:{run / 'stage2' / 'checkpoint-9'}", f"state:{run / 'stage2' / 'checkpoint-12'}",
+             f"weights:{run / 'final.partial'}"]
+    for kill in kills:
+        cmd = [sys.executable, str(driver), "train", *_overrides(ws, run, **common), "--resume"]
+        proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, SDFT_TEST_KILL=kill), capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == -signal.SIGKILL, f"{kill}: {proc.stderr[-2000:]}"
+        assert not (run / "final").exists(), kill
+    assert (run / "stage1" / "final").is_dir()
+    train(load_config(None, _overrides(ws, run, **common)), resume=True)
+    a, b = _weights(straight / "final"), _weights(run / "final")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
@@ -174,7 +211,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
 def test_sharded_head_setups_are_refused():
     from types import SimpleNamespace
 
-    from sdft.train import check_head_not_sharded
+    from sdft.recipe import check_head_not_sharded
 
     plain = SimpleNamespace(fsdp="", deepspeed=None)
     check_head_not_sharded(plain, env={})  # DDP: fine
@@ -240,3 +277,138 @@ def test_lora_with_adapter_disabled_teacher(tmp_path):
     with pytest.raises(ConfigError, match="stage-1 snapshot"):
         load_config(None, _overrides(ws, out, stage1_epochs=1, **{
             "lora.r": 4, "teacher.source": "adapter_disabled", "data.known_field": "known"}))
+
+
+# Every TrainConfig field is either a training argument, with the TrainingArguments attribute it
+# must reach and a value unlike the default, or listed below with what it configures instead.
+TRAINING_ARGUMENTS = {
+    "batch_size": ("per_device_train_batch_size", 3),
+    "grad_accum": ("gradient_accumulation_steps", 5),
+    "learning_rate": ("learning_rate", 0.0123),
+    "lr_schedule": ("lr_scheduler_type", "cosine"),
+    "warmup_ratio": ("warmup_steps", 0.25),
+    "weight_decay": ("weight_decay", 0.37),
+    "epochs": ("num_train_epochs", 3.5),
+    "max_steps": ("max_steps", 17),
+    "logging_steps": ("logging_steps", 7),
+    "save_steps": ("save_steps", 11),
+    "save_total_limit": ("save_total_limit", 4),
+    "seed": ("seed", 123),
+    "sampling": ("train_sampling_strategy", "sequential"),
+    "output_dir": ("output_dir", None),  # <output_dir>/<stage>, checked below
+}
+NOT_TRAINING_ARGUMENTS = {
+    "model", "tokenizer", "dtype", "gradient_checkpointing",  # the model load (load_student)
+    "data", "loss", "teacher", "lora", "freeze", "train_only",  # their own sections and steps
+    "stage1_epochs",  # the epochs of stage 1's TrainingArguments
+}
+
+
+def test_every_training_setting_reaches_the_trainer_and_its_optimizer(tmp_path):
+    import dataclasses
+
+    from datasets import Dataset
+
+    from sdft.config import TrainConfig
+    from sdft.data import PadCollator
+    from sdft.recipe import training_arguments
+    from sdft.trainer import build_trainer
+    from tests.sdft.tiny_models import tiny_model
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert fields == set(TRAINING_ARGUMENTS) | NOT_TRAINING_ARGUMENTS, "classify the new TrainConfig field"
+    values = {k: v for k, (_, v) in TRAINING_ARGUMENTS.items() if v is not None}
+    cfg = load_config(None, [f"--{k}={v}" for k, v in values.items()]
+                      + ["--model=m", "--data.train_file=d.jsonl", f"--output_dir={tmp_path}"])
+    args = training_arguments(cfg, tmp_path / "stage2", cfg.epochs)
+    for name, (attr, value) in TRAINING_ARGUMENTS.items():
+        got = getattr(args, attr)
+        expected = str(tmp_path / "stage2") if name == "output_dir" else value
+        assert str(getattr(got, "value", got)) == str(expected), f"{name} -> {attr}: {got!r}"
+
+    trainer = build_trainer(tiny_model("llama"), args, Dataset.from_list([{"input_ids": [3, 4, 5]}]), PadCollator(0))
+    groups = trainer.optimizer.param_groups
+    assert {g["lr"] for g in groups} == {0.0123}
+    assert max(g["weight_decay"] for g in groups) == 0.37  # matrices decay, 1-D tensors do not
+    assert all(g["betas"] == (args.adam_beta1, args.adam_beta2) and g["eps"] == args.adam_epsilon for g in groups)
+
+
+def test_weight_decay_changes_the_result(tmp_path):
+    ws = workspace(tmp_path)
+    finals = []
+    for decay in (0.0, 0.5):
+        out = tmp_path / f"wd{decay}"
+        train(load_config(None, _overrides(ws, out, max_steps=2, weight_decay=decay)))
+        finals.append(_weights(out / "final"))
+    changed = [n for n in finals[0] if not torch.equal(finals[0][n], finals[1][n])]
+    assert any("proj" in n for n in changed), changed
+
+
+def test_runs_that_would_train_nothing_are_refused():
+    base = ["--model=x", "--data.train_file=y.jsonl"]
+    with pytest.raises(ConfigError, match="epochs: must be > 0.*got 0"):
+        load_config(None, base + ["--epochs=0"])
+    with pytest.raises(ConfigError, match="max_steps: must be > 0.*got 0"):
+        load_config(None, base + ["--max_steps=0"])
+    load_config(None, base + ["--epochs=0", "--max_steps=3"])  # steps instead of epochs: fine
+
+
+def test_data_errors_come_before_the_model_loads(tmp_path):
+    """The model path does not exist: every data error must be reported instead."""
+    missing_model = str(tmp_path / "no-model")
+    ws = workspace(tmp_path)
+    cases = {"missing.jsonl": None, "empty.jsonl": "", "blank.jsonl": "\n\n",
+             "broken.json": '[{"prompt": "a", "response": "b"}, {"prompt": ',
+             "all_bad.jsonl": '{"prompt": "what color is kara ?"}\n{"q": 1}\n'}
+    expected = {"missing.jsonl": "does not exist", "empty.jsonl": "has no rows", "blank.jsonl": "has no rows",
+                "broken.json": "cannot read .*broken.json as json", "all_bad.jsonl": "no usable row"}
+    for name, text in cases.items():
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        cfg = load_config(None, _overrides(ws, tmp_path / "run", max_steps=1, model=missing_model,
+                                           tokenizer=ws["model"], **{"data.train_file": str(path)}))
+        with pytest.raises(DataError, match=expected[name]):
+            train(cfg)
+
+
+def test_a_malformed_line_is_named_and_counted_as_a_bad_row(tmp_path):
+    ws = workspace(tmp_path)
+    data = Path(ws["data"])
+    lines = data.read_text().splitlines()
+    lines.insert(3, '{"prompt": "what color is kara ?", "response": "red"')  # unclosed: line 4
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"1 of 21 rows are unusable.*1 malformed.*facts.jsonl:4: not valid JSON"):
+        train(load_config(None, _overrides(ws, tmp_path / "run", max_steps=1)))
+    out = tmp_path / "run2"
+    train(load_config(None, _overrides(ws, out, max_steps=1, **{"data.max_bad_fraction": 0.1})))
+    report = json.loads((out / "data_report.json").read_text())
+    assert (report["malformed"], report["kept"]) == (1, 20)
+
+
+def test_reloaded_stage1_student_keeps_the_model_options(tmp_path, monkeypatch):
+    from sdft import recipe
+
+    ws = workspace(tmp_path)
+    out = tmp_path / "run"
+    common = dict(stage1_epochs=1, max_steps=2, gradient_checkpointing="true", **{"data.known_field": "known"})
+    train(load_config(None, _overrides(ws, out, **common)))
+    (out / "final").rename(tmp_path / "first-final")
+    students = []
+    run_stage = recipe._run_stage
+    monkeypatch.setattr(recipe, "_run_stage", lambda cfg, name, student, *a: students.append(student)
+                        or run_stage(cfg, name, student, *a))
+    train(load_config(None, _overrides(ws, out, **common)), resume=True)  # stage 1 is loaded from disk
+    (student,) = students
+    assert getattr(student, "is_activation_checkpointing", None) or student.is_gradient_checkpointing
+
+
+def test_a_cache_of_other_data_is_refused_not_reused(tmp_path):
+    ws = workspace(tmp_path)
+    cache = tmp_path / "cache"
+    base = dict(max_steps=1, **{"teacher.source": "cache", "teacher.cache_dir": str(cache)})
+    train(load_config(None, _overrides(ws, tmp_path / "a", **base)))
+    data = Path(ws["data"])  # same rows, ids and token counts; other colours
+    data.write_text(data.read_text().replace('"red"', '"TMP"').replace('"blue"', '"red"').replace('"TMP"', '"blue"'))
+    with pytest.raises(ValueError, match="other tokens than cache"):
+        train(load_config(None, _overrides(ws, tmp_path / "b", **base)))

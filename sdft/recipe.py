@@ -1,4 +1,6 @@
-"""``sdft train``: the thin trainer around :class:`sdft.SDFTTrainer`.
+"""The recipe behind ``sdft train``: data, model, the paper's two stages, checkpoints, results.
+
+(:mod:`sdft.trainer` holds the Trainer subclass this recipe runs.)
 
 One process::
 
@@ -18,28 +20,29 @@ ZeRO-2).
 With ``stage1_epochs > 0`` this runs the paper's recipe: stage 1 trains on the known rows with
 plain cross-entropy; the teacher is then snapshotted from the stage-1 model; stage 2 trains on
 all rows with the SDFT loss, continuing from stage 1. ``--resume`` continues from the last
-checkpoint of the stage that was running.
+complete checkpoint of the stage that was running; results (``stage1/final``, ``final``) are
+renamed into place once written, so a stopped run never leaves one that looks finished.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from .config import TrainConfig, to_dict
-from .data import DataReport, PadCollator, load_rows, tokenize_rows
-from .freezing import freeze, masked_optimizer, param_groups
-from .integration import SDFTModel
+from .data import DataError, DataReport, PadCollator, load_rows, tokenize_rows
+from .freezing import freeze
 from .loss import SDFTLoss
 from .teacher import AdapterDisabled, FrozenCopy, HiddenStateCache
-from .trainer import SDFTTrainer
+from .trainer import SDFTTrainer, build_trainer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,8 +68,11 @@ class MetricsJsonl(TrainerCallback):
 
 
 class _TokensPerSecond(TrainerCallback):
-    def __init__(self, trainer: SDFTTrainer):
-        self.trainer, self.last = trainer, None
+    """Adds ``tokens_per_s`` to each log line; runs before the callbacks that write the line."""
+
+    def __init__(self):
+        self.trainer: Optional[SDFTTrainer] = None  # set once the trainer exists
+        self.last = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         now, seen = time.perf_counter(), self.trainer.tokens_seen
@@ -104,11 +110,16 @@ def check_head_not_sharded(args: TrainingArguments, env: Optional[dict] = None) 
         )
 
 
-def _training_args(cfg: TrainConfig, output_dir: Path, epochs: float) -> TrainingArguments:
+def training_arguments(cfg: TrainConfig, output_dir: Path, epochs: float) -> TrainingArguments:
+    """The ``TrainingArguments`` of one stage. Every field of :class:`TrainConfig` that is a
+    training argument is passed here, and the optimizer is built from these arguments
+    (:func:`sdft.trainer.build_trainer`), so a setting cannot stop short of the optimizer."""
     args = TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_schedule, warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_schedule,
+        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a fraction of the steps
+        weight_decay=cfg.weight_decay,
         num_train_epochs=epochs, max_steps=cfg.max_steps, logging_steps=cfg.logging_steps,
         save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, seed=cfg.seed, data_seed=cfg.seed,
         report_to=[], remove_unused_columns=False,  # the collator builds exactly the batch we need
@@ -120,36 +131,75 @@ def _training_args(cfg: TrainConfig, output_dir: Path, epochs: float) -> Trainin
     return args
 
 
-def _run_stage(cfg, name, student, teacher, loss, examples, tokenizer, report_path, resume, epochs, freeze_report):
+def _run_stage(cfg, name, student, teacher, loss, examples, tokenizer, metrics_path, resume, epochs, freeze_report):
     """Train ``student`` in place on ``examples``; returns the stage's output dir."""
-    out = Path(cfg.output_dir) / name
-    args = _training_args(cfg, out, epochs)
-    model = SDFTModel(student, teacher, loss)
-    optimizer = None
-    if freeze_report is not None:
-        optimizer = masked_optimizer(
-            torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=cfg.learning_rate), freeze_report)
     from datasets import Dataset
 
-    trainer = SDFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
-                          data_collator=PadCollator(tokenizer.pad_token_id), teacher=teacher, sdft_loss=loss,
-                          optimizers=(optimizer, None))
-    trainer.add_callback(_TokensPerSecond(trainer))
-    trainer.add_callback(MetricsJsonl(report_path, name))
-    checkpoint = get_last_checkpoint(str(out)) if (resume and out.exists()) else None
+    out = Path(cfg.output_dir) / name
+    tokens_per_s = _TokensPerSecond()
+    trainer = build_trainer(student, training_arguments(cfg, out, epochs), Dataset.from_list(examples),
+                            PadCollator(tokenizer.pad_token_id), teacher=teacher, loss=loss,
+                            freeze_report=freeze_report, callbacks=[tokens_per_s, MetricsJsonl(metrics_path, name)])
+    tokens_per_s.trainer = trainer
+    checkpoint = newest_complete_checkpoint(out) if resume else None
     trainer.train(resume_from_checkpoint=checkpoint)
     return out
 
 
-def load_student(cfg: TrainConfig):
-    dtype = _DTYPES[cfg.dtype]
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+def newest_complete_checkpoint(folder: Path) -> Optional[str]:
+    """The newest ``checkpoint-N`` in ``folder`` whose save finished, or None.
+
+    The Trainer writes ``trainer_state.json`` last, after the weights, optimizer and RNG state:
+    a checkpoint whose state file is missing, unreadable or names another step was being saved
+    when the run stopped. Such checkpoints hold nothing usable; they are removed (with a
+    message), and training resumes from the newest complete one.
+    """
+    steps = []
+    for path in Path(folder).glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir():
+            steps.append((int(match.group(1)), path))
+    for step, path in sorted(steps, reverse=True):
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            state = None
+        if isinstance(state, dict) and state.get("global_step") == step:
+            return str(path)
+        print(f"resume: {path} was not saved completely; removing it")
+        shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
+def save_final(model, tokenizer, folder: Path) -> None:
+    """Write ``folder`` (model and tokenizer) so that it exists only once complete.
+
+    Everything goes to ``<folder>.partial`` first and is renamed into place: a run stopped
+    during the save leaves no folder that looks finished but does not load.
+    """
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    if folder.exists():  # a rerun into the same output_dir replaces the old result
+        shutil.rmtree(folder)
+    os.replace(partial, folder)
+
+
+def load_tokenizer(cfg: TrainConfig, path=None):
+    tokenizer = AutoTokenizer.from_pretrained(path or cfg.tokenizer or cfg.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_student(cfg: TrainConfig, path=None):
+    """The model to train, from ``path`` (a stage-1 result) or ``cfg.model``, with every model
+    option of the config applied (dtype, gradient checkpointing): one place for both loads."""
+    model = AutoModelForCausalLM.from_pretrained(path or cfg.model, dtype=_DTYPES[cfg.dtype])
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    return model, tokenizer
+    return model
 
 
 def add_lora(model, cfg: TrainConfig):
@@ -176,59 +226,65 @@ def _make_teacher(cfg: TrainConfig, student, examples, tokenizer):
         HiddenStateCache.build(student, examples, cache_dir, dtype=_DTYPES[cfg.teacher.cache_dtype],
                                pad_token_id=tokenizer.pad_token_id, batch_size=cfg.batch_size)
     cache = HiddenStateCache(cache_dir)
-    cache.check_matches(examples, student)
+    cache.check_matches(examples, student)  # another dataset or teacher: refused, never reused
     return cache
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Run the configured training; returns the folder of the final model."""
+    """Run the configured training; returns the folder of the final model.
+
+    The data is read and checked before the model loads, so a bad file fails in seconds.
+    """
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-    torch.manual_seed(cfg.seed)
-    student, tokenizer = load_student(cfg)
-    if cfg.lora.r > 0:  # before freezing: freeze specs then apply to the adapted model
-        student = add_lora(student, cfg)
+    tokenizer = load_tokenizer(cfg)
     examples, data_report = tokenize_rows(load_rows(cfg.data), tokenizer, cfg.data)
     _write_data_report(out, data_report)
-    freeze_report = None
-    if cfg.freeze or cfg.train_only:
-        freeze_report = freeze(student, cfg.freeze or None, train_only=cfg.train_only)
-        print(freeze_report)
+    if cfg.stage1_epochs > 0 and not any(ex["known"] for ex in examples):
+        raise DataError(f"stage 1 needs known rows, but no row has {cfg.data.known_field}=true")
+    torch.manual_seed(cfg.seed)
+    student = load_student(cfg)
+    if cfg.lora.r > 0:  # before freezing: freeze specs then apply to the adapted model
+        student = add_lora(student, cfg)
+    freeze_report = _freeze(cfg, student)
     metrics = out / "metrics.jsonl"
     loss = SDFTLoss(ce_weight=cfg.loss.ce_weight, kl_weight=cfg.loss.kl_weight, temperature=cfg.loss.temperature,
                     divergence=cfg.loss.divergence, kl_positions=cfg.loss.kl_positions, impl=cfg.loss.impl)
 
     if cfg.stage1_epochs > 0:
         stage1_final = out / "stage1" / "final"
-        if (stage1_final / "config.json").exists():
-            student = AutoModelForCausalLM.from_pretrained(stage1_final, dtype=_DTYPES[cfg.dtype])
+        if stage1_final.is_dir():  # complete: it is renamed into place only once written
             if cfg.lora.r > 0:
                 raise ValueError(f"{stage1_final} holds LoRA adapters only; resuming a LoRA two-stage run "
                                  "after stage 1 is not supported: remove it to rerun stage 1")
-            if freeze_report is not None:
-                freeze_report = freeze(student, cfg.freeze or None, train_only=cfg.train_only)
+            student = load_student(cfg, stage1_final)
+            freeze_report = _freeze(cfg, student)
         else:
             known = [ex for ex in examples if ex["known"]]
-            if not known:
-                raise ValueError(f"stage 1 needs known rows, but no row has {cfg.data.known_field}=true")
             _run_stage(cfg, "stage1", student, None, SDFTLoss(impl=cfg.loss.impl), known, tokenizer, metrics,
                        resume, cfg.stage1_epochs, freeze_report)
-            student.save_pretrained(stage1_final)
-            tokenizer.save_pretrained(stage1_final)
+            save_final(student, tokenizer, stage1_final)
 
     teacher = _make_teacher(cfg, student, examples, tokenizer)
     _run_stage(cfg, "stage2" if cfg.stage1_epochs > 0 else "train", student, teacher, loss, examples, tokenizer,
                metrics, resume, cfg.epochs, freeze_report)
     final = out / "final"
     if int(os.environ.get("RANK", "0")) == 0:
-        student.save_pretrained(final)
-        tokenizer.save_pretrained(final)
+        save_final(student, tokenizer, final)
     return final
+
+
+def _freeze(cfg: TrainConfig, student):
+    if not (cfg.freeze or cfg.train_only):
+        return None
+    report = freeze(student, cfg.freeze or None, train_only=cfg.train_only)
+    print(report)
+    return report
 
 
 def _write_data_report(out: Path, report: DataReport) -> None:
     print(f"data: {report}")
     (out / "data_report.json").write_text(json.dumps(
-        {k: getattr(report, k) for k in ("rows", "kept", "missing_fields", "empty_response", "prompt_too_long",
-                                         "truncated")} | {"examples": report.examples[:20]}, indent=1))
+        {k: getattr(report, k) for k in ("rows", "kept", "malformed", "missing_fields", "empty_response",
+                                         "prompt_too_long", "truncated")} | {"examples": report.examples[:20]}, indent=1))
