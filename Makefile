@@ -38,30 +38,38 @@ compile-check-device:
 		$(DEVICE_VENV)/bin/python -m sdft_kernels.triton_compile_check
 	PYTHONPATH=$(DEVICE_VENV)/link:$(CURDIR) $(DEVICE_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/kernels
 
+# The loss microbenchmarks, then the training-step cost (SFT against SDFT per teacher source).
 bench: venv
 	$(PY) -m bench.run --device cpu
+	$(PY) -m bench.train_step --device cpu
 
-# The GPU benchmark, for a session with a lent GPU machine (device tool), in two steps:
-#   1. here:                 make gpu-wheels   (the peers' wheels into .whl/, ~1 MB)
-#   2. the device tool run:  command "make bench-gpu", carry [".whl"], timeout_s 600
-# bench-gpu (bench/bench_gpu.sh) installs the project in place (offline) and the carried
-# wheels into /tmp/site, runs the CUDA tests, then the GPU grid (headline shape first) with a
-# time budget, and writes everything flat into $OUT when set (the tool brings it back: copy
-# it into bench/results/), else into bench/results/: setup.log, cuda-tests.log, bench.log,
-# cuda-<date>.json (rewritten after every case) with its .md and plots, 7 files at most.
-# Failed CUDA tests do not stop the benchmark; the target still fails at the end.
-# Timing: tests stopped after GPU_TESTS_TIMEOUT_S; no bench case starts after GPU_BUDGET_S
-# (nor after GPU_DEADLINE_S - 90 s of the whole target); all done by ~GPU_DEADLINE_S + 10.
-# `python -m bench.run --device cuda --dry-run --budget-s 400` estimates the grid here.
+# The GPU benchmark on a CUDA machine without network access, in two steps:
+#   1. where there is network:  make gpu-wheels   (the peers' wheels into .whl/, ~1 MB)
+#   2. on the CUDA machine, with the project and its .whl/ copied there:  make bench-gpu
+# bench-gpu (bench/bench_gpu.sh) installs the project in place (offline) and the wheels into
+# /tmp/site, runs the CUDA tests, then the loss grid (headline shape first) and the
+# training-step benchmark, each with a time budget, and writes everything flat into $OUT when
+# set, else into bench/results/: setup.log, cuda-tests.log, bench.log, cuda-<date>.json
+# (rewritten after every case) with its .md and plots, train-step.log and
+# train-step-cuda-<date>.json with its .md and .png, 11 files at most.
+# Failed CUDA tests do not stop the benchmarks; the target still fails at the end.
+# Timing: tests stopped after GPU_TESTS_TIMEOUT_S; no loss-grid case starts after GPU_BUDGET_S
+# (nor after GPU_DEADLINE_S - GPU_STEP_RESERVE_S - 90 s of the whole target); the training
+# step has the last GPU_STEP_RESERVE_S and starts nothing after GPU_STEP_BUDGET_S of its own;
+# all done by ~GPU_DEADLINE_S + 10. `python -m bench.run --device cuda --dry-run --budget-s 400`
+# and `python -m bench.train_step --device cuda --dry-run --budget-s 60` estimate them anywhere.
 GPU_PYTHON ?= python3
 GPU_OUT ?= $(or $(OUT),bench/results)
 GPU_BUDGET_S ?= 400
 GPU_TESTS_TIMEOUT_S ?= 150
 GPU_DEADLINE_S ?= 560
+GPU_STEP_BUDGET_S ?= 60
+GPU_STEP_RESERVE_S ?= 100
 GPU_BENCH_ARGS ?=
 bench-gpu:
 	GPU_PYTHON='$(GPU_PYTHON)' GPU_OUT='$(GPU_OUT)' GPU_BUDGET_S='$(GPU_BUDGET_S)' \
 	GPU_TESTS_TIMEOUT_S='$(GPU_TESTS_TIMEOUT_S)' GPU_DEADLINE_S='$(GPU_DEADLINE_S)' \
+	GPU_STEP_BUDGET_S='$(GPU_STEP_BUDGET_S)' GPU_STEP_RESERVE_S='$(GPU_STEP_RESERVE_S)' \
 	GPU_BENCH_ARGS='$(GPU_BENCH_ARGS)' bash bench/bench_gpu.sh
 
 # The peers missing on the GPU machine, as wheels for its Python 3.12, at the versions in

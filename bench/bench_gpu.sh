@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
-# The whole GPU benchmark in one command, for a lent GPU machine: `make bench-gpu` runs this
-# (so does `bash bench/bench_gpu.sh` alone, with the same defaults, should make be missing).
+# The whole GPU benchmark in one command, for a CUDA machine without network access:
+# `make bench-gpu` runs this (so does `bash bench/bench_gpu.sh` alone, with the same defaults,
+# should make be missing).
 #
-# That machine's own python3 already holds torch, triton and pytest, and nothing can be
-# downloaded there, so there is no venv: the project is installed in place (offline), the
-# peers' wheels carried in .whl/ (made here by `make gpu-wheels`) go to /tmp/site, then the
-# CUDA tests run and then the benchmark grid, headline shape first, within a time budget.
+# The machine's python3 must already hold torch, triton, transformers, peft and pytest; there
+# is no venv: the project is installed in place (offline), the peers' wheels in .whl/ (made
+# where there is network by `make gpu-wheels`, then copied with the project) go to /tmp/site,
+# then the CUDA tests run, then the loss benchmark grid (headline shape first), then the
+# training-step benchmark, each within a time budget.
 #
-# Everything lands in $GPU_OUT (default: $OUT when set, else bench/results), flat,
-# at most 8 files: setup.log, cuda-tests.log, bench.log, cuda-<date>.json (rewritten after
-# every case, so it survives a kill), its .md and up to two plots.
+# Everything lands in $GPU_OUT (default: $OUT when set, else bench/results), flat, at most
+# 11 files: setup.log, cuda-tests.log, bench.log, cuda-<date>.json (rewritten after every
+# case, so it survives a kill), its .md and up to two plots, train-step.log and
+# train-step-cuda-<date>.json with its .md and .png.
 #
 # Time (seconds from this script's start): the CUDA tests are stopped after
-# GPU_TESTS_TIMEOUT_S; the benchmark starts no case after GPU_BUDGET_S of its own time, nor
-# after GPU_DEADLINE_S - 90 of the whole script's, and is stopped at GPU_DEADLINE_S - 10; a
-# stopped benchmark's partial JSON is rendered afterwards. With the defaults (150, 400, 560)
-# the script ends within ~570 s, inside the device tool's 600 s command limit.
+# GPU_TESTS_TIMEOUT_S; the loss grid starts no case after GPU_BUDGET_S of its own time, nor
+# after GPU_DEADLINE_S - 90 - GPU_STEP_RESERVE_S of the whole script's, and is stopped
+# GPU_STEP_RESERVE_S + 10 s before the deadline; the training-step benchmark then starts no
+# measurement after GPU_STEP_BUDGET_S of its own time and is stopped at GPU_DEADLINE_S - 10.
+# A stopped benchmark's partial JSON is rendered afterwards. With the defaults (150, 400, 560,
+# 100, 60) the script ends within ~570 s.
 #
-# Exit status: 0 only when the set-up, the CUDA tests and the benchmark all succeeded; the
-# benchmark runs (and its files are written) whatever the tests did.
+# Exit status: 0 only when the set-up, the CUDA tests and both benchmarks all succeeded; the
+# benchmarks run (and their files are written) whatever the tests did.
 
 set -u -o pipefail
 
@@ -27,6 +32,8 @@ out=${GPU_OUT:-${OUT:-bench/results}}
 budget=${GPU_BUDGET_S:-400}
 tests_timeout=${GPU_TESTS_TIMEOUT_S:-150}
 deadline=${GPU_DEADLINE_S:-560}
+step_budget=${GPU_STEP_BUDGET_S:-60}
+step_reserve=${GPU_STEP_RESERVE_S:-100}  # the training-step benchmark's share of the deadline
 extra_args=${GPU_BENCH_ARGS:-}
 repo=$(pwd)
 site=/tmp/site
@@ -57,7 +64,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     fi
 else
     log "no .whl/ folder: peers not on this machine will be recorded as skipped" \
-        "(make gpu-wheels here, then carry .whl)" >>"$out/setup.log"
+        "(make gpu-wheels where there is network, and copy .whl/ with the project)" >>"$out/setup.log"
 fi
 export PYTHONPATH=$pythonpath${PYTHONPATH:+:$PYTHONPATH}
 
@@ -94,7 +101,7 @@ case $tests_rc in
 esac
 
 # ---------------------------------------------------------------- benchmark (bench.log, results)
-left=$((deadline - SECONDS))
+left=$((deadline - step_reserve - SECONDS))
 bench_budget=$((left - 90 < budget ? left - 90 : budget))
 [ "$bench_budget" -lt 0 ] && bench_budget=0
 bench_timeout=$((left - 10 > 30 ? left - 10 : 30))
@@ -105,18 +112,36 @@ timeout -k 10 "$bench_timeout" "$py" -m bench.run --device cuda --budget-s "$ben
     --out "$out" $extra_args 2>&1 | tee "$out/bench.log"
 bench_rc=$?
 rm -f "$out"/.*.json.tmp
-json=$(find "$out" -maxdepth 1 -name '*.json' -newer "$marker" | head -n 1)
-rm -f "$marker"
+json=$(find "$out" -maxdepth 1 -name 'cuda-*.json' -newer "$marker" | head -n 1)
 if [ "$bench_rc" -ne 0 ] && [ -n "$json" ]; then
     # Stopped or crashed before rendering: render what the JSON holds (a partial run too).
     log "benchmark exit $bench_rc: rendering the results written so far ($json)" | tee -a "$out/bench.log"
     "$py" -m bench.report "$json" >/dev/null 2>>"$out/bench.log" || true
 fi
 
+# ---------------------------------------------------------------- training step (train-step.log)
+left=$((deadline - SECONDS))
+step_budget=$((left - 40 < step_budget ? left - 40 : step_budget))
+[ "$step_budget" -lt 0 ] && step_budget=0
+step_timeout=$((left - 10 > 20 ? left - 10 : 20))
+log "training-step benchmark: --budget-s $step_budget, stopped after ${step_timeout} s"
+timeout -k 10 "$step_timeout" "$py" -m bench.train_step --device cuda --budget-s "$step_budget" \
+    --out "$out" 2>&1 | tee "$out/train-step.log"
+step_rc=$?
+rm -f "$out"/.*.json.tmp
+json=$(find "$out" -maxdepth 1 -name 'train-step-cuda-*.json' -newer "$marker" | head -n 1)
+rm -f "$marker"
+if [ "$step_rc" -ne 0 ] && [ -n "$json" ]; then
+    log "training-step benchmark exit $step_rc: rendering the results written so far ($json)" \
+        | tee -a "$out/train-step.log"
+    "$py" -m bench.train_step_report "$json" >/dev/null 2>>"$out/train-step.log" || true
+fi
+
 log "files in $out:"
 ls -la "$out"
-if [ "$setup_rc" -ne 0 ] || [ "$tests_rc" -ne 0 ] || [ "$bench_rc" -ne 0 ]; then
-    log "FAILED: set-up status $setup_rc, CUDA tests exit $tests_rc, benchmark exit $bench_rc"
+if [ "$setup_rc" -ne 0 ] || [ "$tests_rc" -ne 0 ] || [ "$bench_rc" -ne 0 ] || [ "$step_rc" -ne 0 ]; then
+    log "FAILED: set-up status $setup_rc, CUDA tests exit $tests_rc, benchmark exit $bench_rc," \
+        "training-step benchmark exit $step_rc"
     exit 1
 fi
-log "done: CUDA tests passed, benchmark complete"
+log "done: CUDA tests passed, both benchmarks complete"

@@ -118,7 +118,7 @@ class CudaProbe:
 
 # ---------------------------------------------------------------- timing
 
-def _timed(step, device: str):
+def timed(step, device: str):
     """Run ``step`` once; returns ``(its result, seconds)``."""
     if device == "cuda":
         torch.cuda.synchronize()
@@ -133,7 +133,7 @@ def _timed(step, device: str):
     return out, time.perf_counter() - t0
 
 
-def _is_oom(e: BaseException) -> bool:
+def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
@@ -167,7 +167,7 @@ def measure(spec: dict) -> dict:
             step()
         inputs.zero_grads()
         with (CudaProbe() if device == "cuda" else RssProbe()) as probe:
-            loss, first_s = _timed(step, device)
+            loss, first_s = timed(step, device)
         result["mem_bytes"], result["mem_method"] = probe.bytes, probe.method
 
         if loss is not None:  # the floor computes no loss
@@ -190,13 +190,13 @@ def measure(spec: dict) -> dict:
         times = [first_s]
         for _ in range(spec["repeats"] - 1):
             inputs.zero_grads()
-            times.append(_timed(step, device)[1])
+            times.append(timed(step, device)[1])
         result["times_s"] = times
         result["median_s"] = statistics.median(times)
     except Skip as e:
         result["status"], result["reason"] = "skipped", str(e)
     except Exception as e:  # noqa: BLE001 - one failing peer must not stop the grid
-        if device == "cuda" and _is_oom(e):
+        if device == "cuda" and is_oom(e):
             result["status"] = "skipped"
             result["reason"] = f"does not fit in GPU memory: {str(e).splitlines()[0][:200]}"
         else:
