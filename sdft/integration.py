@@ -13,9 +13,28 @@ from torch import Tensor, nn
 
 from sdft_kernels import SDFTLossOutput
 
+from .architectures import auxiliary_loss
+from .head_check import ensure_checked
 from .loss import SDFTLoss
-from .model_head import final_hidden_states, head_spec
+from .model_head import decoder_forward, head_spec
 from .teacher import TeacherSource
+
+
+class CausalLMLossOutput(SDFTLossOutput):
+    """``(loss, ce, kl, n_tokens)``, as :class:`SDFTLossOutput` (it unpacks to those four), plus
+    ``aux``: the MoE load-balancing term the model's own forward adds to its loss, already
+    included in ``loss`` here (None when the model adds none)."""
+
+    aux: Optional[Tensor] = None  # the class default also covers copies made by _replace()
+
+    def __new__(cls, loss: Tensor, ce: Tensor, kl: Tensor, n_tokens: Tensor, aux: Optional[Tensor] = None):
+        self = super().__new__(cls, loss, ce, kl, n_tokens)
+        self.aux = aux
+        return self
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, aux={self.aux!r})"
+
 
 def shifted_targets(batch: Mapping[str, Tensor], ignore_index: int = -100) -> tuple[Tensor, Optional[Tensor]]:
     """Next-token labels ``[B, T-1]`` and the non-pad target mask ``[B, T-1]`` (or None).
@@ -25,6 +44,11 @@ def shifted_targets(batch: Mapping[str, Tensor], ignore_index: int = -100) -> tu
     """
     input_ids = batch["input_ids"]
     labels = batch.get("labels")
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(
+            f"labels have shape {tuple(labels.shape)} but input_ids {tuple(input_ids.shape)}: labels must be aligned "
+            "with input_ids (the Hugging Face convention: labels[:, t] is the token at position t, -100 where not "
+            "supervised); the loss shifts them itself, so do not pass labels already shifted")
     labels = (input_ids if labels is None else labels)[:, 1:].clone()
     mask = batch.get("attention_mask")
     target_mask = None
@@ -40,20 +64,36 @@ def causal_lm_loss(
     teacher: Optional[TeacherSource] = None,
     loss: Optional[SDFTLoss] = None,
     num_items_in_batch: Union[None, int, Tensor] = None,
-) -> SDFTLossOutput:
+    *,
+    check_head: bool = True,
+) -> CausalLMLossOutput:
     """SDFT loss of ``model`` on ``batch`` (``input_ids`` ``[B, T]``, optional ``attention_mask``
-    and ``labels`` with -100 on prompt tokens), against ``teacher`` (None: plain CE).
+    and ``labels`` ``[B, T]`` aligned with the inputs, -100 on prompt tokens), against
+    ``teacher`` (None: plain CE).
 
     Runs the decoder for final hidden states, shifts labels, masks padding, and calls the fused
-    loss with the output embedding and the architecture's logit transforms (softcap, scale).
-    ``num_items_in_batch`` is the normaliser of the mean over a whole accumulated batch, as the
-    HF Trainer passes it. Returns ``(loss, ce, kl, n_tokens)``.
+    loss with the output embedding and the architecture's logit transforms (``sdft.architectures``).
+    If the model's own forward adds an MoE load-balancing loss (``output_router_logits``), the
+    same term is added here and reported as ``aux``. ``num_items_in_batch`` is the normaliser of
+    the mean over a whole accumulated batch, as the HF Trainer passes it.
+
+    The first call per model instance compares this path with the model's own forward on a
+    short probe row and raises if they disagree (``sdft.head_check``); ``check_head=False``
+    skips that. Returns ``(loss, ce, kl, n_tokens)`` with ``aux`` as an attribute.
     """
     loss = SDFTLoss() if loss is None else loss
     ignore = loss.options.ignore_index
-    hidden = final_hidden_states(model, batch["input_ids"], batch.get("attention_mask"))
+    labels, target_mask = shifted_targets(batch, ignore)  # checks the labels' shape first
+    if check_head:
+        ensure_checked(model, batch)
+    aux_loss = auxiliary_loss(model)
+    if aux_loss is not None and loss.options.reduction != "mean":
+        raise ValueError(f"{type(model).__name__} adds an MoE auxiliary loss to its mean loss; "
+                         f"reduction={loss.options.reduction!r} has no such term (use reduction='mean')")
+    decoded = decoder_forward(model, batch["input_ids"], batch.get("attention_mask"),
+                              output_router_logits=aux_loss is not None)
+    hidden = decoded.hidden
     head = head_spec(model)
-    labels, target_mask = shifted_targets(batch, ignore)
 
     kl_mask = None
     if loss.kl_positions == "all":
@@ -67,12 +107,17 @@ def causal_lm_loss(
         teacher_hidden = _flatten(out.hidden, out.head.hidden_scale)
         teacher_weight, teacher_bias = out.head.weight, out.head.bias
 
-    return loss(
+    out = loss(
         _flatten(hidden, head.hidden_scale), head.weight, labels.reshape(-1), teacher_hidden, teacher_weight,
         student_bias=head.bias, teacher_bias=teacher_bias,
         kl_mask=None if kl_mask is None else kl_mask.reshape(-1),
         num_items=num_items_in_batch, softcap=head.softcap,
     )
+    if aux_loss is None:
+        return CausalLMLossOutput(*out)
+    # Added per call to the (micro-)batch's loss, as the model's own forward adds it.
+    aux = aux_loss(decoded.router_logits, batch.get("attention_mask")).to(out.loss.dtype)
+    return CausalLMLossOutput(out.loss + aux, out.ce, out.kl, out.n_tokens, aux.detach())
 
 
 def _flatten(hidden: Tensor, scale: float) -> Tensor:
@@ -88,11 +133,14 @@ class SDFTModel(nn.Module):
     the teacher is deliberately not, so it is neither trained, saved nor broadcast.
     """
 
-    def __init__(self, student: nn.Module, teacher: Optional[TeacherSource] = None, loss: Optional[SDFTLoss] = None):
+    def __init__(self, student: nn.Module, teacher: Optional[TeacherSource] = None, loss: Optional[SDFTLoss] = None,
+                 *, check_head: bool = True):
         super().__init__()
         self.student = student
         self.loss = SDFTLoss() if loss is None else loss
+        self.check_head = check_head  # see causal_lm_loss
         self.__dict__["teacher"] = teacher  # plain attribute on purpose: not a submodule
 
-    def forward(self, num_items_in_batch: Union[None, int, Tensor] = None, **batch: Tensor) -> SDFTLossOutput:
-        return causal_lm_loss(self.student, batch, self.teacher, self.loss, num_items_in_batch)
+    def forward(self, num_items_in_batch: Union[None, int, Tensor] = None, **batch: Tensor) -> CausalLMLossOutput:
+        return causal_lm_loss(self.student, batch, self.teacher, self.loss, num_items_in_batch,
+                              check_head=self.check_head)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from sdft import SDFTLoss, SDFTModel, causal_lm_loss
+from sdft.head_check import PROBE_TOKENS
 from sdft.teacher import FrozenCopy
 from tests.sdft.tiny_models import CONFIGS, make_batch, perturbed_copy, tiny_model
 
@@ -33,14 +34,20 @@ def naive_loss(student, teacher, batch, kl_weight=1.0, tau=TAU, kl_positions="la
 
 
 @contextlib.contextmanager
-def head_forward_forbidden(model):
-    """The fused path must never call the LM head's forward."""
-    def fail(*_):
-        raise AssertionError("the LM head's forward was called")
+def head_forward_forbidden(model, probe_calls: int = 0):
+    """The fused path never runs the LM head on the batch. The one-time head check may run
+    the model's own forward ``probe_calls`` times, on one row of at most PROBE_TOKENS tokens."""
+    calls = []
 
-    handle = model.get_output_embeddings().register_forward_pre_hook(fail)
+    def guard(_, args):
+        positions = args[0].shape[:-1]
+        calls.append(positions)
+        if len(calls) > probe_calls or positions.numel() > PROBE_TOKENS or positions[0] != 1:
+            raise AssertionError(f"the LM head's forward ran on {tuple(positions)} positions (call {len(calls)})")
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(guard)
     try:
-        yield
+        yield calls
     finally:
         handle.remove()
 
@@ -62,9 +69,11 @@ def test_matches_naive_logits_path(arch, kl_positions):
     expected_grads = _grads(student)
     student.zero_grad(set_to_none=True)
 
-    with head_forward_forbidden(student), head_forward_forbidden(teacher_model):
+    with head_forward_forbidden(student, probe_calls=1) as probes, head_forward_forbidden(teacher_model):
         out = causal_lm_loss(student, batch, teacher=FrozenCopy(teacher_model), loss=loss_fn)
         out.loss.backward()
+        causal_lm_loss(student, batch, teacher=FrozenCopy(teacher_model), loss=loss_fn)  # checked once only
+    assert len(probes) == 1
     got = _grads(student)
 
     assert float(out.kl) > 0, "the teacher differs from the student: the KL must be positive"
@@ -156,3 +165,18 @@ def test_sdft_loss_checks_its_settings_when_built():
     with pytest.raises(ValueError, match="kl_positions must be one of .* got 'every'"):
         SDFTLoss(kl_positions="every")
     assert SDFTLoss(impl="triton_chunked").impl == "triton_chunked"
+
+
+def test_labels_already_shifted_are_refused_with_the_convention():
+    student = tiny_model("llama")
+    batch = make_batch()
+    shifted = dict(batch, labels=batch["labels"][:, 1:])
+    with pytest.raises(ValueError, match=r"labels have shape \(3, 8\) but input_ids \(3, 9\): labels must be aligned "
+                                         r"with input_ids"):
+        causal_lm_loss(student, shifted)
+
+
+def test_no_check_never_runs_the_head():
+    student = tiny_model("gemma2", dtype=torch.float64)
+    with head_forward_forbidden(student):
+        causal_lm_loss(student, make_batch(), FrozenCopy(perturbed_copy(student)), check_head=False).loss.backward()

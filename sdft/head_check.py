@@ -1,0 +1,156 @@
+"""Once per model instance: does the fused path train the model's own objective?
+
+``sdft.architectures`` says what each known class does after its decoder. A class it does not
+know (a new transformers release, a custom model) may apply a transform it misses, and the
+fused loss would then train a different objective without a word. So the first time a model
+is used, a short probe row from the real batch goes through both paths:
+
+- the model's own ``forward(input_ids, labels=input_ids)``: its logits and its loss;
+- the fused path's pieces: the decoder's hidden states through the head spec (logits), the
+  next-token cross-entropy on them plus the auxiliary term, if any (loss);
+
+and they must agree within the dtype's tolerance. A third pass changes the probe's last token:
+the hidden states before it must not move, or the model is not causal. A disagreement raises
+:class:`ModelHeadMismatch` naming the architecture and its size. The probe costs three
+forwards of at most ``PROBE_TOKENS`` tokens without gradients, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .architectures import architecture_name, auxiliary_loss
+from .model_head import HeadSpec, decoder_forward, head_spec
+
+PROBE_TOKENS = 8
+
+# Disagreement allowed, relative to the scale of the compared values (max |logit|, at least 1).
+# The model computes its logits in its dtype and its loss in float32 (transformers upcasts);
+# the probe computes in float32/float64 from the same hidden states.
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+_checked: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+class ModelHeadMismatch(ValueError):
+    """The fused path's logits or loss differ from the model's own forward."""
+
+
+@dataclass(frozen=True)
+class HeadCheck:
+    """Largest disagreements found: logits relative to max |logit|, loss relative to max(1, |loss|),
+    hidden states before a changed token relative to max |hidden|."""
+
+    logits: float
+    loss: float
+    causality: float
+    tolerance: float
+
+
+def ensure_checked(model: nn.Module, batch: Mapping[str, Tensor]) -> None:
+    """Run :func:`check_model_head` the first time ``model`` (this instance) is seen."""
+    if model in _checked:
+        return
+    check_model_head(model, batch)
+    _checked.add(model)
+
+
+@torch.no_grad()
+def check_model_head(model: nn.Module, batch: Mapping[str, Tensor]) -> HeadCheck:
+    """Compare the fused path with ``model``'s own forward on a probe row of ``batch``.
+
+    Raises :class:`ModelHeadMismatch` if logits, loss or causality disagree beyond the
+    tolerance of the head's dtype; returns the measured disagreements otherwise.
+    """
+    ids = probe_row(batch)
+    if ids is None:
+        return HeadCheck(0.0, 0.0, 0.0, 0.0)  # nothing to compare yet: the next batch is checked
+    head = head_spec(model)
+    tolerance = TOLERANCE.get(head.weight.dtype, 5e-2)
+    aux = auxiliary_loss(model)
+    mask = torch.ones_like(ids)
+    with _eval_mode(model):
+        theirs = model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False)
+        ours = decoder_forward(model, ids, mask, output_router_logits=aux is not None)
+        changed = ids.clone()
+        changed[0, -1] = (changed[0, -1] + 1) % head.weight.shape[0]
+        later = decoder_forward(model, changed, mask).hidden
+
+    name = architecture_name(model)
+    advice = ("; if you know the fused objective is the one you want, pass check_head=False to "
+              "causal_lm_loss / SDFTModel")
+    their_logits = theirs.logits.double()
+    our_logits = _our_logits(head, ours.hidden)
+    if their_logits.shape != our_logits.shape:
+        raise ModelHeadMismatch(f"{name}: its own forward returns logits of shape {tuple(their_logits.shape)}, the "
+                                f"fused path's head gives {tuple(our_logits.shape)}{advice}")
+    scale = max(1.0, float(their_logits.abs().max()))
+    logits_error = float((our_logits - their_logits).abs().max()) / scale
+
+    our_loss = F.cross_entropy(our_logits[0, :-1], ids[0, 1:])
+    if aux is not None:
+        our_loss = our_loss + aux(ours.router_logits, mask).double()
+    their_loss = theirs.loss
+    if their_loss is None:
+        raise ModelHeadMismatch(f"{name}: its own forward returned no loss for labels=input_ids, so the objective "
+                                f"cannot be compared{advice}")
+    loss_error = float((our_loss - their_loss.double()).abs()) / max(1.0, float(their_loss.abs()))
+
+    hidden_scale = max(float(ours.hidden[0, :-1].abs().max()), 1e-30)
+    causality_error = float((later[0, :-1] - ours.hidden[0, :-1]).abs().max()) / hidden_scale
+    result = HeadCheck(logits_error, loss_error, causality_error, tolerance)
+
+    dtype = str(head.weight.dtype).replace("torch.", "")
+    if causality_error > tolerance:
+        raise ModelHeadMismatch(
+            f"{name} is not causal as configured: changing the last of {ids.shape[1]} tokens moved the hidden states "
+            f"before it by {causality_error:.2e} of their scale (tolerance {tolerance:.0e} for {dtype}); a next-token "
+            f"loss on it would train positions that see their own targets{advice}")
+    if getattr(theirs, "aux_loss", None) is not None and aux is None:
+        raise ModelHeadMismatch(
+            f"{name} adds an auxiliary loss (aux_loss {float(theirs.aux_loss):.4g}) that the fused path does not "
+            f"reproduce{advice}")
+    if logits_error > tolerance or loss_error > tolerance:
+        raise ModelHeadMismatch(
+            f"{name}: the fused path does not reproduce the model's own forward: logits differ by {logits_error:.2e} "
+            f"of their scale (max |logit| {scale:.3g}), the loss by {loss_error:.2e} (ours {float(our_loss):.6g}, "
+            f"the model's {float(their_loss):.6g}); tolerance {tolerance:.0e} for {dtype}. Its head applies a "
+            f"transform, or its loss a term, that sdft.architectures does not know{advice}")
+    return result
+
+
+def _our_logits(head: HeadSpec, hidden: Tensor) -> Tensor:
+    """The probe's logits through the head spec, in float64 from the model's hidden states."""
+    bias = None if head.bias is None else head.bias.double()
+    return HeadSpec(head.weight.double(), bias, head.softcap, head.hidden_scale).logits(hidden.double())
+
+
+def probe_row(batch: Mapping[str, Tensor], max_tokens: int = PROBE_TOKENS) -> Optional[Tensor]:
+    """``[1, t]`` ids: the first ``t <= max_tokens`` non-pad tokens of the first row that has
+    at least two, or None if no row has."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    for row in range(ids.shape[0]):
+        tokens = ids[row] if mask is None else ids[row][mask[row].bool()]
+        if tokens.numel() >= 2:
+            return tokens[:max_tokens].unsqueeze(0)
+    return None
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Dropout off for the probe; every module's own mode is restored afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
