@@ -123,12 +123,13 @@ def run_one(spec: RunSpec) -> dict:
     """Stage 1 then stage 2 for one seed and method, from the pretrained model in ``base_dir``.
 
     Returns ``{"seed", "method", "after_stage1", "history", "trained_parameters",
-    "total_parameters", "seconds"}``; ``history`` holds one accuracy record per epoch of stage 2,
-    the first taken before it starts.
+    "total_parameters", "seconds", "cpu_seconds", "spec"}``. ``history`` holds one accuracy
+    record per epoch of stage 2, the first taken before it starts; ``cpu_seconds`` is this
+    process's CPU time, which on a busy machine says more about the cost than the wall time.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     base = Path(spec.base_dir)
     splits = json.loads((base / "splits.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -143,11 +144,11 @@ def run_one(spec: RunSpec) -> dict:
     history, report = stage2(model, tokenizer, splits, spec, score)
     total = sum(p.numel() for p in model.parameters())
     trained = report.trainable if report is not None else total
-    seconds = time.perf_counter() - start
-    print(f"seed {spec.seed} {spec.method.key}: {seconds:.0f} s, {trained:,} of {total:,} parameters trained; "
-          "per epoch (task / new / old facts, %): " + ", ".join(
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    print(f"seed {spec.seed} {spec.method.key}: {seconds:.0f} s ({cpu_seconds:.0f} s of CPU), "
+          f"{trained:,} of {total:,} parameters trained; per epoch (task / new / old facts, %): " + ", ".join(
               f"{h['epoch']:g}: {100 * h['task']:.1f} / {100 * h['new_facts']:.1f} / {100 * h['old_facts']:.1f}"
               for h in history), flush=True)
     return {"seed": spec.seed, "method": spec.method.key, "after_stage1": after_stage1, "history": history,
             "trained_parameters": trained, "total_parameters": total, "seconds": seconds,
-            "spec": {**asdict(spec), "method": spec.method.key}}
+            "cpu_seconds": cpu_seconds, "spec": {**asdict(spec), "method": spec.method.key}}

@@ -97,7 +97,8 @@ class Progress:
         self.phase, self.last = "preparing", ""
         self.cost_total = self.cost_done = 0.0
         self.seconds_done = 0.0  # summed run durations (worker time)
-        self._width = 0
+        self._width = 0          # of the line last drawn (terminal)
+        self._last_phase = None  # of the line last printed (not a terminal)
 
     def set_costs(self, costs: list[float]) -> None:
         self.cost_total = float(sum(costs))
@@ -141,9 +142,9 @@ class Progress:
             pad = max(0, self._width - len(text))
             self.stream.write("\r" + text + " " * pad)
             self._width = len(text)
-        elif force_line or text.split(" | ")[0] != getattr(self, "_last_phase", None):
+        elif force_line or self.phase != self._last_phase:
             self.stream.write(text + "\n")
-        self._last_phase = text.split(" | ")[0]
+        self._last_phase = self.phase
         self.stream.flush()
 
     def close(self) -> None:

@@ -185,7 +185,7 @@ def plot_curves(runs: list[dict], table: dict, path: Path) -> None:
     """Held-out and new-fact accuracy against stage-2 epoch: seed mean, band = min..max."""
     plt = _pyplot()
     colors = _colors(list(table))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5), sharex=True)
     for key, entry in table.items():
         rows = [r for r in runs if r["method"] == key]
         width = min(len(r["history"]) for r in rows)
@@ -202,8 +202,9 @@ def plot_curves(runs: list[dict], table: dict, path: Path) -> None:
         ax.set_xlabel("stage-2 epoch")
         ax.set_ylabel("exact match (%)")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * ((len(labels) + 2) // 3), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -228,12 +229,14 @@ def plot_tradeoff(table: dict, front: Optional[dict], path: Path) -> None:
             ax.annotate(f"λ={key[5:]}", (x, y), textcoords="offset points", xytext=(6, -12), fontsize=8)
     if front is not None:
         sft = front["sft"]
-        ax.axhline(100 * LEARN_FRACTION * sft["new_facts"][0], color="gray", ls="--", lw=0.8)
-        ax.axvline(100 * FORGET_FRACTION * sft["forgetting"][0], color="gray", ls=":", lw=0.8)
-        ax.fill_between([ax.get_xlim()[0], 100 * FORGET_FRACTION * sft["forgetting"][0]],
-                        100 * LEARN_FRACTION * sft["new_facts"][0], 101, color="tab:green", alpha=0.07, zorder=0)
-        ax.text(0.01, 0.99, f"target: >= {LEARN_FRACTION:.0%} of SFT's new facts,\n"
-                f"<= 1/3 of SFT's forgetting", transform=ax.transAxes, va="top", fontsize=8, color="dimgray")
+        learn, forget = 100 * LEARN_FRACTION * sft["new_facts"][0], 100 * FORGET_FRACTION * sft["forgetting"][0]
+        ax.axhline(learn, color="gray", ls="--", lw=0.8)
+        ax.axvline(forget, color="gray", ls=":", lw=0.8)
+        xlim, ylim = ax.get_xlim(), ax.get_ylim()
+        ax.fill_between([xlim[0], forget], learn, ylim[1], color="tab:green", alpha=0.08, zorder=0,
+                        label=f"target: >= {LEARN_FRACTION:.0%} of SFT's new facts, <= 1/3 of its forgetting")
+        ax.set_xlim(xlim)
+        ax.set_ylim(ylim)
     ax.set_xlabel("forgetting: drop of held-out old-fact accuracy from its peak (points)")
     ax.set_ylabel("new-fact accuracy after stage 2 (%)")
     ax.set_title("learning vs forgetting (mean ± std over seeds)")
