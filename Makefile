@@ -92,11 +92,16 @@ gpu-wheels:
 	@for w in .whl/*.whl; do echo "$$w requires:"; unzip -p "$$w" '*/METADATA' | grep '^Requires-Dist' | grep -v 'extra ==' | sed 's/^/    /'; done
 	@du -ch .whl/*.whl | sed 's/^/  /'
 
+# The paper's effect on a generated toy world (README, "See it work"): every row of the table
+# and SDFT at four lambdas, 3 seeds, into runs/demo/. Longer studies pass their own rows,
+# lambdas, seeds or model depth, e.g. make demo DEMO_ARGS="--layers 4 --out runs/demo-4-layers".
+# demo-quick (one seed, a smaller world) is what the test suite runs.
+DEMO_ARGS ?=
 demo: venv
-	$(PY) -m sdft demo
+	$(PY) -m sdft demo $(DEMO_ARGS)
 
 demo-quick: venv
-	$(PY) -m sdft demo --quick
+	$(PY) -m sdft demo --quick $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEVICE_VENV) .pytest_cache build *.egg-info
