@@ -283,11 +283,20 @@ _AUX_LOSS: dict[str, Callable[[nn.Module], Optional[AuxiliaryLoss]]] = {
 def auxiliary_loss(model: nn.Module) -> Optional[AuxiliaryLoss]:
     """The auxiliary term ``model``'s own forward adds to its loss, or None if it adds none.
 
-    The classes in the table add it when their config sets ``output_router_logits``. A class
-    outside the table that reports an ``aux_loss`` is caught by ``sdft.head_check``.
+    The classes in the table add it when their config sets ``output_router_logits``. Another
+    class asking for router logits is refused if its modeling module has a load-balancing
+    loss; one that reports an ``aux_loss`` anyway is caught by ``sdft.head_check``.
     """
     inner = unwrap(model)
     if not getattr(inner.config, "output_router_logits", False):
         return None
     build = _entry(_AUX_LOSS, model)
-    return None if build is None else build(inner)
+    if build is not None:
+        return build(inner)
+    if hasattr(importlib.import_module(type(inner).__module__), "load_balancing_loss_func"):
+        # Its family computes a load-balancing loss, but how this class calls it is not known.
+        raise UnsupportedLossTerm(
+            f"{architecture_name(model)} asks for router logits (output_router_logits) and its family adds a "
+            "load-balancing loss that the fused path does not know how this class computes; set "
+            "output_router_logits=False to train without it")
+    return None

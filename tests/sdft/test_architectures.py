@@ -196,10 +196,15 @@ def test_check_refuses_a_transform_the_tables_do_not_know(monkeypatch, dtype):
     causal_lm_loss(_granite(dtype), make_batch(), check_head=False)  # the switch: trusted as it is
 
 
-def test_check_refuses_an_auxiliary_loss_the_tables_do_not_know(monkeypatch):
+def test_an_auxiliary_loss_the_tables_do_not_know_is_refused(monkeypatch):
+    # As if Mixtral were a new MoE class: its family's load_balancing_loss_func gives it away.
     monkeypatch.delitem(architectures._AUX_LOSS, "MixtralForCausalLM")
+    with pytest.raises(UnsupportedLossTerm, match=r"MixtralForCausalLM \(mixtral\) asks for router logits"):
+        causal_lm_loss(_mixtral(output_router_logits=True), make_batch(), check_head=False)
+    # Without that clue, the head check still sees the aux_loss in the model's own output.
+    monkeypatch.setattr("sdft.head_check.auxiliary_loss", lambda model: None)
     with pytest.raises(ModelHeadMismatch, match=r"MixtralForCausalLM \(mixtral\) adds an auxiliary loss"):
-        causal_lm_loss(_mixtral(output_router_logits=True), make_batch())
+        check_model_head(_mixtral(output_router_logits=True), make_batch())
 
 
 def test_check_refuses_a_model_that_is_not_causal():
