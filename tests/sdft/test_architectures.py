@@ -191,7 +191,7 @@ def test_check_refuses_a_transform_the_tables_do_not_know(monkeypatch, dtype):
     model = _granite(dtype)
     assert check_model_head(model, make_batch()).logits < 1e-2  # known: passes in every dtype
     monkeypatch.delitem(architectures._HEAD_TRANSFORMS, "GraniteForCausalLM")
-    with pytest.raises(ModelHeadMismatch, match=r"GraniteForCausalLM \(granite\).*logits differ by .* of their scale"):
+    with pytest.raises(ModelHeadMismatch, match=r"GraniteForCausalLM \(granite\).*own logits: they differ by"):
         causal_lm_loss(_granite(dtype), make_batch())
     causal_lm_loss(_granite(dtype), make_batch(), check_head=False)  # the switch: trusted as it is
 
@@ -205,6 +205,14 @@ def test_an_auxiliary_loss_the_tables_do_not_know_is_refused(monkeypatch):
     monkeypatch.setattr("sdft.head_check.auxiliary_loss", lambda model: None)
     with pytest.raises(ModelHeadMismatch, match=r"MixtralForCausalLM \(mixtral\) adds an auxiliary loss"):
         check_model_head(_mixtral(output_router_logits=True), make_batch())
+
+
+def test_check_refuses_a_loss_that_is_not_next_token(monkeypatch):
+    # As if Whisper's decoder were a new class: its own loss does not shift the labels.
+    monkeypatch.delitem(architectures._NOT_CAUSAL_DECODERS, "WhisperForCausalLM")
+    with pytest.raises(ModelHeadMismatch, match=r"WhisperForCausalLM \(whisper\): its own loss is not the next-token "
+                                                r"cross-entropy of its logits"):
+        causal_lm_loss(build_tiny("whisper"), make_batch())
 
 
 def test_check_refuses_a_model_that_is_not_causal():
