@@ -32,7 +32,9 @@ class UnsupportedLossTerm(NotImplementedError):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT wrapper (its adapters stay in place), else ``model``."""
+    """The transformers model inside a ``torch.compile`` or PEFT wrapper (adapters stay in
+    place), else ``model``."""
+    model = getattr(model, "_orig_mod", model)
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 

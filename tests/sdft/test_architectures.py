@@ -256,6 +256,13 @@ def test_probe_uses_non_pad_tokens_of_a_left_padded_batch():
 # Other entry points
 # ---------------------------------------------------------------------------------------------
 
+def test_wrappers_are_looked_up_as_the_model_inside():
+    # torch.compile's wrapper is not a subclass of the model: the tables must see through it.
+    model = tf.Gemma2ForCausalLM(tiny_config("gemma2", final_logit_softcapping=2.0))
+    assert architectures.head_transform(torch.compile(model)).softcap == 2.0
+    assert architectures.architecture_name(torch.compile(model)) == "Gemma2ForCausalLM (gemma2)"
+
+
 def test_peft_student_matches_its_own_loss():
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
