@@ -43,8 +43,8 @@ from .measure_case import CudaProbe
 from .plan import DTYPES
 from .results import (IN_PROGRESS_REASON, PENDING_REASON, REPO_ROOT, device_name, git,
                       load_average, package_versions)
-from .train_step_cases import (BATCHES, CASES, PROMPT_FRACTION, QUICK_BATCH, StepModel,
-                               models, skip_reason)
+from .train_step_cases import (BATCHES, CASES, LEARNING_RATE, PROMPT_FRACTION, QUICK_BATCH,
+                               StepModel, models, skip_reason)
 from .train_step_measure import RESULT_MARKER, measure_memory, measure_times
 from .train_step_results import case_record, write_results
 
@@ -206,7 +206,8 @@ def meta(args, date: str) -> dict:
         "warmup": args.warmup, "repeats": args.repeats, "in_process": in_process,
         "objective": f"SFT: CE; SDFT: CE + {LAMBDA} * {TAU}^2 * KL(teacher || student) at the "
                      f"labelled positions; the first {PROMPT_FRACTION:.0%} of each sequence is "
-                     "prompt (not labelled); AdamW",
+                     "prompt (not labelled); AdamW, fused as the HF Trainer's default, "
+                     f"lr {LEARNING_RATE:g}",
         "memory": (CudaProbe.method if args.device == "cuda" else "peak RSS growth, "
                    + ("this process (--in-process)" if in_process else "a fresh process per case"))
                   + ", over building the model, teacher and optimizer (its state created) and one "
@@ -302,12 +303,13 @@ def _run(args) -> Path:
 
 
 def _progress(what: str, r: dict) -> None:
-    from .report import fmt_bytes, fmt_time
+    from .report import fmt_time
+    from .train_step_report import fmt_mem
 
     if r["status"] != "ok":
         detail = f"{r['status']}: {r.get('reason')}"
     elif what == "memory":
-        detail = f"peak {fmt_bytes(r['mem_bytes'])}, loss at step 1 {r['first_loss']:.4f}"
+        detail = f"peak {fmt_mem(r['mem_bytes'])}, loss at step 1 {r['first_loss']:.4f}"
     else:
         detail = (f"median {fmt_time(r['median_s'])} of {len(r['times_s'])} interleaved steps"
                   if r["median_s"] is not None else r["time_reason"])

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from .report import fmt_bytes, fmt_ratio, fmt_time
+from .report import fmt_ratio, fmt_time
 from .train_step_cases import CASES, SETTINGS
 
 BREAKDOWN = (("weights", "weights"), ("gradients", "gradients"), ("optimizer", "AdamW state"),
@@ -31,8 +31,15 @@ def target_lines(targets: list) -> list:
             lines.append(f"- n/a  {t['name']} {sign} {t['limit']}: {t['note']}")
             continue
         verdict = "PASS" if t["passed"] else "FAIL"
-        lines.append(f"- {verdict} {t['name']} = {t['value']:.2f} (target {sign} {t['limit']})")
+        lines.append(f"- {verdict} {t['name']} = {t['value']:.3f} (target {sign} {t['limit']})")
     return lines
+
+
+def fmt_mem(b) -> str:
+    """Bytes as GiB with two decimals from 1 GiB up, else whole MiB."""
+    if b is None:
+        return "-"
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
 
 
 def _mib(b) -> str:
@@ -56,7 +63,7 @@ def case_table(rows: list) -> list:
                   f"{fmt_ratio(c['time_over_versus'])}, {fmt_ratio(c['mem_over_versus'])} "
                   f"{c['versus']}")
         out.append(f"| {_title(c['case'])} | {fmt_time(c['median_s'])} | "
-                   f"{fmt_ratio(c.get('time_over_sft'))} | {fmt_bytes(c['mem_bytes'])} | "
+                   f"{fmt_ratio(c.get('time_over_sft'))} | {fmt_mem(c['mem_bytes'])} | "
                    f"{fmt_ratio(c.get('mem_over_sft'))} | {second} | {loss} |")
     return out
 
@@ -164,9 +171,14 @@ def write_plot(results: dict, path: Path) -> Optional[Path]:
             ax.invert_yaxis()
             ax.set_xlabel(unit, fontsize=9)
             for y, v, c in zip(ys, values, cs):
-                if c.get(ratio) is not None:
-                    ax.text(v, y, f" {c[ratio]:.2f}x", va="center", fontsize=8)
-            ax.set_xlim(0, max(values) * 1.18)
+                if c.get(ratio) is None:
+                    continue
+                text = f" {c[ratio]:.2f}x"
+                second = c.get(ratio.replace("_sft", "_versus"))
+                if second is not None and CASES[c["case"]].lora:  # its own baseline: LoRA SFT
+                    text += f" ({second:.2f}x LoRA SFT)"
+                ax.text(v, y, text, va="center", fontsize=8)
+            ax.set_xlim(0, max(values) * 1.3)
             ax.grid(True, axis="x", alpha=0.3)
         row[0].set_title(f"{model}: {cs[0].get('model_title', '')}", fontsize=9, loc="left")
     meta = results["meta"]
