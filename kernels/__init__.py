@@ -5,7 +5,8 @@ Imports torch only at import time; triton is imported when a Triton kernel is fi
 
 from .fused_loss import default_impl, fused_linear_sdft_loss
 from .options import LossOptions
-from .reference import SDFTLossOutput, reference_sdft_loss
+from .loss_output import SDFTLossOutput
+from .reference import reference_sdft_loss
 
 __all__ = ["fused_linear_sdft_loss", "default_impl", "reference_sdft_loss", "LossOptions", "SDFTLossOutput"]
 __version__ = "0.1.0"

@@ -8,11 +8,17 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .options import IMPLS, TRITON_IMPLS, LossOptions
+from .options import DEFAULT_IMPL, TRITON_IMPLS, LossOptions, check_impl
 from .reduction import counted_masks, normaliser
-from .reference import SDFTLossOutput, accumulation_dtype, reference_sdft_loss
-from .torch_chunked import TorchChunkedSDFT, TorchEpilogue, TritonEpilogue
+from .chunk_loop import ChunkedSDFT
+from .loss_output import SDFTLossOutput
+from .reduction import accumulation_dtype
+from .reference import reference_sdft_loss
+from .torch_epilogue import TorchEpilogue
 from .validation import check_inputs, check_label_range
+
+
+_DEFAULTS = LossOptions()  # the keyword defaults below are LossOptions' own
 
 
 def fused_linear_sdft_loss(
@@ -24,19 +30,19 @@ def fused_linear_sdft_loss(
     *,
     student_bias: Optional[Tensor] = None,
     teacher_bias: Optional[Tensor] = None,
-    ce_weight: float = 1.0,
-    kl_weight: float = 1.0,
-    temperature: float = 0.5,
-    divergence: str = "forward_kl",
-    jsd_beta: float = 0.5,
-    ignore_index: int = -100,
+    ce_weight: float = _DEFAULTS.ce_weight,
+    kl_weight: float = _DEFAULTS.kl_weight,
+    temperature: float = _DEFAULTS.temperature,
+    divergence: str = _DEFAULTS.divergence,
+    jsd_beta: float = _DEFAULTS.jsd_beta,
+    ignore_index: int = _DEFAULTS.ignore_index,
     kl_mask: Optional[Tensor] = None,
-    reduction: str = "mean",
+    reduction: str = _DEFAULTS.reduction,
     num_items: Union[None, int, float, Tensor] = None,
-    softcap: Optional[float] = None,
-    impl: str = "auto",
+    softcap: Optional[float] = _DEFAULTS.softcap,
+    impl: str = DEFAULT_IMPL,
     return_components: bool = False,
-    validate_labels: bool = True,
+    validate_labels: bool = _DEFAULTS.validate_labels,
     chunk_size: Optional[int] = None,
 ) -> Union[Tensor, SDFTLossOutput]:
     """LM-head matmul + cross-entropy + teacher divergence, without materialising the logits.
@@ -64,12 +70,16 @@ def fused_linear_sdft_loss(
             is scaled by ``tau**2``.
         divergence: ``"forward_kl"`` = KL(p_t || p_s) (the paper's), ``"reverse_kl"`` =
             KL(p_s || p_t), ``"jsd"`` = beta KL(p_t || m) + (1 - beta) KL(p_s || m) with
-            ``m = beta p_t + (1 - beta) p_s``, beta = ``jsd_beta`` in [0, 1].
+            ``m = beta p_t + (1 - beta) p_s``, beta = ``jsd_beta`` in [0, 1]; as in TRL and
+            Liger, ``jsd`` at beta 0 is forward KL and at beta 1 reverse KL. Every divergence
+            takes ``0 log 0 = 0``: teacher logits of -inf (masked entries) are allowed.
         kl_mask: ``[N]`` bool, the positions that carry the divergence; default: positions
             whose label is not ignored. Positions counted by neither term contribute nothing.
         reduction: ``"mean"`` (sum / normaliser), ``"sum"`` or ``"none"`` (``[N]`` rows).
         num_items: normaliser of ``"mean"`` (e.g. the token count of a whole accumulated
-            batch); default: the number of positions whose label is not ignored. At least 1.
+            batch): a number >= 1, or 0 for an accumulated batch with nothing to count (the
+            loss is then 0), or such a one-element tensor; default: the number of positions
+            whose label is not ignored.
         softcap: if set, every logit z becomes ``softcap * tanh(z / softcap)`` (Gemma 2).
         impl: ``"auto"`` (:func:`default_impl`), ``"triton_chunked"`` (CUDA; the default
             there: chunks of logits from cuBLAS GEMMs and one fused Triton epilogue), ``"triton"``
@@ -78,28 +88,77 @@ def fused_linear_sdft_loss(
             (materialised; for checking).
         return_components: return :class:`SDFTLossOutput` ``(loss, ce, kl, n_tokens)``;
             the parts are detached and unweighted, and computing them needs no host sync.
-        validate_labels: check the label range (one host sync); turn off to avoid the sync.
+        validate_labels: check the label range and a tensor ``num_items`` (one host sync);
+            turn off to avoid the sync.
         chunk_size: rows per chunk of the chunked paths (default: from a budget of ~192 MiB
             for ``"torch"``, 1 GiB of logits for ``"triton_chunked"``).
 
     Returns:
         The loss (float32, float64 for float64 inputs): a scalar, or ``[N]`` for
         ``reduction="none"``; or :class:`SDFTLossOutput` with ``return_components=True``.
+
+    Under ``torch.autocast`` the inputs are cast as ``F.linear`` would cast them (floating
+    tensors but float64, to the autocast dtype), so the GEMMs and kernels run in that dtype;
+    gradients reach the original tensors in their own dtypes. Under ``torch.no_grad()`` no
+    gradient is formed. A second backward through the same loss (``retain_graph=True``) works
+    for ``"triton"`` and ``"reference"``; the chunked paths hand their gradients over at the
+    first one and raise a clear error on a second.
     """
     options = LossOptions(
         ce_weight=ce_weight, kl_weight=kl_weight, temperature=temperature, divergence=divergence,
         jsd_beta=jsd_beta, ignore_index=ignore_index, reduction=reduction, softcap=softcap,
+        validate_labels=validate_labels,
     )
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return sdft_loss(options, student_hidden, student_weight, labels, teacher_hidden, teacher_weight,
+                     student_bias=student_bias, teacher_bias=teacher_bias, kl_mask=kl_mask, num_items=num_items,
+                     impl=impl, return_components=return_components, chunk_size=chunk_size)
+
+
+def sdft_loss(
+    options: LossOptions,
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    labels: Tensor,
+    teacher_hidden: Optional[Tensor] = None,
+    teacher_weight: Optional[Tensor] = None,
+    *,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    kl_mask: Optional[Tensor] = None,
+    num_items: Union[None, int, float, Tensor] = None,
+    impl: str = DEFAULT_IMPL,
+    return_components: bool = False,
+    chunk_size: Optional[int] = None,
+) -> Union[Tensor, SDFTLossOutput]:
+    """:func:`fused_linear_sdft_loss` with its settings as one :class:`LossOptions`, built
+    once by the caller (:class:`sdft.SDFTLoss` holds one). Arguments as there."""
+    check_impl(impl)
+    device_type = student_hidden.device.type if isinstance(student_hidden, Tensor) else "cpu"
+    autocast_dtype = _autocast_dtype(device_type)
+    if autocast_dtype is not None:
+        # As F.linear would under autocast: the GEMMs (and so the kernels) run in its dtype.
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = (
+            _autocast(t, autocast_dtype) for t in
+            (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias))
     check_inputs(student_hidden, student_weight, labels, teacher_hidden, teacher_weight,
                  student_bias, teacher_bias, kl_mask, num_items)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if validate_labels:
-        check_label_range(labels, student_weight.shape[0], ignore_index)
+    if options.validate_labels:
+        check_label_range(labels, student_weight.shape[0], options.ignore_index, num_items)
     impl = _resolve_impl(impl, student_hidden.device)
+    if autocast_dtype is None:
+        return _loss(student_hidden, student_weight, labels, teacher_hidden, teacher_weight, student_bias,
+                     teacher_bias, kl_mask, num_items, options, impl, return_components, chunk_size)
+    # The kernels pick their own precisions; autocast must not re-cast inside them.
+    with torch.autocast(device_type, enabled=False):
+        return _loss(student_hidden, student_weight, labels, teacher_hidden, teacher_weight, student_bias,
+                     teacher_bias, kl_mask, num_items, options, impl, return_components, chunk_size)
 
+
+def _loss(student_hidden, student_weight, labels, teacher_hidden, teacher_weight, student_bias, teacher_bias,
+          kl_mask, num_items, options, impl, return_components, chunk_size):
+    """The loss of checked inputs with a resolved ``impl``."""
     # The teacher is a constant for every implementation.
     if teacher_hidden is not None:
         teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
@@ -113,19 +172,19 @@ def fused_linear_sdft_loss(
         )
         return out if return_components else out.loss
 
-    label_mask, kl_rows = counted_masks(labels, kl_mask, ignore_index)
+    label_mask, kl_rows = counted_masks(labels, kl_mask, options.ignore_index)
     if teacher_hidden is None:
         kl_rows = torch.zeros_like(label_mask)
     denom = normaliser(label_mask, num_items, accumulation_dtype(student_hidden.dtype))
     tensors = [student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias]
     if impl != "torch":  # Triton kernels index rows with one stride and contiguous columns
         tensors = [None if t is None else t.contiguous() for t in tensors]
-    args = (*tensors, labels.contiguous(), label_mask, kl_rows, denom, options, chunk_size)
+    args = (*tensors, labels.contiguous(), label_mask, kl_rows, denom, options, chunk_size,
+            torch.is_grad_enabled())
     if impl == "triton":
         loss, ce, kl = _triton_function().apply(*args)
     else:
-        epilogue = TritonEpilogue if impl == "triton_chunked" else TorchEpilogue
-        loss, ce, kl = TorchChunkedSDFT.apply(*args, epilogue)
+        loss, ce, kl = ChunkedSDFT.apply(*args, _triton_epilogue() if impl == "triton_chunked" else TorchEpilogue)
     if not return_components:
         return loss
     return SDFTLossOutput(loss, ce, kl, label_mask.sum())
@@ -141,6 +200,22 @@ def default_impl(device: Union[str, torch.device]) -> str:
     return "triton_chunked" if torch.device(device).type == "cuda" else "torch"
 
 
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast gives F.linear on ``device_type`` now, or None if it is off."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        enabled = torch.is_autocast_enabled() if device_type == "cuda" else False
+    return torch.get_autocast_dtype(device_type) if enabled else None
+
+
+def _autocast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``t`` cast as autocast casts F.linear's inputs: floating tensors except float64."""
+    if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+        return t.to(dtype)
+    return t
+
+
 def _resolve_impl(impl: str, device: torch.device) -> str:
     if impl == "auto":
         return default_impl(device)
@@ -153,6 +228,12 @@ def _resolve_impl(impl: str, device: torch.device) -> str:
 
 
 def _triton_function():
-    from .triton_autograd import TritonSDFT
+    from .triton_autograd import TritonSDFT  # triton imports lazily: CPU users need not pay
 
     return TritonSDFT
+
+
+def _triton_epilogue():
+    from .triton_chunked import TritonEpilogue
+
+    return TritonEpilogue

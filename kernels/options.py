@@ -1,8 +1,8 @@
-"""The loss settings shared by every implementation.
+"""The loss settings shared by every implementation, and where their defaults live.
 
-One frozen dataclass travels from the public function to the reference, the chunked torch
-path and the Triton launchers, so that no implementation re-reads fifteen positional
-arguments and none can disagree about a default.
+One frozen dataclass travels from the public function (or :class:`sdft.SDFTLoss`, or the
+``loss:`` section of ``sdft train``) to the reference, the chunk loop and the Triton
+launchers, so that no layer re-spells the settings and none can disagree about a default.
 """
 
 from __future__ import annotations
@@ -14,7 +14,15 @@ from typing import Optional
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "triton", "triton_chunked", "torch", "reference")
+DEFAULT_IMPL = "auto"
 TRITON_IMPLS = ("triton", "triton_chunked")  # need CUDA (or Triton's interpreter)
+
+
+def check_impl(impl: str) -> str:
+    """``impl`` if it names an implementation; the one place this is checked."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return impl
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,8 @@ class LossOptions:
                + kl_weight * tau**2 * D(softmax(z_t / tau), softmax(z_s / tau)) * kl_mask_i
 
     where ``softcap`` (if set) first maps every logit z to ``softcap * tanh(z / softcap)``.
+    ``validate_labels`` checks the label range (and a tensor ``num_items``) before any kernel
+    runs, at the cost of one host synchronisation per call.
     """
 
     ce_weight: float = 1.0
@@ -37,6 +47,7 @@ class LossOptions:
     ignore_index: int = -100
     reduction: str = "mean"
     softcap: Optional[float] = None
+    validate_labels: bool = True
 
     def __post_init__(self) -> None:
         for name in ("ce_weight", "kl_weight"):
@@ -49,7 +60,7 @@ class LossOptions:
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
         b = self.jsd_beta
-        if not isinstance(b, (int, float)) or not (0.0 <= b <= 1.0):
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not (0.0 <= b <= 1.0):
             raise ValueError(f"jsd_beta must be in [0, 1], got {b!r}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
@@ -59,6 +70,20 @@ class LossOptions:
                 raise ValueError(f"softcap must be None or a finite number > 0, got {c!r}")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        if not isinstance(self.validate_labels, bool):
+            raise TypeError(f"validate_labels must be a bool, got {self.validate_labels!r}")
+
+    @property
+    def effective_divergence(self) -> str:
+        """The divergence the implementations compute.
+
+        ``"jsd"`` at ``jsd_beta`` 0 is forward KL(p_t || p_s) and at 1 reverse KL(p_s || p_t),
+        as in TRL's ``generalized_jsd_loss`` and Liger's fused JSD: the mixture itself would
+        degenerate to ``m = p_s`` (resp. ``p_t``) there and give a divergence of exactly 0.
+        """
+        if self.divergence == "jsd" and self.jsd_beta in (0, 1):
+            return "forward_kl" if self.jsd_beta == 0 else "reverse_kl"
+        return self.divergence
 
     @property
     def jsd_log_weights(self) -> tuple[float, float]:

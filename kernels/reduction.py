@@ -1,4 +1,5 @@
-"""Which positions count, what ``mean`` divides by, and the per-row gradient scales.
+"""Which positions count, what ``mean`` divides by, the per-row gradient scales, and the dtype
+of the loss statistics.
 
 Shared by the reference and the fused paths so that the reduction semantics live in one place.
 """
@@ -13,24 +14,31 @@ from torch import Tensor
 from .options import LossOptions
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Loss statistics are float32 for half/bfloat16/float32 inputs, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def counted_masks(labels: Tensor, kl_mask: Optional[Tensor], ignore_index: int) -> tuple[Tensor, Tensor]:
-    """``(label_mask, kl_mask)`` as booleans ``[N]``; the KL defaults to the labelled positions."""
-    label_mask = labels != ignore_index
-    return label_mask, (label_mask if kl_mask is None else kl_mask.bool())
+    """``(label_mask, kl_mask)`` as contiguous booleans ``[N]`` (the kernels read them with
+    stride 1: a strided or expanded mask is copied); the KL defaults to the labelled positions."""
+    label_mask = (labels != ignore_index).contiguous()
+    return label_mask, (label_mask if kl_mask is None else kl_mask.bool().contiguous())
 
 
 def normaliser(label_mask: Tensor, num_items: Union[None, int, float, Tensor], dtype: torch.dtype) -> Tensor:
     """The divisor of ``reduction="mean"``: ``num_items`` if given, else the labelled count.
 
-    A 0-dim tensor of ``dtype``, clamped to at least 1 so that a batch with nothing counted
-    gives 0 rather than 0 / 0. No host synchronisation.
+    A 0-dim tensor of ``dtype``, at least 1, so that a batch with nothing counted (``num_items``
+    0: an empty accumulated batch) gives 0 rather than 0 / 0. No host synchronisation: a Python
+    number is filled in on the device, not copied there.
     """
     if num_items is None:
         count = label_mask.sum()
     elif isinstance(num_items, Tensor):
-        count = num_items.to(device=label_mask.device)
+        count = num_items.detach().reshape(()).to(device=label_mask.device)
     else:
-        count = torch.tensor(num_items, device=label_mask.device)
+        count = torch.full((), float(num_items), dtype=dtype, device=label_mask.device)
     return count.to(dtype).clamp_min(1)
 
 

@@ -7,33 +7,15 @@ problems.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .loss_output import SDFTLossOutput
 from .options import LossOptions, jsd_log_weights
-from .reduction import combine, counted_masks, normaliser
-
-
-class SDFTLossOutput(NamedTuple):
-    """Loss plus its parts, as returned with ``return_components=True``.
-
-    ``ce`` and ``kl`` are reduced like ``loss`` (scalars, or ``[N]`` for ``reduction="none"``)
-    and carry no weights: ``loss = ce_weight * ce + kl_weight * tau**2 * kl``. ``ce``, ``kl``
-    and ``n_tokens`` (int64 count of positions whose label is not ignored) are detached.
-    """
-
-    loss: Tensor
-    ce: Tensor
-    kl: Tensor
-    n_tokens: Tensor
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Loss statistics are float32 for half/bfloat16/float32 inputs, float64 for float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .reduction import accumulation_dtype, combine, counted_masks, normaliser
 
 
 def apply_softcap(logits: Tensor, softcap: Optional[float]) -> Tensor:
@@ -47,21 +29,32 @@ def divergence_rows(logp_s: Tensor, logp_t: Tensor, divergence: str, jsd_beta: f
     """Row-wise divergence between teacher and student log-probabilities ``[N, V] -> [N]``.
 
     ``forward_kl`` = KL(p_t || p_s) (the paper's), ``reverse_kl`` = KL(p_s || p_t),
-    ``jsd`` = beta * KL(p_t || m) + (1 - beta) * KL(p_s || m), m = beta * p_t + (1 - beta) * p_s.
-    Works in log space so that underflowed probabilities give 0 * finite, never NaN.
+    ``jsd`` = beta * KL(p_t || m) + (1 - beta) * KL(p_s || m), m = beta * p_t + (1 - beta) * p_s
+    (``divergence`` as :attr:`LossOptions.effective_divergence` names it: beta in (0, 1)).
+    Every term is ``p * (log p - log q)`` with ``0 log 0 = 0``: an entry where ``p`` is 0 (an
+    underflow, or a logit of -inf that masks a vocabulary entry) contributes exactly 0 to the
+    value and to the gradient, never a NaN.
     """
-    p_s, p_t = logp_s.exp(), logp_t.exp()
+
+    def plogp_ratio(logp: Tensor, logq: Tensor) -> Tensor:
+        p = logp.exp()
+        # The where comes first, so that no NaN of (-inf) - (-inf) reaches the gradient either.
+        return p * torch.where(p > 0, logp - logq, 0.0)
+
     if divergence == "forward_kl":
-        return (p_t * (logp_t - logp_s)).sum(-1)
+        return plogp_ratio(logp_t, logp_s).sum(-1)
     if divergence == "reverse_kl":
-        return (p_s * (logp_s - logp_t)).sum(-1)
+        return plogp_ratio(logp_s, logp_t).sum(-1)
     if divergence == "jsd":
         beta = jsd_beta
-        # log m as a log-sum-exp so that beta in {0, 1} (log 0 = -inf) stays exact.
         log_beta, log_1m_beta = jsd_log_weights(beta)
-        log_m = torch.logaddexp(logp_t + log_beta, logp_s + log_1m_beta)
-        kl_t = (p_t * (logp_t - log_m)).sum(-1)
-        kl_s = (p_s * (logp_s - log_m)).sum(-1)
+        a, b = logp_t + log_beta, logp_s + log_1m_beta
+        # Where both are -inf, m = 0 is never used (p_t = p_s = 0 there); finite stand-ins keep
+        # logaddexp's gradient, exp(-inf - (-inf)), from being NaN.
+        unused = (a == float("-inf")) & (b == float("-inf"))
+        log_m = torch.logaddexp(a.masked_fill(unused, 0.0), b.masked_fill(unused, 0.0))
+        kl_t = plogp_ratio(logp_t, log_m).sum(-1)
+        kl_s = plogp_ratio(logp_s, log_m).sum(-1)
         return beta * kl_t + (1.0 - beta) * kl_s
     raise ValueError(f"unknown divergence {divergence!r}")
 
@@ -99,12 +92,13 @@ def reference_sdft_loss(
 
     if teacher_hidden is not None:
         with torch.no_grad():
-            teacher_hidden = torch.where(counted, teacher_hidden, teacher_hidden.new_zeros(()))
             z_t = F.linear(teacher_hidden, teacher_weight, teacher_bias).to(acc)
-            z_t = apply_softcap(z_t, o.softcap)
+            # Rows outside the KL mask get constant teacher logits: whatever the teacher holds
+            # there (a NaN) must not reach the student's gradient through a weight of 0.
+            z_t = torch.where(kl_rows.unsqueeze(-1), apply_softcap(z_t, o.softcap), 0.0)
         tau = o.temperature
         div = divergence_rows(
-            torch.log_softmax(z_s / tau, -1), torch.log_softmax(z_t / tau, -1), o.divergence, o.jsd_beta
+            torch.log_softmax(z_s / tau, -1), torch.log_softmax(z_t / tau, -1), o.effective_divergence, o.jsd_beta
         )
         kl_rows_val = torch.where(kl_rows, div, 0.0)
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .autograd_guard import first_order_only
+from .autograd_guard import fused_backward, gradients_needed
 from .reduction import combine, row_scales
 
 
@@ -13,13 +13,13 @@ class TritonSDFT(torch.autograd.Function):
     logit tiles from them. Returns ``(loss, ce, kl)`` with ``ce``/``kl`` non-differentiable."""
 
     @staticmethod
-    def forward(ctx, h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, denom, options, _chunk_size):
+    def forward(ctx, h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, denom, options, _chunk_size, grad_enabled):
         from .triton_forward import sdft_forward  # triton imports lazily: CPU users need not pay
 
         stats = sdft_forward(h, W, b, ht, Wt, bt, labels, kl_mask, options)
         loss, ce, kl = combine(stats.ce_rows, stats.div_rows, denom, options)
-        ctx.options = options
-        ctx.need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
+        ctx.options, ctx.device_type = options, h.device.type
+        ctx.need = gradients_needed(ctx, b is not None, grad_enabled)
         if any(ctx.need):
             ctx.stats = stats
             ctx.save_for_backward(h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, denom)
@@ -27,7 +27,7 @@ class TritonSDFT(torch.autograd.Function):
         return loss, ce, kl
 
     @staticmethod
-    @first_order_only
+    @fused_backward
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
         from .triton_backward import sdft_backward
 
@@ -38,5 +38,5 @@ class TritonSDFT(torch.autograd.Function):
             h, W, b, ht, Wt, bt, labels, ctx.stats, ce_scale.contiguous(), kl_scale.contiguous(),
             ctx.options, *ctx.need,
         )
-        ctx.stats = None
-        return d_h, d_w, d_b, None, None, None, None, None, None, None, None, None
+        # ctx.stats ([N] vectors) stays: a retained graph may run this backward again.
+        return d_h, d_w, d_b, None, None, None, None, None, None, None, None, None, None

@@ -9,7 +9,9 @@ never stored: two kernels recompute it tile by tile from the forward statistics.
   tokens and accumulates ``dW[cols] += dz^T @ h[rows]`` and ``db[cols] += dz.sum(0)``.
 
 Every output element has one owner program and is summed in a fixed order: no atomics, and
-the result is bitwise reproducible. A program's partial sums live in the output itself (or in
+the result is bitwise reproducible. (The two kernels share their per-tile gradient, their row
+loads and one launcher, and their configs were chosen together against register spills: they
+stay in one file of about 350 lines rather than two that must change in step.) A program's partial sums live in the output itself (or in
 a float32 buffer of the same shape for half-precision outputs): the tile is read, updated and
 written back once per sweep step, and the last step writes the output dtype.
 """
@@ -22,18 +24,20 @@ import triton.language as tl
 from torch import Tensor
 
 from .options import LossOptions
+from .reduction import accumulation_dtype
 from .triton_common import (
     INTERPRET,
     KernelConfig,
-    accumulation_tl_dtype,
-    dot_precision,
+    dot_flags,
     load_labels,
     logits_tile,
     loss_flags,
     loss_scalars,
+    on_device,
+    presence_flags,
     scalar_args,
-    teacher_dot_dtype,
-    tl_dtype,
+    sizes_aligned,
+    tile_dtype,
 )
 from .triton_forward import ForwardStats
 from .triton_math import logit_grad
@@ -48,16 +52,28 @@ from .triton_math import logit_grad
 BACKWARD_HIDDEN_CONFIG = KernelConfig(block_n=64, block_v=64, block_d=32, num_warps=8, num_stages=2)
 # block_d 16: at 32 the bf16 JSD variant spilled 8 B on sm_80 once uncounted rows were masked.
 BACKWARD_WEIGHT_CONFIG = KernelConfig(block_n=128, block_v=64, block_d=16, num_warps=8, num_stages=2)
-BACKWARD_HIDDEN_CONFIG_FP32 = KernelConfig(block_n=32, block_v=64, block_d=16, num_warps=8, num_stages=2)
+# float32 tiles: [32, 64] (eight warps) spilled on sm_80 for unaligned sizes (56 B), for a
+# float32 teacher of a bfloat16 student (triton 3.6, 8 B), or, at 80 registers, a few bytes
+# for CE alone. [32, 32] on four warps compiles every aligned variant, mixed teacher included,
+# under triton 3.6 and 3.9 without spills; unaligned sizes and float64 have their own (each
+# the first that compiled without spills for all its variants under both):
+BACKWARD_HIDDEN_CONFIG_FP32 = KernelConfig(block_n=32, block_v=32, block_d=16, num_warps=4, num_stages=2)
+BACKWARD_HIDDEN_CONFIG_FP32_UNALIGNED = KernelConfig(block_n=16, block_v=64, block_d=16, num_warps=8, num_stages=2)
+BACKWARD_HIDDEN_CONFIG_FP64 = KernelConfig(block_n=16, block_v=16, block_d=16, num_warps=4, num_stages=1)
 # One stage: with two, ptxas spilled the reverse_kl variant on sm_80 (79 registers, 32 B spilled).
-BACKWARD_WEIGHT_CONFIG_FP32 = KernelConfig(block_n=32, block_v=64, block_d=32, num_warps=8, num_stages=1)
+# Four warps: with eight, ptxas held each thread to 128 registers and spilled the softcap
+# variant on sm_80 for a float32 teacher of a bfloat16 student and for unaligned float32
+# sizes (8 B), and with block_d 16 the float32 softcap variant on sm_90 (24 B).
+BACKWARD_WEIGHT_CONFIG_FP32 = KernelConfig(block_n=32, block_v=64, block_d=32, num_warps=4, num_stages=1)
+# float64 needs twice the registers per element: with four warps it spilled, with eight not.
+BACKWARD_WEIGHT_CONFIG_FP64 = KernelConfig(block_n=32, block_v=64, block_d=32, num_warps=8, num_stages=1)
 BACKWARD_CONFIG_INTERPRET = KernelConfig(block_n=64, block_v=128, block_d=64, num_warps=1, num_stages=1)
 
 
 @triton.jit
 def logits_grad_tile(
     h_ptr, w_ptr, b_ptr, ht_ptr, wt_ptr, bt_ptr,  # student and teacher hidden, weight, bias
-    labels, lse, lse_s, lse_t, aux, ce_scale, kl_scale,  # [BLOCK_N] per-token values
+    labels, m, log_sum_1, log_sum_s, m_t, log_sum_t, aux, ce_scale, kl_scale,  # [BLOCK_N] per-token values
     rows, cols, row_mask, col_mask,  # [BLOCK_N], [BLOCK_V] indices and masks
     D, DT,  # hidden sizes
     stride_h, stride_w, stride_ht, stride_wt,  # row strides
@@ -83,7 +99,7 @@ def logits_grad_tile(
         cols, D, softcap, inv_softcap, HAS_BIAS, HAS_SOFTCAP, DOT_DTYPE, ACC, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
     )
     dz = logit_grad(
-        z_s, z_t, cols, labels, lse, lse_s, lse_t, aux, ce_scale, kl_scale,
+        z_s, z_t, cols, labels, m, log_sum_1, log_sum_s, m_t, log_sum_t, aux, ce_scale, kl_scale,
         inv_tau, inv_softcap, log_beta, log_1m_beta, one_m_beta, HAS_TEACHER, HAS_SOFTCAP, DIVERGENCE,
     )
     return tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
@@ -92,32 +108,38 @@ def logits_grad_tile(
 @triton.jit
 def load_row_stats(
     rows, N,  # [BLOCK_N] token indices, token count
-    labels_ptr, lse_ptr, lse_s_ptr, lse_t_ptr, aux_ptr, ce_scale_ptr, kl_scale_ptr,  # [N] inputs
+    labels_ptr, m_ptr, log_sum_1_ptr, log_sum_s_ptr, m_t_ptr, log_sum_t_ptr, aux_ptr,  # [N] statistics
+    ce_scale_ptr, kl_scale_ptr,  # [N] gradient scales
     ignore_index, ACC: tl.constexpr,
 ):
     """Per-token inputs of the gradient for one token block.
 
-    Returns ``(in_range, active, labels, lse, lse_s, lse_t, aux, ce_scale, kl_scale)``; ignored
+    Returns ``(in_range, active, labels, m, log_sum_1, log_sum_s, m_t, log_sum_t, aux, ce_scale,
+    kl_scale)``; ignored
     labels become -1 (never a column, even when ignore_index lies in [0, V)). ``active`` rows
     count for some term: the others are never loaded, so a NaN there reaches no gradient.
     """
     in_range = rows < N
     labels = load_labels(labels_ptr, rows, in_range, ignore_index)
-    lse = tl.load(lse_ptr + rows, mask=in_range, other=0.0)
-    lse_s = tl.load(lse_s_ptr + rows, mask=in_range, other=0.0)
-    lse_t = tl.load(lse_t_ptr + rows, mask=in_range, other=0.0)
+    m = tl.load(m_ptr + rows, mask=in_range, other=0.0)
+    log_sum_1 = tl.load(log_sum_1_ptr + rows, mask=in_range, other=0.0)
+    log_sum_s = tl.load(log_sum_s_ptr + rows, mask=in_range, other=0.0)
+    m_t = tl.load(m_t_ptr + rows, mask=in_range, other=0.0)
+    log_sum_t = tl.load(log_sum_t_ptr + rows, mask=in_range, other=0.0)
     aux = tl.load(aux_ptr + rows, mask=in_range, other=0.0)
     ce_scale = tl.load(ce_scale_ptr + rows, mask=in_range, other=0.0).to(ACC)
     kl_scale = tl.load(kl_scale_ptr + rows, mask=in_range, other=0.0).to(ACC)
     active = in_range & ((ce_scale != 0.0) | (kl_scale != 0.0))
-    return in_range, active, labels, lse, lse_s, lse_t, aux, ce_scale, kl_scale
+    return in_range, active, labels, m, log_sum_1, log_sum_s, m_t, log_sum_t, aux, ce_scale, kl_scale
 
 
+@presence_flags(HAS_BIAS="b_ptr", HAS_TEACHER="ht_ptr", HAS_TEACHER_BIAS="bt_ptr")
 @triton.jit
 def sdft_backward_hidden_kernel(
-    h_ptr, w_ptr, b_ptr,  # student hidden [N, D], weight [V, D], bias [V]
-    ht_ptr, wt_ptr, bt_ptr,  # teacher hidden [N, DT], weight [V, DT], bias [V]
-    labels_ptr, lse_ptr, lse_s_ptr, lse_t_ptr, aux_ptr, ce_scale_ptr, kl_scale_ptr,  # [N] inputs
+    h_ptr, w_ptr, b_ptr,  # student hidden [N, D], weight [V, D], bias [V] or None
+    ht_ptr, wt_ptr, bt_ptr,  # teacher hidden [N, DT], weight [V, DT], bias [V]; None without a teacher
+    labels_ptr, m_ptr, log_sum_1_ptr, log_sum_s_ptr, m_t_ptr, log_sum_t_ptr, aux_ptr,  # [N] forward statistics
+    ce_scale_ptr, kl_scale_ptr,  # [N] gradient scales
     dh_acc_ptr, dh_ptr,  # [N, D] ACC partial sums (may alias dh), [N, D] gradient in h's dtype
     N, V, D, DT,  # sizes
     stride_h, stride_w, stride_ht, stride_wt, stride_dh,  # row strides in elements
@@ -131,8 +153,9 @@ def sdft_backward_hidden_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask, active, labels, lse, lse_s, lse_t, aux, ce_scale, kl_scale = load_row_stats(
-        rows, N, labels_ptr, lse_ptr, lse_s_ptr, lse_t_ptr, aux_ptr, ce_scale_ptr, kl_scale_ptr, ignore_index, ACC,
+    row_mask, active, labels, m, log_sum_1, log_sum_s, m_t, log_sum_t, aux, ce_scale, kl_scale = load_row_stats(
+        rows, N, labels_ptr, m_ptr, log_sum_1_ptr, log_sum_s_ptr, m_t_ptr, log_sum_t_ptr, aux_ptr,
+        ce_scale_ptr, kl_scale_ptr, ignore_index, ACC,
     )
     inv_tau, softcap, inv_softcap, log_beta, log_1m_beta, beta = loss_scalars(
         inv_tau, softcap, log_beta, log_1m_beta, beta, ACC)
@@ -144,7 +167,7 @@ def sdft_backward_hidden_kernel(
         col_mask = cols < V
         dz = logits_grad_tile(
             h_ptr, w_ptr, b_ptr, ht_ptr, wt_ptr, bt_ptr,
-            labels, lse, lse_s, lse_t, aux, ce_scale, kl_scale, rows, cols, active, col_mask,
+            labels, m, log_sum_1, log_sum_s, m_t, log_sum_t, aux, ce_scale, kl_scale, rows, cols, active, col_mask,
             D, DT, stride_h, stride_w, stride_ht, stride_wt,
             inv_tau, softcap, inv_softcap, log_beta, log_1m_beta, one_m_beta,
             HAS_BIAS, HAS_TEACHER, HAS_TEACHER_BIAS, HAS_SOFTCAP, DIVERGENCE,
@@ -171,12 +194,15 @@ def sdft_backward_hidden_kernel(
             tl.store(dh_ptr + offsets, acc.to(dh_ptr.dtype.element_ty), mask=rows_final[:, None] & d_mask[None, :])
 
 
+@presence_flags(HAS_BIAS="b_ptr", HAS_TEACHER="ht_ptr", HAS_TEACHER_BIAS="bt_ptr", COMPUTE_DW="dw_ptr",
+                COMPUTE_DB="db_ptr")
 @triton.jit
 def sdft_backward_weight_kernel(
-    h_ptr, w_ptr, b_ptr,  # student hidden [N, D], weight [V, D], bias [V]
-    ht_ptr, wt_ptr, bt_ptr,  # teacher hidden [N, DT], weight [V, DT], bias [V]
-    labels_ptr, lse_ptr, lse_s_ptr, lse_t_ptr, aux_ptr, ce_scale_ptr, kl_scale_ptr,  # [N] inputs
-    dw_acc_ptr, dw_ptr, db_ptr,  # [V, D] ACC partial sums (may alias dW), [V, D] dW in W's dtype, [V] db
+    h_ptr, w_ptr, b_ptr,  # student hidden [N, D], weight [V, D], bias [V] or None
+    ht_ptr, wt_ptr, bt_ptr,  # teacher hidden [N, DT], weight [V, DT], bias [V]; None without a teacher
+    labels_ptr, m_ptr, log_sum_1_ptr, log_sum_s_ptr, m_t_ptr, log_sum_t_ptr, aux_ptr,  # [N] forward statistics
+    ce_scale_ptr, kl_scale_ptr,  # [N] gradient scales
+    dw_acc_ptr, dw_ptr, db_ptr,  # [V, D] ACC partial sums (may alias dW), [V, D] dW in W's dtype, [V] db; None: not wanted
     N, V, D, DT,  # sizes
     stride_h, stride_w, stride_ht, stride_wt, stride_dw,  # row strides in elements
     ignore_index,  # label of positions without cross-entropy
@@ -200,12 +226,13 @@ def sdft_backward_weight_kernel(
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         # Only active rows are loaded (logits and h alike): this kernel stores per column.
-        _, row_mask, labels, lse, lse_s, lse_t, aux, ce_scale, kl_scale = load_row_stats(
-            rows, N, labels_ptr, lse_ptr, lse_s_ptr, lse_t_ptr, aux_ptr, ce_scale_ptr, kl_scale_ptr, ignore_index, ACC,
+        _, row_mask, labels, m, log_sum_1, log_sum_s, m_t, log_sum_t, aux, ce_scale, kl_scale = load_row_stats(
+            rows, N, labels_ptr, m_ptr, log_sum_1_ptr, log_sum_s_ptr, m_t_ptr, log_sum_t_ptr, aux_ptr,
+            ce_scale_ptr, kl_scale_ptr, ignore_index, ACC,
         )
         dz = logits_grad_tile(
             h_ptr, w_ptr, b_ptr, ht_ptr, wt_ptr, bt_ptr,
-            labels, lse, lse_s, lse_t, aux, ce_scale, kl_scale, rows, cols, row_mask, col_mask,
+            labels, m, log_sum_1, log_sum_s, m_t, log_sum_t, aux, ce_scale, kl_scale, rows, cols, row_mask, col_mask,
             D, DT, stride_h, stride_w, stride_ht, stride_wt,
             inv_tau, softcap, inv_softcap, log_beta, log_1m_beta, one_m_beta,
             HAS_BIAS, HAS_TEACHER, HAS_TEACHER_BIAS, HAS_SOFTCAP, DIVERGENCE,
@@ -236,13 +263,19 @@ def sdft_backward_weight_kernel(
         tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_mask)
 
 
-def default_backward_configs(dtype: torch.dtype) -> tuple[KernelConfig, KernelConfig]:
-    """``(hidden kernel config, weight kernel config)`` for ``dtype`` inputs in this process."""
+def default_backward_configs(dtype: torch.dtype, aligned: bool = True) -> tuple[KernelConfig, KernelConfig]:
+    """``(hidden kernel config, weight kernel config)`` for tiles of ``dtype``
+    (:func:`tile_dtype`) in this process; ``aligned``: :func:`sizes_aligned` of the launch."""
     if INTERPRET:
         return BACKWARD_CONFIG_INTERPRET, BACKWARD_CONFIG_INTERPRET
     if dtype.itemsize == 2:
         return BACKWARD_HIDDEN_CONFIG, BACKWARD_WEIGHT_CONFIG
-    return BACKWARD_HIDDEN_CONFIG_FP32, BACKWARD_WEIGHT_CONFIG_FP32
+    weight = BACKWARD_WEIGHT_CONFIG_FP64 if dtype.itemsize == 8 else BACKWARD_WEIGHT_CONFIG_FP32
+    if not aligned:
+        return BACKWARD_HIDDEN_CONFIG_FP32_UNALIGNED, weight
+    if dtype.itemsize == 8:
+        return BACKWARD_HIDDEN_CONFIG_FP64, weight
+    return BACKWARD_HIDDEN_CONFIG_FP32, weight
 
 
 def sdft_backward(
@@ -282,46 +315,37 @@ def sdft_backward(
         return tuple(None if g is None else g.zero_() for g in (dh, dW, db))
 
     has_teacher = ht is not None
-    default_hidden, default_weight = default_backward_configs(h.dtype)
+    aligned = sizes_aligned(V, D, h.stride(0), W.stride(0), *((ht.shape[1], ht.stride(0), Wt.stride(0)) if has_teacher else ()))
+    default_hidden, default_weight = default_backward_configs(tile_dtype(h.dtype, None if ht is None else ht.dtype), aligned)
     hidden_config = hidden_config or default_hidden
     weight_config = weight_config or default_weight
-    acc_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-    common = (
-        h, W, b if b is not None else W,
-        ht if has_teacher else h, Wt if has_teacher else W, bt if bt is not None else W,
-        labels, stats.lse, stats.lse_s, stats.lse_t, stats.div_aux, ce_scale, kl_scale,
-    )
+    acc_dtype = accumulation_dtype(h.dtype)
+    common = (h, W, b, ht, Wt, bt, labels, stats.m, stats.log_sum_1, stats.log_sum_s, stats.m_t, stats.log_sum_t,
+              stats.div_aux, ce_scale, kl_scale)
     sizes = (N, V, D, ht.shape[1] if has_teacher else 0)
     strides = (h.stride(0), W.stride(0), ht.stride(0) if has_teacher else 0, Wt.stride(0) if has_teacher else 0)
     scalars = scalar_args(options)
-    flags = dict(
-        loss_flags(options, b is not None, has_teacher, bt is not None),
-        DOT_DTYPE=tl_dtype(h.dtype),
-        TEACHER_DOT_DTYPE=teacher_dot_dtype(h.dtype, ht.dtype, Wt.dtype) if has_teacher else tl_dtype(h.dtype),
-        ACC=accumulation_tl_dtype(h.dtype), PRECISION=dot_precision(),
-    )
+    flags = dict(loss_flags(options), **dot_flags(h, ht, Wt))
 
     if need_hidden_grad:
         # Partial sums need ACC precision; a float32/float64 dh can hold them itself.
         dh_acc = dh if dh.dtype == acc_dtype else torch.empty(N, D, device=h.device, dtype=acc_dtype)
         cfg = hidden_config
-        sdft_backward_hidden_kernel[(triton.cdiv(N, cfg.block_n),)](
-            *common, dh_acc, dh, *sizes, *strides, dh.stride(0), *scalars, **flags,
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        with on_device(h):  # the tensors' device, not the current one
+            sdft_backward_hidden_kernel[(triton.cdiv(N, cfg.block_n),)](
+                *common, dh_acc, dh, *sizes, *strides, dh.stride(0), *scalars, **flags,
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
     if need_weight_grad or need_bias_grad:
+        dW_acc = None
         if need_weight_grad:
             dW_acc = dW if dW.dtype == acc_dtype else torch.empty(V, D, device=W.device, dtype=acc_dtype)
-        else:
-            dW_acc = dW = W  # never written: COMPUTE_DW is off
         cfg = weight_config
-        sdft_backward_weight_kernel[(triton.cdiv(V, cfg.block_v),)](
-            *common, dW_acc, dW, db if db is not None else W, *sizes, *strides, dW.stride(0), *scalars, **flags,
-            COMPUTE_DW=need_weight_grad, COMPUTE_DB=need_bias_grad,
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        if not need_weight_grad:
-            dW = None
+        with on_device(h):
+            sdft_backward_weight_kernel[(triton.cdiv(V, cfg.block_v),)](
+                *common, dW_acc, dW, db, *sizes, *strides, dW.stride(0) if need_weight_grad else 0, *scalars,
+                **flags, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
     return dh, dW, db

@@ -1,6 +1,6 @@
 """The chunked GPU path's epilogue: loss rows and logit gradient of one ``[C, V]`` logits chunk.
 
-``impl="triton_chunked"`` runs the chunk loop of :mod:`sdft_kernels.torch_chunked` with the
+``impl="triton_chunked"`` runs the chunk loop of :mod:`sdft_kernels.chunk_loop` with the
 four GEMMs in cuBLAS (through ``torch.mm``) and everything between them in this one kernel.
 Per chunk of C tokens::
 
@@ -32,17 +32,29 @@ import triton.language as tl
 from torch import Tensor
 
 from .options import LossOptions
+from .reduction import accumulation_dtype
 from .triton_common import (
     INTERPRET,
     JSD,
-    accumulation_tl_dtype,
     apply_softcap,
     load_labels,
     loss_flags,
     loss_scalars,
+    on_device,
+    presence_flags,
     scalar_args,
+    tl_dtype,
 )
-from .triton_math import jsd_tile_sums, logit_grad, sweep_finish, sweep_init, sweep_student, sweep_teacher
+from .triton_math import (
+    jsd_from_sums,
+    jsd_tile_sums,
+    logit_grad,
+    masked_divergence,
+    sweep_finish,
+    sweep_init,
+    sweep_student,
+    sweep_teacher,
+)
 
 
 class EpilogueConfig(NamedTuple):
@@ -56,6 +68,9 @@ class EpilogueConfig(NamedTuple):
 # Memory-bound: wide rows of 16-byte loads keep enough bytes in flight; one row per program
 # gives C programs per chunk (C is in the thousands at real vocabularies).
 EPILOGUE_CONFIG = EpilogueConfig(block_n=1, block_v=4096, num_warps=8)
+# float64 tiles take twice the registers: 4096 wide, the JSD variant spilled (52 B on sm_90);
+# 2048 wide, the softcap variant under triton 3.6 (4 B on sm_80).
+EPILOGUE_CONFIG_FP64 = EpilogueConfig(block_n=1, block_v=1024, num_warps=8)
 # The interpreter runs programs one after another: few, large tiles are fastest there.
 EPILOGUE_CONFIG_INTERPRET = EpilogueConfig(block_n=16, block_v=256, num_warps=1)
 
@@ -95,10 +110,11 @@ def load_tile_pair(
     return z_s, z_t
 
 
+@presence_flags(HAS_BIAS="b_ptr", HAS_TEACHER="zt_ptr", HAS_TEACHER_BIAS="bt_ptr", COMPUTE_GRAD="ce_scale_ptr")
 @triton.jit
 def sdft_chunk_epilogue_kernel(
-    zs_ptr, zt_ptr, b_ptr, bt_ptr,  # [C, V] student / teacher logits (GEMM outputs), [V] biases
-    labels_ptr, kl_mask_ptr, ce_scale_ptr, kl_scale_ptr,  # [C] int64, uint8, ACC, ACC
+    zs_ptr, zt_ptr, b_ptr, bt_ptr,  # [C, V] student / teacher logits (GEMM outputs), [V] biases; None: absent
+    labels_ptr, kl_mask_ptr, ce_scale_ptr, kl_scale_ptr,  # [C] int64, uint8, ACC, ACC (scales None: no dz)
     ce_ptr, div_ptr,  # [C] ACC outputs: cross-entropy (0 if ignored), divergence (0 outside kl_mask)
     dz_ptr,  # [C, V] logit gradient; may be zs_ptr itself
     C, V,  # sizes
@@ -137,13 +153,11 @@ def sdft_chunk_epilogue_kernel(
                 z_s, z_t, col_mask, alpha_s, e_s, m_t, sum_t, weighted, inv_tau, DIVERGENCE,
             )
         m = m_new
-    lse, ce, lse_s, lse_t, div, aux = sweep_finish(
+    log_sum_1, ce, log_sum_s, log_sum_t, div, aux = sweep_finish(
         m, sum_1, sum_s, z_label, m_t, sum_t, weighted, labels, inv_tau, HAS_TEACHER, DIVERGENCE,
     )
     if HAS_TEACHER:
         if DIVERGENCE == JSD:
-            log_sum_s = tl.log(sum_s)
-            log_sum_t = tl.log(sum_t)
             kl_t = tl.zeros([BLOCK_N], ACC)
             kl_s = tl.zeros([BLOCK_N], ACC)
             for v0 in range(0, V, BLOCK_V):
@@ -157,10 +171,8 @@ def sdft_chunk_epilogue_kernel(
                 )
                 kl_t += part_t
                 kl_s += part_s
-            div = beta * kl_t + (1.0 - beta) * kl_s
-            aux = kl_s
-        kl_mask = tl.load(kl_mask_ptr + rows, mask=row_mask, other=0)
-        div = tl.where(kl_mask != 0, div, 0.0)
+            div, aux = jsd_from_sums(kl_t, kl_s, beta)
+        div = masked_divergence(div, kl_mask_ptr, rows, row_mask)
     tl.store(ce_ptr + rows, ce, mask=row_mask)
     tl.store(div_ptr + rows, div, mask=row_mask)
 
@@ -178,7 +190,7 @@ def sdft_chunk_epilogue_kernel(
                                       col_mask, softcap, inv_softcap, HAS_BIAS, HAS_TEACHER, HAS_TEACHER_BIAS,
                                       HAS_SOFTCAP, ACC)
             dz = logit_grad(
-                z_s, z_t, cols, labels, lse, lse_s, lse_t, aux, ce_scale, kl_scale,
+                z_s, z_t, cols, labels, m, log_sum_1, log_sum_s, m_t, log_sum_t, aux, ce_scale, kl_scale,
                 inv_tau, inv_softcap, log_beta, log_1m_beta, one_m_beta, HAS_TEACHER, HAS_SOFTCAP, DIVERGENCE,
             )
             dz = tl.where(active[:, None] & col_mask[None, :], dz, 0.0)
@@ -186,8 +198,11 @@ def sdft_chunk_epilogue_kernel(
                      mask=row_mask[:, None] & col_mask[None, :])
 
 
-def default_epilogue_config() -> EpilogueConfig:
-    return EPILOGUE_CONFIG_INTERPRET if INTERPRET else EPILOGUE_CONFIG
+def default_epilogue_config(dtype: torch.dtype = torch.float32) -> EpilogueConfig:
+    """The epilogue's tiles for logits of ``dtype`` in this process (GPU or interpreter)."""
+    if INTERPRET:
+        return EPILOGUE_CONFIG_INTERPRET
+    return EPILOGUE_CONFIG_FP64 if dtype == torch.float64 else EPILOGUE_CONFIG
 
 
 def chunk_epilogue(
@@ -211,24 +226,48 @@ def chunk_epilogue(
     logits). ``dz`` is written in ``z_s``'s dtype, exactly 0 on rows whose scales are both 0.
     """
     C, V = z_s.shape
-    acc_dtype = torch.float64 if z_s.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(z_s.dtype)
     ce = torch.empty(C, device=z_s.device, dtype=acc_dtype)
     div = torch.empty(C, device=z_s.device, dtype=acc_dtype)
     if C == 0:
         return ce, div
-    compute_grad = ce_scale is not None
-    has_teacher = z_t is not None
-    config = config or default_epilogue_config()
-    sdft_chunk_epilogue_kernel[(triton.cdiv(C, config.block_n),)](
-        z_s, z_t if has_teacher else z_s, b if b is not None else z_s, bt if bt is not None else z_s,
-        labels, kl_mask.view(torch.uint8),
-        ce_scale if compute_grad else ce, kl_scale if compute_grad else ce,
-        ce, div, z_s,
-        C, V, z_s.stride(0), z_t.stride(0) if has_teacher else 0, z_s.stride(0),
-        *scalar_args(options),
-        **loss_flags(options, b is not None, has_teacher, bt is not None),
-        COMPUTE_GRAD=compute_grad, ACC=accumulation_tl_dtype(z_s.dtype),
-        BLOCK_N=config.block_n, BLOCK_V=config.block_v,
-        num_warps=config.num_warps,
-    )
+    config = config or default_epilogue_config(z_s.dtype)
+    with on_device(z_s):  # the tensors' device, not the current one
+        sdft_chunk_epilogue_kernel[(triton.cdiv(C, config.block_n),)](
+            z_s, z_t, b, bt, labels, kl_mask.view(torch.uint8), ce_scale, kl_scale, ce, div, z_s,
+            C, V, z_s.stride(0), 0 if z_t is None else z_t.stride(0), z_s.stride(0),
+            *scalar_args(options), **loss_flags(options), ACC=tl_dtype(acc_dtype),
+            BLOCK_N=config.block_n, BLOCK_V=config.block_v, num_warps=config.num_warps,
+        )
     return ce, div
+
+
+# The Triton epilogue keeps two [chunk, V] buffers in the inputs' dtype. Fewer, larger chunks
+# mean fewer read-modify-writes of the float32 weight gradient (8 V D bytes each): 1 GiB gives
+# 2048-token chunks at Llama-3's V = 128256 in bfloat16.
+TRITON_CHUNK_BUDGET_BYTES = 2**30
+
+
+class TritonEpilogue:
+    """Logits from ``torch.mm`` in the inputs' dtype, then one Triton kernel per chunk
+    (:func:`sdft_kernels.triton_chunked.chunk_epilogue`); ``impl="triton_chunked"``."""
+
+    budget_bytes = TRITON_CHUNK_BUDGET_BYTES
+
+    @staticmethod
+    def row_bytes(V: int, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype]) -> int:
+        return max(V, 1) * (dtype.itemsize + (teacher_dtype.itemsize if teacher_dtype is not None else 0))
+
+    @staticmethod
+    def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        """The kernel writes dz over the logits, in the inputs' dtype: the GEMMs take it as is."""
+        return dtype
+
+    @staticmethod
+    def chunk(h, W, b, ht, Wt, bt, y, kl_mask, options, ce_scale, kl_scale, ws):
+        """``(ce [C], div [C] or None, dz [C, V] or None)``; ce/div masked, dz in ``h``'s dtype."""
+        rows = h.shape[0]
+        z_s = torch.mm(h, W.t(), out=ws.get("z_s", rows, h.dtype))
+        z_t = None if ht is None else torch.mm(ht, Wt.t(), out=ws.get("z_t", rows, ht.dtype))
+        ce, div = chunk_epilogue(z_s, z_t, b, bt, y, kl_mask, options, ce_scale, kl_scale)
+        return ce, (div if ht is not None else None), (z_s if ce_scale is not None else None)

@@ -5,15 +5,17 @@ launch passes. Device side: small ``@triton.jit`` helpers that recompute one til
 (``[BLOCK_N, BLOCK_V]``, student or teacher) and the softcap, log-add-exp and scalar casts.
 """
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from .options import LossOptions
+from .reduction import accumulation_dtype
 
 # The kernels take the divergence as an int constexpr (DIVERGENCE_CODES); kernels compare it
 # with these globals, which @triton.jit only reads when they are constexpr.
@@ -76,12 +78,40 @@ def scalar_args(options: LossOptions) -> tuple:
     return (options.ignore_index, *loss_constants(options))
 
 
-def loss_flags(options: LossOptions, has_bias: bool, has_teacher: bool, has_teacher_bias: bool) -> dict:
-    """The constexpr flags every kernel takes: which optional inputs exist, softcap, divergence."""
+def loss_flags(options: LossOptions) -> dict:
+    """The constexpr flags every kernel takes from the options: softcap and divergence. (Which
+    optional inputs exist, the kernels derive from them: :func:`presence_flags`.)"""
+    return dict(HAS_SOFTCAP=options.softcap is not None, DIVERGENCE=DIVERGENCE_CODES[options.effective_divergence])
+
+
+def presence_flags(**flag_to_argument: str):
+    """Decorate a kernel so that each constexpr ``FLAG`` is whether its pointer argument was
+    given: launchers pass None for an absent input (no bias, no teacher, no gradient wanted)
+    and Triton compiles the variant without it. ``presence_flags(HAS_BIAS="b_ptr")``."""
+    return triton.heuristics({flag: _is_given(arg) for flag, arg in flag_to_argument.items()})
+
+
+def _is_given(argument: str):
+    return lambda args: args[argument] is not None
+
+
+def dot_flags(h: torch.Tensor, ht: Optional[torch.Tensor], Wt: Optional[torch.Tensor]) -> dict:
+    """The constexpr dtypes and precision of a fused kernel's tiles for these inputs."""
     return dict(
-        HAS_BIAS=has_bias, HAS_TEACHER=has_teacher, HAS_TEACHER_BIAS=has_teacher_bias,
-        HAS_SOFTCAP=options.softcap is not None, DIVERGENCE=DIVERGENCE_CODES[options.divergence],
+        DOT_DTYPE=tl_dtype(h.dtype),
+        TEACHER_DOT_DTYPE=teacher_dot_dtype(h.dtype, ht.dtype, Wt.dtype) if ht is not None else tl_dtype(h.dtype),
+        ACC=accumulation_tl_dtype(h.dtype), PRECISION=dot_precision(),
     )
+
+
+def on_device(tensor: torch.Tensor):
+    """The context a launch for ``tensor`` runs in: its CUDA device (and so that device's
+    current stream), whichever device is current; nothing to do for CPU tensors (interpreter).
+
+    Triton launches on the current device; a head on ``cuda:1`` while ``cuda:0`` is current
+    (``device_map="auto"``) would otherwise fail, or run on the wrong device's stream.
+    """
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
 
 
 def tl_dtype(dtype: torch.dtype):
@@ -92,8 +122,8 @@ def tl_dtype(dtype: torch.dtype):
 
 
 def accumulation_tl_dtype(dtype: torch.dtype):
-    """float32 statistics and accumulators for half/bfloat16/float32 inputs, float64 for float64."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """:func:`sdft_kernels.reduction.accumulation_dtype` as a Triton dtype."""
+    return tl_dtype(accumulation_dtype(dtype))
 
 
 def teacher_dot_dtype(student: torch.dtype, teacher_hidden: torch.dtype, teacher_weight: torch.dtype):
@@ -111,14 +141,42 @@ def teacher_dot_dtype(student: torch.dtype, teacher_hidden: torch.dtype, teacher
     return tl_dtype(dtype)
 
 
-def dot_precision() -> str:
-    """The ``tl.dot`` input precision for float32 tiles: torch's own TF32 switch decides.
+def sizes_aligned(*sizes: int) -> bool:
+    """Whether every size and row stride is a multiple of 16. Triton compiles such launches
+    with vectorised loads; otherwise it builds another variant whose per-element address
+    arithmetic takes registers, and the launchers give that variant smaller tiles."""
+    return all(int(s) % 16 == 0 for s in sizes)
 
-    ``torch.backends.cuda.matmul.allow_tf32`` (off by default) gives "tf32", as ``F.linear``
-    would use; otherwise "ieee", float32 FMAs on the CUDA cores: slower, but as accurate as
-    torch's float32 GEMM. ("tf32x3" spills heavily at these tile sizes.) Other dtypes ignore it.
+
+def tile_dtype(student: torch.dtype, teacher: Optional[torch.dtype] = None) -> torch.dtype:
+    """The widest dtype a fused kernel multiplies tiles in (student's or teacher's dot dtype):
+    it picks the kernel's config, since wider operands need more registers per tile."""
+    if teacher is None:
+        return student
+    dot = {tl.float16: torch.float16, tl.bfloat16: torch.bfloat16, tl.float32: torch.float32,
+           tl.float64: torch.float64}[teacher_dot_dtype(student, teacher, teacher)]
+    return dot if dot.itemsize > student.itemsize else student
+
+
+def dot_precision() -> str:
+    """The ``tl.dot`` input precision for float32 tiles: torch's own TF32 setting decides.
+
+    TF32 for cuBLAS matmuls (off by default) gives "tf32", as ``F.linear`` would use; otherwise
+    "ieee", float32 FMAs on the CUDA cores: slower, but as accurate as torch's float32 GEMM.
+    ("tf32x3" spills heavily at these tile sizes.) Other dtypes ignore it. The setting is read
+    the new way (``torch.backends.cuda.matmul.fp32_precision``, which inherits
+    ``torch.backends.fp32_precision`` when "none"): once it has been set that way, reading the
+    legacy ``allow_tf32`` raises.
     """
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision in (None, "none"):
+        precision = getattr(torch.backends, "fp32_precision", None)
+    if precision in ("tf32", "ieee"):
+        return precision
+    if precision is None:  # a torch without the new setting
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    return "ieee"
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -163,9 +221,16 @@ def apply_softcap(z, softcap, inv_softcap):
 
 
 @triton.jit
+def finite_shift(m):
+    """A running maximum to subtract before ``exp``, 0 where it is still -inf (every logit so
+    far masked): ``exp(-inf - 0) = 0``, where ``exp(-inf - (-inf))`` would be NaN."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
 def logaddexp(u, v):
-    """log(exp(u) + exp(v)) for tensors where at most one side is -inf at each element."""
-    top = tl.maximum(u, v)
+    """log(exp(u) + exp(v)) elementwise; -inf where both sides are -inf."""
+    top = finite_shift(tl.maximum(u, v))
     return top + tl.log(tl.exp(u - top) + tl.exp(v - top))
 
 

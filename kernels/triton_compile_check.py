@@ -5,7 +5,8 @@ Run by hand (triton must not be in interpreter mode)::
     TRITON_INTERPRET=0 python -m sdft_kernels.triton_compile_check
 
 Each kernel (the fused forward and backward kernels, and the chunked path's epilogue) is
-compiled at its default config for float32 and bfloat16 inputs and the main flag combinations. ``triton.compile`` gives the PTX and the shared memory; registers and spill
+compiled at its default config for float32 and bfloat16 inputs and the main flag combinations,
+and for the specialisations real inputs add (:func:`all_variants`). ``triton.compile`` gives the PTX and the shared memory; registers and spill
 stores come from running triton's own ``ptxas -v`` on that PTX. Prints one table row per
 compilation and exits with status 1 if any compilation failed or spilled.
 """
@@ -28,16 +29,18 @@ from triton.compiler import ASTSource
 
 from .triton_backward import default_backward_configs, sdft_backward_hidden_kernel, sdft_backward_weight_kernel
 from .triton_chunked import default_epilogue_config, sdft_chunk_epilogue_kernel
-from .triton_common import DIVERGENCE_CODES, INTERPRET, dot_precision
+from .triton_common import DIVERGENCE_CODES, INTERPRET, dot_precision, teacher_dot_dtype, tile_dtype
 from .triton_forward import default_forward_config, sdft_forward_kernel
 
-# Each kernel with the launcher's choice of default config for an input dtype.
+# Each kernel (its jit function, under the flag heuristics) with the launcher's choice of
+# default config for the widest tile dtype and the alignment.
 KERNELS = {
-    "forward": (sdft_forward_kernel, default_forward_config),
-    "backward_hidden": (sdft_backward_hidden_kernel, lambda dtype: default_backward_configs(dtype)[0]),
-    "backward_weight": (sdft_backward_weight_kernel, lambda dtype: default_backward_configs(dtype)[1]),
-    "chunk_epilogue": (sdft_chunk_epilogue_kernel, lambda dtype: default_epilogue_config()),
+    "forward": (sdft_forward_kernel.fn, default_forward_config),
+    "backward_hidden": (sdft_backward_hidden_kernel.fn, lambda dtype, aligned: default_backward_configs(dtype, aligned)[0]),
+    "backward_weight": (sdft_backward_weight_kernel.fn, lambda dtype, aligned: default_backward_configs(dtype, aligned)[1]),
+    "chunk_epilogue": (sdft_chunk_epilogue_kernel.fn, lambda dtype, aligned: default_epilogue_config(dtype)),
 }
+FUSED = ("forward", "backward_hidden", "backward_weight")
 # The main flag combinations: CE only; teacher with biases and softcap; JSD (two sweeps).
 _FKL, _RKL, _JSD = (DIVERGENCE_CODES[d] for d in ("forward_kl", "reverse_kl", "jsd"))
 FLAG_SETS = {
@@ -46,14 +49,51 @@ FLAG_SETS = {
     "rkl": dict(HAS_BIAS=False, HAS_TEACHER=True, HAS_TEACHER_BIAS=False, HAS_SOFTCAP=False, DIVERGENCE=_RKL),
     "jsd": dict(HAS_BIAS=False, HAS_TEACHER=True, HAS_TEACHER_BIAS=False, HAS_SOFTCAP=False, DIVERGENCE=_JSD),
 }
-DTYPES = {"fp32": (torch.float32, tl.float32), "bf16": (torch.bfloat16, tl.bfloat16)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 ARCHS = (80, 90)
 
-# Pointer arguments whose element type is the input dtype; all other pointers are listed here.
+
+class Variant(NamedTuple):
+    """One specialisation a launcher can produce."""
+
+    kernel: str
+    arch: int
+    dtype: str  # the student's
+    flags: str
+    teacher_dtype: str = ""  # "" = the student's
+    aligned: bool = True  # sizes and strides multiples of 16 (D = 4096, V = 128256), else not
+
+    @property
+    def label(self) -> str:
+        extra = (f"+t{self.teacher_dtype}" if self.teacher_dtype else "") + ("" if self.aligned else "+odd")
+        return self.flags + extra
+
+
+def all_variants() -> list[Variant]:
+    """Every kernel x arch x {fp32, bf16} x flag set, then the specialisations real inputs add:
+    a float32 teacher for a bfloat16 student (FrozenCopy of another dtype, a float32 cache),
+    sizes or strides that are not multiples of 16 (D = 2100, a vocabulary of 50257), and float64."""
+    main = [Variant(k, a, d, f) for k in KERNELS for a in ARCHS for d in ("fp32", "bf16") for f in FLAG_SETS]
+    teacher = [Variant(k, a, "bf16", f, teacher_dtype="fp32") for k in FUSED for a in ARCHS
+               for f in ("fkl+softcap", "rkl", "jsd")]
+    odd = [Variant(k, a, d, f, aligned=False) for k in KERNELS for a in ARCHS for d in ("fp32", "bf16")
+           for f in ("fkl+softcap", "jsd")]
+    fp64 = [Variant(k, a, "fp64", f) for k in KERNELS for a in ARCHS for f in ("fkl+softcap", "jsd")]
+    return main + teacher + odd + fp64
+
+
+# Pointer arguments by role: the teacher's inputs, the float32 (float64) statistics, the rest
+# in the student's dtype.
 _OTHER_POINTERS = {"labels_ptr": "*i64", "kl_mask_ptr": "*u8"}
-_INPUT_POINTERS = {"h_ptr", "w_ptr", "b_ptr", "ht_ptr", "wt_ptr", "bt_ptr", "dh_ptr", "dw_ptr", "db_ptr",
-                   "zs_ptr", "zt_ptr", "dz_ptr"}
+_STUDENT_POINTERS = {"h_ptr", "w_ptr", "b_ptr", "dh_ptr", "dw_ptr", "db_ptr", "zs_ptr", "dz_ptr"}
+_TEACHER_POINTERS = {"ht_ptr", "wt_ptr", "bt_ptr", "zt_ptr"}
 _FLOAT64_SCALARS = {"inv_tau", "softcap", "log_beta", "log_1m_beta", "beta"}
+# Optional inputs, by the flag that says they are given: the launchers pass None otherwise,
+# which Triton specialises as a constexpr None.
+_OPTIONAL_POINTERS = {"b_ptr": "HAS_BIAS", "ht_ptr": "HAS_TEACHER", "wt_ptr": "HAS_TEACHER", "zt_ptr": "HAS_TEACHER",
+                      "bt_ptr": "HAS_TEACHER_BIAS", "dw_ptr": "COMPUTE_DW", "dw_acc_ptr": "COMPUTE_DW",
+                      "db_ptr": "COMPUTE_DB", "ce_scale_ptr": "COMPUTE_GRAD", "kl_scale_ptr": "COMPUTE_GRAD"}
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 class CompileResult(NamedTuple):
@@ -68,19 +108,35 @@ class CompileResult(NamedTuple):
     error: str = ""
 
 
-def kernel_signature(kernel, dtype: str, flags: dict, config):
+def variant_config(v: Variant):
+    """The config the launcher picks for this variant (from the widest tile dtype)."""
+    _, default_config = KERNELS[v.kernel]
+    student = DTYPES[v.dtype]
+    teacher = DTYPES[v.teacher_dtype or v.dtype]
+    return default_config(tile_dtype(student, teacher), v.aligned)
+
+
+def kernel_signature(kernel, v: Variant, config):
     """``(signature, constexprs, attrs)`` as the launcher would specialise them.
 
-    Sizes and strides are assumed to be multiples of 16 and pointers 16-byte aligned, as for
-    real LLM shapes (D = 4096, V = 128256), so loads vectorise as they would there.
+    Aligned variants have sizes and strides that are multiples of 16 and 16-byte aligned
+    pointers, as for real LLM shapes (D = 4096, V = 128256), so loads vectorise; the others
+    have pointers aligned (torch allocates them so) but no size or stride divisible by 16. The
+    token count (``N``, ``C``) is never assumed divisible: batches have any number of tokens.
     """
+    student, teacher = DTYPES[v.dtype], DTYPES[v.teacher_dtype or v.dtype]
+    acc = "fp64" if student == torch.float64 else "fp32"
+    flags = FLAG_SETS[v.flags]
     common = dict(
-        DOT_DTYPE=DTYPES[dtype][1], TEACHER_DOT_DTYPE=DTYPES[dtype][1], ACC=tl.float32, PRECISION=dot_precision(),
+        DOT_DTYPE=_TL[student], TEACHER_DOT_DTYPE=teacher_dot_dtype(student, teacher, teacher),
+        ACC=tl.float64 if acc == "fp64" else tl.float32, PRECISION=dot_precision(),
         BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=getattr(config, "block_d", None),
         COMPUTE_DW=True, COMPUTE_DB=flags["HAS_BIAS"], COMPUTE_GRAD=True,
     )
     # Each kernel takes the shared constexprs it has a parameter for.
-    constexprs = dict(flags, **{k: v for k, v in common.items() if k in kernel.arg_names})
+    constexprs = dict(flags, **{k: v_ for k, v_ in common.items() if k in kernel.arg_names})
+    constexprs.update({name: None for name, flag in _OPTIONAL_POINTERS.items()
+                       if name in kernel.arg_names and flag in kernel.arg_names and not constexprs[flag]})
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -88,15 +144,24 @@ def kernel_signature(kernel, dtype: str, flags: dict, config):
         elif name in _FLOAT64_SCALARS:
             signature[name] = "fp64"
         elif name.endswith("_ptr"):
-            signature[name] = _OTHER_POINTERS.get(name, f"*{dtype}" if name in _INPUT_POINTERS else "*fp32")
+            if name in _STUDENT_POINTERS:
+                signature[name] = f"*{_short(student)}"
+            elif name in _TEACHER_POINTERS:
+                signature[name] = f"*{_short(teacher)}"
+            else:
+                signature[name] = _OTHER_POINTERS.get(name, f"*{acc}")
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"
-            if name != "ignore_index":
+            if name not in ("ignore_index", "N", "C") and v.aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     missing = set(constexprs) - set(kernel.arg_names)
     assert not missing, f"{kernel.fn.__name__} has no parameters {missing}"
     return signature, constexprs, attrs
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
 
 
 def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
@@ -123,32 +188,27 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     return int(registers.group(1)), int(spills.group(1)), int(spills.group(2))
 
 
-def compile_one(job: tuple[str, int, str, str]) -> CompileResult:
-    name, arch, dtype, flag_set = job
-    kernel, default_config = KERNELS[name]
-    config = default_config(DTYPES[dtype][0])
+def compile_one(v: Variant) -> CompileResult:
+    kernel, _ = KERNELS[v.kernel]
+    config = variant_config(v)
     try:
-        signature, constexprs, attrs = kernel_signature(kernel, dtype, FLAG_SETS[flag_set], config)
+        signature, constexprs, attrs = kernel_signature(kernel, v, config)
         compiled = triton.compile(
             ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-            target=GPUTarget("cuda", arch, 32),
+            target=GPUTarget("cuda", v.arch, 32),
             options=dict(num_warps=config.num_warps, num_stages=getattr(config, "num_stages", 1)),
         )
-        registers, stores, loads = ptxas_usage(compiled.asm["ptx"], arch)
-        return CompileResult(name, arch, dtype, flag_set, registers, stores, loads, compiled.metadata.shared)
+        registers, stores, loads = ptxas_usage(compiled.asm["ptx"], v.arch)
+        return CompileResult(v.kernel, v.arch, v.dtype, v.label, registers, stores, loads, compiled.metadata.shared)
     except Exception as e:  # reported in the table, and the exit status
-        return CompileResult(name, arch, dtype, flag_set, -1, -1, -1, -1, f"{type(e).__name__}: {e}")
-
-
-def all_jobs() -> list[tuple[str, int, str, str]]:
-    return [(k, a, d, f) for k in KERNELS for a in ARCHS for d in DTYPES for f in FLAG_SETS]
+        return CompileResult(v.kernel, v.arch, v.dtype, v.label, -1, -1, -1, -1, f"{type(e).__name__}: {e}")
 
 
 def format_table(results: list[CompileResult]) -> str:
-    header = f"{'kernel':<16} {'arch':<6} {'dtype':<5} {'flags':<12} {'regs':>5} {'spill st':>9} {'spill ld':>9}"
+    header = f"{'kernel':<16} {'arch':<6} {'dtype':<5} {'flags':<21} {'regs':>5} {'spill st':>9} {'spill ld':>9}"
     lines = [header + f" {'smem B':>8}"]
     for r in results:
-        line = (f"{r.kernel:<16} sm_{r.arch:<3} {r.dtype:<5} {r.flags:<12} {r.registers:>5} "
+        line = (f"{r.kernel:<16} sm_{r.arch:<3} {r.dtype:<5} {r.flags:<21} {r.registers:>5} "
                 f"{r.spill_stores:>9} {r.spill_loads:>9} {r.shared_bytes:>8}")
         lines.append(line + (f"  ERROR {r.error.splitlines()[0][:200]}" if r.error else ""))
     return "\n".join(lines)
@@ -162,10 +222,10 @@ def main(argv=None) -> int:
         print("TRITON_INTERPRET=1: kernels are interpreted and cannot be compiled; unset it", file=sys.stderr)
         return 2
     for name, (_, default_config) in KERNELS.items():
-        for dtype, (torch_dtype, _) in DTYPES.items():
-            print(f"{name} {dtype}: {default_config(torch_dtype)}")
+        for dtype, torch_dtype in DTYPES.items():
+            print(f"{name} {dtype}: {default_config(torch_dtype, True)}")
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        results = list(pool.map(compile_one, all_jobs()))
+        results = list(pool.map(compile_one, all_variants()))
     print(format_table(results))
     failed = [r for r in results if r.error or r.spill_stores != 0]
     print(f"{len(results)} compilations, {len(failed)} failed or spilled")

@@ -8,8 +8,10 @@ divergence needs the final log-sum-exps and so sweeps a second time. Nothing of 
 
 In plain torch, with ``z_s = softcap(h @ W.T + b)`` and ``z_t = softcap(ht @ Wt.T + bt)``::
 
-    lse, lse_s, lse_t = z_s.logsumexp(-1), (z_s / tau).logsumexp(-1), (z_t / tau).logsumexp(-1)
-    ce_rows = (lse - z_s.gather(-1, y[:, None])[:, 0]) * (y != ignore_index)
+    m, m_t = z_s.max(-1).values, z_t.max(-1).values
+    log_sum_1 = (z_s - m[:, None]).logsumexp(-1)                  # lse = m + log_sum_1
+    log_sum_s, log_sum_t = ((z_s - m[:, None]) / tau).logsumexp(-1), ((z_t - m_t[:, None]) / tau).logsumexp(-1)
+    ce_rows = (m + log_sum_1 - z_s.gather(-1, y[:, None])[:, 0]) * (y != ignore_index)
     div_rows = D(softmax(z_t / tau), softmax(z_s / tau)) * kl_mask
 """
 
@@ -21,21 +23,31 @@ import triton.language as tl
 from torch import Tensor
 
 from .options import LossOptions
+from .reduction import accumulation_dtype
 from .triton_common import (
     INTERPRET,
     JSD,
     KernelConfig,
-    accumulation_tl_dtype,
-    dot_precision,
+    dot_flags,
     load_labels,
     logits_tile,
     loss_flags,
     loss_scalars,
+    on_device,
+    presence_flags,
     scalar_args,
-    teacher_dot_dtype,
-    tl_dtype,
+    sizes_aligned,
+    tile_dtype,
 )
-from .triton_math import jsd_tile_sums, sweep_finish, sweep_init, sweep_student, sweep_teacher
+from .triton_math import (
+    jsd_from_sums,
+    jsd_tile_sums,
+    masked_divergence,
+    sweep_finish,
+    sweep_init,
+    sweep_student,
+    sweep_teacher,
+)
 
 # One config per operand width, no autotuning (python -m sdft_kernels.triton_compile_check
 # shows both compile for sm_80 and sm_90 without register spills). The weight stream, read
@@ -46,6 +58,9 @@ FORWARD_CONFIG = KernelConfig(block_n=64, block_v=64, block_d=64, num_warps=8, n
 # One stage: with two, ptxas under triton 3.6 (the lent GPU machines' version) spilled the
 # float32 JSD variant on sm_90 (128 registers, 40 B spilled; triton 3.9 did not).
 FORWARD_CONFIG_FP32 = KernelConfig(block_n=32, block_v=64, block_d=32, num_warps=8, num_stages=1)
+# Half precision with sizes or strides that are not multiples of 16 (D = 2100, V = 50257):
+# the [64, 64] tiles spilled on sm_80 (84 B), and the float32 ones under triton 3.6 (8 B).
+FORWARD_CONFIG_UNALIGNED = KernelConfig(block_n=32, block_v=64, block_d=16, num_warps=8, num_stages=1)
 # The interpreter runs programs one after another: few, large tiles are fastest there.
 FORWARD_CONFIG_INTERPRET = KernelConfig(block_n=64, block_v=128, block_d=64, num_warps=1, num_stages=1)
 
@@ -53,28 +68,33 @@ FORWARD_CONFIG_INTERPRET = KernelConfig(block_n=64, block_v=128, block_d=64, num
 class ForwardStats(NamedTuple):
     """Per-token statistics of the forward pass, all ``[N]`` float32 (float64 for float64 inputs).
 
-    ``lse``: student log-sum-exp at temperature 1; ``lse_s``/``lse_t``: student/teacher
-    log-sum-exp of ``z / tau``; ``ce_rows``: cross-entropy, 0 where the label is ignored;
-    ``div_rows``: the divergence, 0 outside ``kl_mask``; ``div_aux``: what the backward needs
-    besides the lses (reverse_kl: E_ps[z_s/tau - z_t/tau] = KL(p_s||p_t) + lse_s - lse_t;
-    jsd: KL(p_s||m); both unmasked; forward_kl: 0).
-    Without a teacher ``lse_s``, ``lse_t``, ``div_rows`` and ``div_aux`` are zeros.
+    ``m``/``m_t``: student/teacher maximum logit; ``log_sum_1``: log sum exp(z_s - m), so the
+    student's log-sum-exp is m + log_sum_1; ``log_sum_s``/``log_sum_t``: log sum exp((z - m) /
+    tau) of student and teacher (kept apart from the maxima: see :mod:`triton_math`);
+    ``ce_rows``: cross-entropy, 0 where the label is ignored; ``div_rows``: the divergence, 0
+    outside ``kl_mask``; ``div_aux``: what the backward needs besides them (reverse_kl:
+    E_ps[z_s/tau - z_t/tau]; jsd: KL(p_s||m); both unmasked; forward_kl: 0).
+    Without a teacher ``m_t``, ``log_sum_s``, ``log_sum_t``, ``div_rows`` and ``div_aux`` are
+    zeros.
     """
 
-    lse: Tensor
-    lse_s: Tensor
-    lse_t: Tensor
+    m: Tensor
+    log_sum_1: Tensor
+    log_sum_s: Tensor
+    m_t: Tensor
+    log_sum_t: Tensor
     ce_rows: Tensor
     div_rows: Tensor
     div_aux: Tensor
 
 
+@presence_flags(HAS_BIAS="b_ptr", HAS_TEACHER="ht_ptr", HAS_TEACHER_BIAS="bt_ptr")
 @triton.jit
 def sdft_forward_kernel(
-    h_ptr, w_ptr, b_ptr,  # student hidden [N, D], weight [V, D], bias [V]
-    ht_ptr, wt_ptr, bt_ptr,  # teacher hidden [N, DT], weight [V, DT], bias [V]
+    h_ptr, w_ptr, b_ptr,  # student hidden [N, D], weight [V, D], bias [V] or None
+    ht_ptr, wt_ptr, bt_ptr,  # teacher hidden [N, DT], weight [V, DT], bias [V]; None without a teacher
     labels_ptr, kl_mask_ptr,  # [N] int64, [N] uint8
-    lse_ptr, lse_s_ptr, lse_t_ptr, ce_ptr, div_ptr, aux_ptr,  # outputs, [N] ACC
+    m_ptr, log_sum_1_ptr, log_sum_s_ptr, m_t_ptr, log_sum_t_ptr, ce_ptr, div_ptr, aux_ptr,  # outputs, [N] ACC
     N, V, D, DT,  # sizes
     stride_h, stride_w, stride_ht, stride_wt,  # row strides in elements (columns are contiguous)
     ignore_index,  # label of positions without cross-entropy
@@ -115,17 +135,18 @@ def sdft_forward_kernel(
                 z_s, z_t, col_mask, alpha_s, e_s, m_t, sum_t, weighted, inv_tau, DIVERGENCE,
             )
         m = m_new
-    lse, ce, lse_s, lse_t, div, aux = sweep_finish(
+    log_sum_1, ce, log_sum_s, log_sum_t, div, aux = sweep_finish(
         m, sum_1, sum_s, z_label, m_t, sum_t, weighted, labels, inv_tau, HAS_TEACHER, DIVERGENCE,
     )
-    tl.store(lse_ptr + rows, lse, mask=row_mask)
+    tl.store(m_ptr + rows, m, mask=row_mask)
+    tl.store(log_sum_1_ptr + rows, log_sum_1, mask=row_mask)
     tl.store(ce_ptr + rows, ce, mask=row_mask)
+    if not HAS_TEACHER:
+        m_t = tl.zeros([BLOCK_N], ACC)
     if HAS_TEACHER:
         if DIVERGENCE == JSD:
             # m = beta p_t + (1 - beta) p_s mixes normalised probabilities, so it needs the
-            # final lses: a second sweep accumulates KL(p_t||m) and KL(p_s||m).
-            log_sum_s = tl.log(sum_s)
-            log_sum_t = tl.log(sum_t)
+            # finished statistics: a second sweep accumulates KL(p_t||m) and KL(p_s||m).
             kl_t = tl.zeros([BLOCK_N], ACC)
             kl_s = tl.zeros([BLOCK_N], ACC)
             for v0 in range(0, V, BLOCK_V):
@@ -146,21 +167,23 @@ def sdft_forward_kernel(
                 )
                 kl_t += part_t
                 kl_s += part_s
-            div = beta * kl_t + (1.0 - beta) * kl_s
-            aux = kl_s
-        kl_mask = tl.load(kl_mask_ptr + rows, mask=row_mask, other=0)
-        div = tl.where(kl_mask != 0, div, 0.0)
-    tl.store(lse_s_ptr + rows, lse_s, mask=row_mask)
-    tl.store(lse_t_ptr + rows, lse_t, mask=row_mask)
+            div, aux = jsd_from_sums(kl_t, kl_s, beta)
+        div = masked_divergence(div, kl_mask_ptr, rows, row_mask)
+    tl.store(log_sum_s_ptr + rows, log_sum_s, mask=row_mask)
+    tl.store(m_t_ptr + rows, m_t, mask=row_mask)
+    tl.store(log_sum_t_ptr + rows, log_sum_t, mask=row_mask)
     tl.store(div_ptr + rows, div, mask=row_mask)
     tl.store(aux_ptr + rows, aux, mask=row_mask)
 
 
-def default_forward_config(dtype: torch.dtype) -> KernelConfig:
-    """The forward kernel's tiles for inputs of ``dtype`` in this process (GPU or interpreter)."""
+def default_forward_config(dtype: torch.dtype, aligned: bool = True) -> KernelConfig:
+    """The forward kernel's tiles for tiles of ``dtype`` (:func:`tile_dtype`) in this process
+    (GPU or interpreter); ``aligned``: :func:`sizes_aligned` of the launch."""
     if INTERPRET:
         return FORWARD_CONFIG_INTERPRET
-    return FORWARD_CONFIG if dtype.itemsize == 2 else FORWARD_CONFIG_FP32
+    if dtype.itemsize == 2:
+        return FORWARD_CONFIG if aligned else FORWARD_CONFIG_UNALIGNED
+    return FORWARD_CONFIG_FP32
 
 
 def sdft_forward(
@@ -185,26 +208,21 @@ def sdft_forward(
     """
     N, D = h.shape
     V = W.shape[0]
-    acc_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-    stats = ForwardStats(*(torch.empty(N, device=h.device, dtype=acc_dtype) for _ in ForwardStats._fields))
+    stats = ForwardStats(*(torch.empty(N, device=h.device, dtype=accumulation_dtype(h.dtype))
+                           for _ in ForwardStats._fields))
     if N == 0:
         return stats
     has_teacher = ht is not None
-    config = config or default_forward_config(h.dtype)
+    aligned = sizes_aligned(V, D, h.stride(0), W.stride(0), *((ht.shape[1], ht.stride(0), Wt.stride(0)) if has_teacher else ()))
+    config = config or default_forward_config(tile_dtype(h.dtype, None if ht is None else ht.dtype), aligned)
     grid = (triton.cdiv(N, config.block_n),)
-    sdft_forward_kernel[grid](
-        h, W, b if b is not None else W,
-        ht if has_teacher else h, Wt if has_teacher else W, bt if bt is not None else W,
-        labels, kl_mask.view(torch.uint8),
-        *stats,
-        N, V, D, ht.shape[1] if has_teacher else 0,
-        h.stride(0), W.stride(0), ht.stride(0) if has_teacher else 0, Wt.stride(0) if has_teacher else 0,
-        *scalar_args(options),
-        **loss_flags(options, b is not None, has_teacher, bt is not None),
-        DOT_DTYPE=tl_dtype(h.dtype),
-        TEACHER_DOT_DTYPE=teacher_dot_dtype(h.dtype, ht.dtype, Wt.dtype) if has_teacher else tl_dtype(h.dtype),
-        ACC=accumulation_tl_dtype(h.dtype), PRECISION=dot_precision(),
-        BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    with on_device(h):  # the tensors' device, not the current one
+        sdft_forward_kernel[grid](
+            h, W, b, ht, Wt, bt, labels, kl_mask.view(torch.uint8), *stats,
+            N, V, D, ht.shape[1] if has_teacher else 0,
+            h.stride(0), W.stride(0), ht.stride(0) if has_teacher else 0, Wt.stride(0) if has_teacher else 0,
+            *scalar_args(options), **loss_flags(options), **dot_flags(h, ht, Wt),
+            BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
     return stats

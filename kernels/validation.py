@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -90,9 +91,7 @@ def check_inputs(
             desc = f"{kl_mask.dtype} {tuple(kl_mask.shape)}" if isinstance(kl_mask, Tensor) else type(kl_mask).__name__
             raise ValueError(f"kl_mask must be a bool tensor of shape ({N},), got {desc}")
 
-    if num_items is not None and not isinstance(num_items, Tensor):
-        if isinstance(num_items, bool) or not isinstance(num_items, (int, float)) or not num_items > 0:
-            raise ValueError(f"num_items must be a positive number or a tensor, got {num_items!r}")
+    check_num_items(num_items)
 
     _same_device(
         student_hidden.device, student_weight=student_weight, labels=labels, teacher_hidden=teacher_hidden,
@@ -101,10 +100,42 @@ def check_inputs(
     )
 
 
-def check_label_range(labels: Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Every label is ``ignore_index`` or in ``[0, vocab_size)``. Costs one host sync."""
+_NUM_ITEMS_RULE = "a count >= 1, or 0 for an accumulated batch with nothing to count"
+
+
+def check_num_items(num_items: Union[None, int, float, Tensor]) -> None:
+    """``num_items``: None, a number >= 1 or 0, or a one-element real tensor.
+
+    A tensor's value is checked by :func:`check_label_range` (reading it needs a host sync).
+    """
+    if num_items is None:
+        return
+    if isinstance(num_items, Tensor):
+        if num_items.numel() != 1 or num_items.dtype == torch.bool or num_items.is_complex():
+            raise ValueError(
+                f"num_items must be a one-element real tensor ({_NUM_ITEMS_RULE}), got {num_items.dtype} of "
+                f"shape {tuple(num_items.shape)}"
+            )
+        return
+    ok = not isinstance(num_items, bool) and isinstance(num_items, (int, float)) and (
+        num_items == 0 or 1 <= num_items < math.inf)
+    if not ok:
+        raise ValueError(f"num_items must be {_NUM_ITEMS_RULE}, got {num_items!r}")
+
+
+def check_label_range(labels: Tensor, vocab_size: int, ignore_index: int,
+                      num_items: Union[None, int, float, Tensor] = None) -> None:
+    """Every label is ``ignore_index`` or in ``[0, vocab_size)``, and a tensor ``num_items``
+    holds a valid count. Costs one host sync for both."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
-    if bool(bad.any()):
+    checks = [bad.any()]
+    if isinstance(num_items, Tensor):
+        n = num_items.detach().reshape(()).to(device=labels.device, dtype=torch.float64)
+        checks.append(~((n == 0) | ((n >= 1) & torch.isfinite(n))))
+    bad_labels, *bad_count = torch.stack(checks).tolist()
+    if bad_count and bad_count[0]:
+        raise ValueError(f"num_items must be {_NUM_ITEMS_RULE}, got {num_items.item()!r}")
+    if bad_labels:
         pos = int(bad.nonzero()[0, 0])
         raise ValueError(
             f"labels[{pos}] = {int(labels[pos])} is neither ignore_index ({ignore_index}) nor in [0, {vocab_size})"

@@ -26,42 +26,68 @@ class Problem:
         """The tensors that receive gradients."""
         return [t for t in (self.h, self.W, self.b) if t is not None and t.requires_grad]
 
-    def cast(self, dtype: torch.dtype) -> "Problem":
-        """Same values in ``dtype`` (fresh leaves)."""
-        def c(t, grad):
-            return None if t is None else t.detach().to(dtype).requires_grad_(grad and t.requires_grad)
-        return Problem(c(self.h, True), c(self.W, True), self.labels, c(self.ht, False), c(self.Wt, False),
-                       c(self.b, True), c(self.bt, False), self.kl_mask)
+    def cast(self, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype] = None) -> "Problem":
+        """Same values in ``dtype`` (the teacher's in ``teacher_dtype``, default the same),
+        as fresh leaves. A head shared by student and teacher stays shared."""
+        teacher_dtype = teacher_dtype or dtype
+
+        def c(t, grad, to=dtype):
+            return None if t is None else t.detach().to(to).requires_grad_(grad and t.requires_grad)
+        W = c(self.W, True)
+        Wt = W.detach() if self.Wt is self.W and teacher_dtype == dtype else c(self.Wt, False, teacher_dtype)
+        return Problem(c(self.h, True), W, self.labels, c(self.ht, False, teacher_dtype), Wt,
+                       c(self.b, True), c(self.bt, False, teacher_dtype), self.kl_mask)
+
+    def logits(self) -> tuple[Tensor, Optional[Tensor]]:
+        """``(z_s, z_t)``: the ``[N, V]`` logits before bias and softcap, detached."""
+        z_t = None if self.ht is None else (self.ht @ self.Wt.T).detach()
+        return (self.h @ self.W.T).detach(), z_t
+
+    def row_scales(self, seed: int = 1, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+        """``(ce_scale, kl_scale)`` ``[N]``, as the backward kernels and the chunk epilogue take
+        them: a random upstream gradient of either sign, restricted to the counted rows."""
+        g = torch.Generator(device=self.labels.device).manual_seed(seed)
+        kl_rows = self.kl_mask if self.kl_mask is not None else self.labels != ignore_index
+        rnd = torch.randn(2, self.labels.numel(), generator=g, dtype=torch.float64, device=self.labels.device)
+        acc = torch.float64 if self.h.dtype == torch.float64 else torch.float32
+        return (rnd[0] * (self.labels != ignore_index)).to(acc), (rnd[1] * kl_rows).to(acc)
 
 
 def make_problem(
-    N=37, D=24, V=203, Dt=None, *, teacher=True, bias=False, ignore_frac=0.2, kl_mask=False,
-    dtype=torch.float64, scale=1.0, seed=0, weight_grad=True, device="cpu",
+    N=37, D=24, V=203, Dt=None, *, teacher=True, bias=False, teacher_bias=None, shared_head=False,
+    ignore_frac=0.2, ignore_index=-100, kl_mask=False, dtype=torch.float64, scale=1.0, logit_scale=1.0,
+    seed=0, weight_grad=True, device="cpu",
 ) -> Problem:
     """A ragged problem with about ``ignore_frac`` ignored labels; the teacher is a perturbed
     copy of the student so that the divergence is small but not zero, as in fine-tuning.
 
-    Drawn on ``device`` (CPU draws of LLM-sized heads take seconds each)."""
+    ``scale`` multiplies the hidden states, ``logit_scale`` the heads and biases (logits of
+    about that size); ``teacher_bias`` defaults to ``bias``; ``shared_head``: the teacher's
+    head is the student's own tensor. Drawn on ``device`` (CPU draws of LLM-sized heads take
+    seconds each)."""
     g = torch.Generator(device=device).manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, device=device)  # noqa: E731
     h = rnd(N, D) * scale
-    W = rnd(V, D) / D**0.5
+    W = rnd(V, D) * (logit_scale / D**0.5)
     labels = torch.randint(0, V, (N,), generator=g, device=device)
-    labels[torch.rand(N, generator=g, device=device) < ignore_frac] = -100
+    labels[torch.rand(N, generator=g, device=device) < ignore_frac] = ignore_index
     p = Problem(h, W, labels)
     if bias:
-        p.b = rnd(V) * 0.5
+        p.b = rnd(V) * 0.5 * logit_scale
     if teacher:
-        Dt = D if Dt is None else Dt
+        Dt = D if Dt is None or shared_head else Dt
         p.ht = h[:, :Dt] + 0.3 * rnd(N, Dt) if Dt <= D else rnd(N, Dt) * scale
-        p.Wt = (W[:, :Dt] + 0.3 * rnd(V, Dt) / Dt**0.5) if Dt <= D else rnd(V, Dt) / Dt**0.5
-        if bias:
-            p.bt = rnd(V) * 0.5
+        p.Wt = (W[:, :Dt] + 0.3 * rnd(V, Dt) * (logit_scale / Dt**0.5)) if Dt <= D else rnd(V, Dt) * (logit_scale / Dt**0.5)
+        if bias if teacher_bias is None else teacher_bias:
+            p.bt = rnd(V) * 0.5 * logit_scale
     if kl_mask:  # differs from the label mask: some ignored positions carry the KL, some labelled do not
         p.kl_mask = torch.rand(N, generator=g, device=device) < 0.7
-    out = Problem(h.to(dtype), W.to(dtype), labels, *(None if t is None else t.to(dtype) for t in (p.ht, p.Wt, p.b, p.bt)), p.kl_mask)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    out = Problem(cast(h), cast(W), labels, cast(p.ht), cast(p.Wt), cast(p.b), cast(p.bt), p.kl_mask)
     out.h.requires_grad_(True)
     out.W.requires_grad_(weight_grad)
+    if shared_head:
+        out.Wt = out.W.detach()
     if out.b is not None:
         out.b.requires_grad_(True)
     return out
@@ -98,8 +124,30 @@ def assert_close(actual: Tensor, expected: Tensor, rtol: float, atol: float, wha
         )
 
 
+# The slack of "no worse than plain torch", relative to 1 + the largest true value.
+SLACK = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def assert_no_worse_than_plain_torch(name: str, got: Tensor, plain: Tensor, truth: Tensor, slack: float) -> None:
+    """``got``'s largest error against ``truth`` is at most plain torch's (``plain``: the same
+    computation in plain torch at the tested dtype) plus ``slack * (1 + max |truth|)``; the
+    message names the worst element."""
+    assert got.shape == truth.shape, f"{name}: shape {tuple(got.shape)} != {tuple(truth.shape)}"
+    assert bool(torch.isfinite(got).all()), f"{name}: non-finite values"
+    got, plain, truth = got.double(), plain.double(), truth.double()
+    diff = (got - truth).abs()
+    bound = float((plain - truth).abs().max()) + slack * (1 + float(truth.abs().max())) if truth.numel() else 0.0
+    if diff.numel() and float(diff.max()) > bound:
+        i = int(diff.argmax())
+        idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), diff.shape)) if diff.dim() else ()
+        raise AssertionError(
+            f"{name}: error {float(diff.max()):.3g} at {idx} (got {got.flatten()[i]:.10g}, want "
+            f"{truth.flatten()[i]:.10g}) > plain torch's {float((plain - truth).abs().max()):.3g} + slack"
+        )
+
+
 def assert_no_worse_than_plain(truth, plain, fast, slack: float, what: str) -> None:
-    """``fast``'s error against ``truth`` is within ``plain``'s error plus ``slack`` (relative).
+    """:func:`assert_no_worse_than_plain_torch` for loss, ce, kl and every gradient.
 
     Each argument is ``(SDFTLossOutput, grads)`` from :func:`run`: the float64 (or highest
     precision) truth, plain torch at the tested dtype, and the implementation under test.
@@ -108,7 +156,4 @@ def assert_no_worse_than_plain(truth, plain, fast, slack: float, what: str) -> N
     pairs = [(name, getattr(t_out, name), getattr(p_out, name), getattr(f_out, name)) for name in ("loss", "ce", "kl")]
     pairs += [(f"grad {i}", t, p, g) for i, (t, p, g) in enumerate(zip(t_grads, p_grads, f_grads))]
     for name, t, p, g in pairs:
-        t, p, g = t.double(), p.double(), g.double()
-        bound = (p - t).abs().max() + slack * (1 + t.abs().max())
-        err = (g - t).abs().max()
-        assert err <= bound, f"{what} {name}: err {err:.3g} > plain torch's {(p - t).abs().max():.3g} + slack = {bound:.3g}"
+        assert_no_worse_than_plain_torch(f"{what} {name}", g, p, t, slack)

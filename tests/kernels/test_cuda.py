@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from sdft_kernels import fused_linear_sdft_loss
-from tests.kernels.helpers import assert_no_worse_than_plain, make_problem, run
+from tests.kernels.helpers import SLACK, assert_no_worse_than_plain, make_problem, run
 
 pytestmark = pytest.mark.cuda
 
-SLACK = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 def _problem(N, D, V, dtype, **kw):
@@ -44,11 +43,11 @@ def test_weight_gradient_sums_are_float32_on_cuda():
     >= 2.10 for a float32 ``self``); without it the chunked paths round the weight gradient
     once per chunk. Checked through the call the chunk loop makes, at a real size, against a
     float32 product of the same half-precision values."""
-    from sdft_kernels.torch_chunked import _accumulate_weight_grad, _fp32_accumulating_addmm
+    from sdft_kernels.weight_grad import accumulate_weight_grad, fp32_accumulating_addmm
 
     device = torch.device("cuda", torch.cuda.current_device())
     for dtype in (torch.bfloat16, torch.float16):
-        assert _fp32_accumulating_addmm(device, dtype), (
+        assert fp32_accumulating_addmm(device, dtype), (
             f"torch {torch.__version__}: addmm(out_dtype=float32) of {dtype} products into a float32 "
             "buffer is unavailable"
         )
@@ -56,7 +55,7 @@ def test_weight_gradient_sums_are_float32_on_cuda():
         h = torch.randn(3000, 512, device=device).to(dtype)
         d_w = torch.full((4096, 512), float("nan"), device=device)
         for i, s in enumerate(range(0, 3000, 1024)):
-            _accumulate_weight_grad(d_w, dz[s:s + 1024], h[s:s + 1024], first=i == 0)
+            accumulate_weight_grad(d_w, dz[s:s + 1024], h[s:s + 1024], first=i == 0)
         want = dz.float().t() @ h.float()
         err = float((d_w - want).abs().max() / want.abs().max())
         assert err < 1e-5, f"{dtype}: float32 sums off by {err:.2g} of the largest entry"
@@ -84,6 +83,84 @@ def test_chunked_memory_is_its_chunk_buffers_plus_gradients():
         p.h, p.W, p.labels, p.ht, p.Wt, impl="triton_chunked", chunk_size=chunk).backward())
     expected = 2 * chunk * V * 2 + p.W.numel() * (4 + 2) + p.h.numel() * 2 * 3
     assert extra < expected + 64 * 2**20, f"{extra / 2**20:.0f} MiB extra, expected about {expected / 2**20:.0f}"
+
+
+@pytest.mark.parametrize("impl", ["triton", "triton_chunked"])
+def test_no_host_synchronisation(impl):
+    """With label validation off and a Python num_items, a training step's loss never waits
+    for the GPU: CUDA's sync debug mode turns any synchronisation into an error."""
+    p = _problem(1000, 256, 5000, torch.bfloat16, kl_mask=True)
+    call = lambda: fused_linear_sdft_loss(p.h, p.W, p.labels, p.ht, p.Wt, kl_mask=p.kl_mask, impl=impl,  # noqa: E731
+                                          validate_labels=False, num_items=777, chunk_size=384)
+    call().backward()  # first call: compiles, probes cuBLAS once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("impl", ["triton", "triton_chunked"])
+def test_robustness_cases_on_cuda(impl):
+    """tests/kernels/test_robustness.py's cases on CUDA tensors, float64 against the reference on
+    the same tensors: teacher NaN in rows without the divergence, masked (-inf) teacher entries
+    including whole leading tiles, strided and expanded row vectors, and no_grad."""
+    def compare(p, what, **kw):
+        ref, ref_grads = run(p, impl="reference", **kw)
+        out, grads = run(p, impl=impl, chunk_size=64, **kw)
+        for a, b, name in [(out.loss, ref.loss, "loss"), *((g, r, f"grad {i}") for i, (g, r) in
+                                                          enumerate(zip(grads, ref_grads)))]:
+            assert torch.isfinite(a).all(), f"{what} {name}"
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m: f"{what} {name}: {m}")
+
+    p = make_problem(N=300, D=64, V=5003, kl_mask=True, bias=True, device="cuda")
+    ce_only = (p.labels != -100) & ~p.kl_mask
+    p.ht = p.ht.masked_fill(ce_only.unsqueeze(1), float("nan"))
+    compare(p, "teacher NaN outside kl_mask", divergence="jsd", jsd_beta=0.3)
+
+    p = make_problem(N=300, D=64, V=5003, bias=True, device="cuda")
+    masked = torch.zeros(5003, dtype=torch.bool, device="cuda")
+    masked[:4500] = True  # more than a whole tile of the epilogue (4096) and of the fused kernels
+    p.bt = p.bt.masked_fill(masked, float("-inf"))
+    compare(p, "masked teacher entries", divergence="forward_kl")
+
+    p = make_problem(N=300, D=64, V=5003, bias=True, device="cuda")
+    strided_labels = torch.stack([p.labels, p.labels], 1)[:, 0]
+    out = fused_linear_sdft_loss(p.h, p.W, strided_labels, p.ht, p.Wt, kl_mask=torch.tensor(True, device="cuda").expand(300),
+                                 student_bias=torch.stack([p.b.detach(), p.b.detach()], 1)[:, 0], impl=impl)
+    ref = fused_linear_sdft_loss(p.h, p.W, p.labels, p.ht, p.Wt, kl_mask=torch.ones(300, dtype=torch.bool, device="cuda"),
+                                 student_bias=p.b, impl="reference")
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
+
+
+def test_autocast_bfloat16_on_cuda():
+    """fp32 weights under autocast(bfloat16): the GEMMs and kernels run in bfloat16, as
+    F.linear's would, and the gradients come back in float32."""
+    p = _problem(1000, 256, 5000, torch.float32)
+    low = p.cast(torch.bfloat16)
+    for impl in ("triton", "triton_chunked"):
+        expected, expected_grads = run(low, impl=impl, chunk_size=384)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out, grads = run(p, impl=impl, chunk_size=384)
+        assert torch.equal(out.loss, expected.loss), impl
+        for g, e in zip(grads, expected_grads):
+            assert g.dtype == torch.float32 and torch.equal(g, e.float()), impl
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("impl", ["triton", "triton_chunked"])
+def test_tensors_on_another_gpu_than_the_current_one(impl):
+    """A head on cuda:1 while cuda:0 is current (device_map="auto"): every launch runs on the
+    tensors' device."""
+    p = make_problem(N=300, D=64, V=5003, kl_mask=True, device="cuda:1").cast(torch.float32)
+    with torch.cuda.device(0):
+        out, grads = run(p, impl=impl, chunk_size=128)
+    ref, ref_grads = run(p, impl="reference")
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        assert g.device == torch.device("cuda", 1)
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["triton", "triton_chunked"])

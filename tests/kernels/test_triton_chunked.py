@@ -12,7 +12,8 @@ import torch
 
 from sdft_kernels.options import LossOptions
 from sdft_kernels.reference import apply_softcap, divergence_rows
-from sdft_kernels.torch_chunked import _accumulate_weight_grad
+from sdft_kernels.weight_grad import accumulate_weight_grad
+from tests.kernels.helpers import make_problem
 from sdft_kernels.triton_chunked import EpilogueConfig, chunk_epilogue
 
 pytestmark = pytest.mark.skipif(
@@ -27,23 +28,16 @@ ONE_ROW = EpilogueConfig(block_n=1, block_v=128, num_warps=1)
 
 
 def _problem(dtype=torch.float64, teacher=True, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    z_s, z_t = rnd(C, V) * 2, rnd(C, V) * 2
-    b, bt = rnd(V), rnd(V)
-    labels = torch.randint(0, V, (C,), generator=g)
-    labels[torch.rand(C, generator=g) < 0.25] = -100
-    kl_mask = torch.rand(C, generator=g) < 0.7
-    # A random upstream gradient of either sign, restricted to the counted rows.
-    ce_scale = rnd(C) * (labels != -100)
-    kl_scale = rnd(C) * kl_mask
-    cast = lambda t: t.to(dtype)  # noqa: E731
-    return dict(
-        z_s=cast(z_s), z_t=cast(z_t) if teacher else None, b=cast(b) if bias else None,
-        bt=cast(bt) if teacher and bias else None, labels=labels, kl_mask=kl_mask,
-        ce_scale=ce_scale.float() if dtype != torch.float64 else ce_scale,
-        kl_scale=kl_scale.float() if dtype != torch.float64 else kl_scale,
-    )
+    """The epilogue's inputs from :func:`tests.kernels.helpers.make_problem`: its ``[C, V]``
+    logits (about 2 in size), biases, labels with ignored ones, a KL mask and per-row scales."""
+    p = make_problem(N=C, D=16, V=V, teacher=teacher, bias=bias, kl_mask=True, ignore_frac=0.25,
+                     logit_scale=2.0, seed=seed)
+    z_s, z_t = p.logits()
+    ce_scale, kl_scale = p.row_scales(seed=seed + 1)
+    cast = lambda t: None if t is None else t.detach().to(dtype)  # noqa: E731
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return dict(z_s=cast(z_s), z_t=cast(z_t), b=cast(p.b), bt=cast(p.bt), labels=p.labels, kl_mask=p.kl_mask,
+                ce_scale=ce_scale.to(acc), kl_scale=kl_scale.to(acc))
 
 
 def _truth(p, o: LossOptions):
@@ -61,7 +55,7 @@ def _truth(p, o: LossOptions):
         z_t = apply_softcap(zt, o.softcap)
         tau = o.temperature
         div = divergence_rows(torch.log_softmax(z_s / tau, -1), torch.log_softmax(z_t / tau, -1),
-                              o.divergence, o.jsd_beta)
+                              o.effective_divergence, o.jsd_beta)
         objective = objective + (p["kl_scale"].double() * tau**2 * div).sum()
         div = div * p["kl_mask"]
     (dz,) = torch.autograd.grad(objective, z)
@@ -138,6 +132,6 @@ def test_first_weight_gradient_chunk_ignores_the_uninitialised_buffer():
     """The loop allocates the weight gradient with torch.empty; its first chunk overwrites it."""
     dz, h = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     d_w = torch.full((7, 3), float("nan"), dtype=torch.float64)
-    _accumulate_weight_grad(d_w, dz[:2], h[:2], first=True)
-    _accumulate_weight_grad(d_w, dz[2:], h[2:], first=False)
+    accumulate_weight_grad(d_w, dz[:2], h[:2], first=True)
+    accumulate_weight_grad(d_w, dz[2:], h[2:], first=False)
     torch.testing.assert_close(d_w, dz.t() @ h, rtol=1e-12, atol=1e-12)

@@ -3,8 +3,8 @@
 No GPU is needed: ``triton.compile`` targets a named architecture and ptxas reports the
 registers. The compilation runs in a fresh process (``sdft_kernels.triton_compile_check``)
 because tests/conftest.py puts triton in interpreter mode, which triton reads when the kernels
-are decorated. The first run compiles 64 variants (about a minute on two cores); triton's
-cache makes later runs fast. ``pytest -s`` shows the table.
+are decorated. The first run compiles every variant of ``all_variants()`` (130: about two
+minutes on two cores); triton's cache makes later runs fast. ``pytest -s`` shows the table.
 """
 
 import os
@@ -39,9 +39,13 @@ def test_kernels_compile_without_spills():
     )
     print(proc.stdout)
     rows = [m.groupdict() for m in map(ROW.match, proc.stdout.splitlines()) if m]
-    # 4 kernels (fused forward, two fused backward, chunked epilogue) x 2 architectures x
-    # 2 dtypes x 4 flag combinations.
-    assert len(rows) == 64, f"expected 64 table rows, got {len(rows)}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    from sdft_kernels.triton_compile_check import all_variants
+
+    expected = all_variants()
+    assert len(rows) == len(expected), f"expected {len(expected)} rows, got {len(rows)}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    # Besides the main grid: a float32 teacher of a bfloat16 student, unaligned sizes, float64.
+    assert {"fp64"} < {r["dtype"] for r in rows}
+    assert any("+tfp32" in r["flags"] for r in rows) and any("+odd" in r["flags"] for r in rows)
     assert {r["kernel"] for r in rows} == {"forward", "backward_hidden", "backward_weight", "chunk_epilogue"}
     errors = [line for line in proc.stdout.splitlines() if "ERROR" in line]
     assert not errors, "compilation failed:\n" + "\n".join(errors)

@@ -1,0 +1,153 @@
+"""The plain-torch epilogue of the chunk loop: what CPU users train with (``impl="torch"``).
+
+Per chunk of rows, element-wise torch operations on float32 (float64) ``[chunk, V]`` buffers
+give the loss rows and, when asked, the logit gradient. The buffers come from the loop's
+workspace and are reused by every chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .chunk_loop import Workspace
+from .options import LossOptions
+from .reduction import accumulation_dtype
+
+# Transient bytes the torch epilogue may use by default. Four reusable [chunk, V] float32
+# buffers (student logits, log-probabilities at 1 and at tau, teacher log-probabilities), a fifth
+# with a softcap, and about one buffer of temporaries, so 192 MiB gives 256-token chunks at
+# V = 32768.
+DEFAULT_CHUNK_BUDGET_BYTES = 192 * 2**20
+_LIVE_BUFFERS = 6
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum(-1)`` for ``[C, V]`` inputs without a ``[C, V]`` temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], softcap) -> None:
+    """``out = softcap(hidden @ weight.T + bias)`` in ``out``'s dtype (GEMM in the input dtype)."""
+    if hidden.dtype == out.dtype:
+        if bias is None:
+            torch.mm(hidden, weight.t(), out=out)
+        else:
+            torch.addmm(bias, hidden, weight.t(), out=out)
+    else:
+        out.copy_(F.linear(hidden, weight, bias))
+    if softcap is not None:
+        out.div_(softcap).tanh_().mul_(softcap)
+
+
+def _log_softmax_into(out: Tensor, x: Tensor) -> Tensor:
+    """``out = log_softmax(x, -1)`` with no temporary (``out`` may be ``x``)."""
+    try:
+        return torch._log_softmax(x, -1, False, out=out)
+    except (AttributeError, RuntimeError):  # pragma: no cover - a torch without the out= overload
+        return torch.sub(x, torch.logsumexp(x, -1, keepdim=True), out=out)
+
+
+def _zero_where_no_mass(log_ratio: Tensor, p: Tensor, guard: bool) -> Tensor:
+    """``log_ratio`` with 0 where ``p`` is 0 (``0 log 0 = 0``), in place, if ``guard``.
+
+    Only a logit of -inf (a masked vocabulary entry, through a bias) gives ``-inf - (-inf)``
+    = NaN at ``p = 0``; finite logits never do, so the pass is skipped without a bias.
+    """
+    return log_ratio.masked_fill_(p == 0, 0.0) if guard else log_ratio
+
+
+def _divergence(logp_s: Tensor, logp_t: Tensor, scratch: Tensor, options: LossOptions, want_grad: bool,
+                guard_inf: bool):
+    """Row divergence ``[C]`` and ``G = dD/d(z_s / tau)`` ``[C, V]`` (or None).
+
+    Overwrites its three buffers; ``G`` is returned in one of them. ``guard_inf``: logits may
+    hold -inf (see :func:`_zero_where_no_mass`).
+    """
+    divergence = options.effective_divergence
+    if divergence == "forward_kl":
+        p_t = torch.exp(logp_t, out=scratch)
+        div = _rowdot(p_t, _zero_where_no_mass(logp_t.sub_(logp_s), p_t, guard_inf))
+        return div, (logp_s.exp_().sub_(p_t) if want_grad else None)
+    if divergence == "reverse_kl":
+        p_s = torch.exp(logp_s, out=scratch)
+        ratio = _zero_where_no_mass(logp_t.neg_().add_(logp_s), p_s, guard_inf)  # log p_s - log p_t
+        div = _rowdot(p_s, ratio)
+        return div, (ratio.sub_(div.unsqueeze(1)).mul_(p_s) if want_grad else None)
+    beta = options.jsd_beta
+    log_beta, log_1m_beta = options.jsd_log_weights
+    log_m = torch.logaddexp(logp_t + log_beta, logp_s + log_1m_beta, out=scratch)
+    p_t = logp_t.exp()
+    kl_t = _rowdot(p_t, _zero_where_no_mass(logp_t.sub_(log_m), p_t, guard_inf))
+    del p_t
+    p_s = torch.exp(logp_s, out=logp_t)  # logp_t is free now
+    ratio_s = _zero_where_no_mass(logp_s.sub_(log_m), p_s, guard_inf)  # log p_s - log m
+    kl_s = _rowdot(p_s, ratio_s)
+    div = beta * kl_t + (1.0 - beta) * kl_s
+    if not want_grad:
+        return div, None
+    return div, ratio_s.sub_(kl_s.unsqueeze(1)).mul_(p_s).mul_(1.0 - beta)
+
+
+def _torch_chunk(h, W, b, ht, Wt, bt, y, options: LossOptions, ce_scale, kl_scale, ws: Workspace):
+    """Loss rows of one chunk and, if scales are given, its logit gradient ``[C, V]``.
+
+    Returns ``(ce [C], div [C] or None, dz or None)``; ``ce`` and ``div`` are unmasked. ``dz``
+    lives in the workspace: use it before the next chunk.
+    """
+    rows = h.shape[0]
+    inv_tau = 1.0 / options.temperature
+    want_grad = ce_scale is not None
+    z = ws.get("z", rows)
+    _logits_into(z, h, W, b, None)
+    cap = None
+    if options.softcap is not None:  # keep tanh(z / c): the gradient needs 1 - tanh^2
+        cap = torch.div(z, options.softcap, out=ws.get("cap", rows)).tanh_()
+        torch.mul(cap, options.softcap, out=z)
+    logp_1 = _log_softmax_into(ws.get("logp_1", rows), z)
+    safe_y = y.clamp(0, z.shape[1] - 1).unsqueeze(1)  # ignored rows: any column, their scale is 0
+    ce = logp_1.gather(1, safe_y).squeeze(1).neg()
+
+    div = grad_kl = None
+    if ht is not None:
+        logp_s = _log_softmax_into(ws.get("logp_s", rows), z.mul_(inv_tau))
+        logp_t = ws.get("logp_t", rows)
+        _logits_into(logp_t, ht, Wt, bt, options.softcap)
+        _log_softmax_into(logp_t, logp_t.mul_(inv_tau))
+        # A bias may mask vocabulary entries with -inf; a softcap maps -inf to -softcap.
+        guard_inf = (b is not None or bt is not None) and options.softcap is None
+        div, grad_kl = _divergence(logp_s, logp_t, z, options, want_grad, guard_inf)
+
+    if not want_grad:
+        return ce, div, None
+    dz = logp_1.exp_().mul_(ce_scale.unsqueeze(1))  # ce_scale * softmax(z)
+    dz.scatter_add_(1, safe_y, -ce_scale.unsqueeze(1))
+    if grad_kl is not None:
+        dz.add_(grad_kl.mul_((kl_scale * options.temperature).unsqueeze(1)))
+    if cap is not None:  # d(c tanh(x / c))/dx = 1 - tanh^2
+        dz.mul_(cap.square_().neg_().add_(1.0))
+    return ce, div, dz
+
+
+class TorchEpilogue:
+    """Element-wise torch ops on float32 (float64) buffers: runs anywhere; ``impl="torch"``."""
+
+    budget_bytes = DEFAULT_CHUNK_BUDGET_BYTES
+
+    @staticmethod
+    def row_bytes(V: int, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype]) -> int:
+        return _LIVE_BUFFERS * accumulation_dtype(dtype).itemsize * max(V, 1)
+
+    @staticmethod
+    def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        """The dtype of the gradient GEMMs: on a GPU the float32 dz of half-precision inputs is
+        rounded to their dtype (tensor cores, as the Triton paths do); on CPU it stays float32."""
+        return accumulation_dtype(dtype) if device.type == "cpu" else dtype
+
+    @staticmethod
+    def chunk(h, W, b, ht, Wt, bt, y, kl_mask, options, ce_scale, kl_scale, ws):
+        """``(ce [C], div [C] or None, dz [C, V] or None)``; ce/div unmasked, dz in float32."""
+        return _torch_chunk(h, W, b, ht, Wt, bt, y, options, ce_scale, kl_scale, ws)
