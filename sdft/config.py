@@ -19,7 +19,9 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from sdft_kernels.options import IMPLS, LossOptions
+from sdft_kernels.options import DEFAULT_IMPL, LossOptions, check_impl
+
+from .loss import DEFAULT_KL_POSITIONS, check_kl_positions
 
 
 class ConfigError(ValueError):
@@ -40,14 +42,23 @@ class DataConfig:
     max_bad_fraction: float = 0.01  # fail if more rows than this are empty or miss fields
 
 
-@dataclass
-class LossConfig:
-    ce_weight: float = 1.0
-    kl_weight: float = 1.0
-    temperature: float = 0.5
-    divergence: str = "forward_kl"
-    kl_positions: str = "labels"  # "labels": supervised tokens; "all": every non-pad token
-    impl: str = "auto"
+@dataclass(frozen=True)
+class LossConfig(LossOptions):
+    """The ``loss:`` section: :class:`sdft_kernels.LossOptions`' fields, with its defaults
+    and checks (``softcap`` None: the model's own), plus where the divergence applies and
+    which implementation runs."""
+
+    kl_positions: str = DEFAULT_KL_POSITIONS  # "labels": supervised tokens; "all": every non-pad token
+    impl: str = DEFAULT_IMPL
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_kl_positions(self.kl_positions)
+        check_impl(self.impl)
+
+    def options(self) -> LossOptions:
+        """The loss settings alone."""
+        return LossOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LossOptions)})
 
 
 @dataclass
@@ -127,16 +138,6 @@ class TrainConfig:
             raise ConfigError(f"sampling: one of group_by_length, random, sequential, got {self.sampling!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype: one of float32, bfloat16, float16, got {self.dtype!r}")
-        loss = self.loss
-        try:  # the loss's own checks, now rather than after the model has loaded
-            LossOptions(ce_weight=loss.ce_weight, kl_weight=loss.kl_weight, temperature=loss.temperature,
-                        divergence=loss.divergence)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"loss: {e}") from None
-        if loss.impl not in IMPLS:
-            raise ConfigError(f"loss.impl: one of {', '.join(IMPLS)}, got {loss.impl!r}")
-        if loss.kl_positions not in ("labels", "all"):
-            raise ConfigError(f"loss.kl_positions: one of labels, all, got {loss.kl_positions!r}")
 
 
 def _convert(value: Any, annotation: Any, key: str) -> Any:
@@ -185,7 +186,10 @@ def _from_dict(cls, values: dict, prefix: str = ""):
         if key not in names:
             raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(names))})")
     kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in values.items()}
-    return cls(**kwargs)
+    try:  # a section's own checks (the loss's), now rather than after the model has loaded
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
 
 
 def _set_path(tree: dict, dotted: str, value: str) -> None:

@@ -2,50 +2,56 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Union
 
 from torch import Tensor, nn
 
-from sdft_kernels import LossOptions, SDFTLossOutput, fused_linear_sdft_loss
-from sdft_kernels.options import IMPLS
+from sdft_kernels import LossOptions, SDFTLossOutput
+from sdft_kernels.fused_loss import sdft_loss
+from sdft_kernels.options import DEFAULT_IMPL, check_impl
 
 KL_POSITIONS = ("labels", "all")
+DEFAULT_KL_POSITIONS = "labels"
+_FROM_OPTIONS = object()  # forward(): no softcap given, use the options' own
+
+
+def check_kl_positions(kl_positions: str) -> str:
+    """``kl_positions`` if valid; the one place this is checked."""
+    if kl_positions not in KL_POSITIONS:
+        raise ValueError(f"kl_positions must be one of {KL_POSITIONS}, got {kl_positions!r}")
+    return kl_positions
 
 
 class SDFTLoss(nn.Module):
     """Cross-entropy + ``kl_weight * tau**2 * D(teacher, student)`` on a fused LM head.
 
-    Defaults are the paper's: lambda (``kl_weight``) 1, tau 0.5, forward KL (teacher || student).
-    ``kl_positions`` says where the divergence applies when the caller gives no ``kl_mask``:
-    ``"labels"`` (the supervised positions, default) or ``"all"`` (every non-pad position,
-    which the model integration supplies). Being a module lets distributed wrappers see it.
+    The settings are one :class:`sdft_kernels.LossOptions`, given whole or as its keywords
+    (``SDFTLoss(kl_weight=0.5)``); the defaults are the paper's: lambda (``kl_weight``) 1,
+    tau 0.5, forward KL (teacher || student). ``kl_positions`` says where the divergence
+    applies when the caller gives no ``kl_mask``: ``"labels"`` (the supervised positions) or
+    ``"all"`` (every non-pad position, which the model integration supplies). ``impl`` and
+    ``chunk_size`` pick the implementation (:func:`sdft_kernels.fused_linear_sdft_loss`).
+    Being a module lets distributed wrappers see it.
     """
 
     def __init__(
         self,
-        ce_weight: float = 1.0,
-        kl_weight: float = 1.0,
-        temperature: float = 0.5,
-        divergence: str = "forward_kl",
-        jsd_beta: float = 0.5,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        impl: str = "auto",
-        kl_positions: str = "labels",
+        options: Optional[LossOptions] = None,
+        *,
+        impl: str = DEFAULT_IMPL,
+        kl_positions: str = DEFAULT_KL_POSITIONS,
         chunk_size: Optional[int] = None,
-        validate_labels: bool = True,
+        **settings,
     ) -> None:
         super().__init__()
+        if options is not None and settings:
+            raise TypeError(f"SDFTLoss takes options or their keywords, not both (got {sorted(settings)})")
         # Validates every setting now, not at the first batch.
-        self.options = LossOptions(ce_weight=ce_weight, kl_weight=kl_weight, temperature=temperature,
-                                   divergence=divergence, jsd_beta=jsd_beta, ignore_index=ignore_index,
-                                   reduction=reduction)
-        if kl_positions not in KL_POSITIONS:
-            raise ValueError(f"kl_positions must be one of {KL_POSITIONS}, got {kl_positions!r}")
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        self.impl, self.kl_positions, self.chunk_size = impl, kl_positions, chunk_size
-        self.validate_labels = validate_labels
+        self.options = options if options is not None else LossOptions(**settings)
+        self.impl, self.kl_positions = check_impl(impl), check_kl_positions(kl_positions)
+        self.chunk_size = chunk_size
+        self._with_softcap: dict[float, LossOptions] = {}
 
     def forward(
         self,
@@ -59,17 +65,29 @@ class SDFTLoss(nn.Module):
         teacher_bias: Optional[Tensor] = None,
         kl_mask: Optional[Tensor] = None,
         num_items: Union[None, int, float, Tensor] = None,
-        softcap: Optional[float] = None,
+        softcap=_FROM_OPTIONS,
     ) -> SDFTLossOutput:
-        """Shapes as :func:`sdft_kernels.fused_linear_sdft_loss`; returns loss, ce, kl, n_tokens."""
-        o = self.options
-        return fused_linear_sdft_loss(
-            student_hidden, student_weight, labels, teacher_hidden, teacher_weight,
-            student_bias=student_bias, teacher_bias=teacher_bias, ce_weight=o.ce_weight, kl_weight=o.kl_weight,
-            temperature=o.temperature, divergence=o.divergence, jsd_beta=o.jsd_beta, ignore_index=o.ignore_index,
-            kl_mask=kl_mask, reduction=o.reduction, num_items=num_items, softcap=softcap, impl=self.impl,
-            return_components=True, validate_labels=self.validate_labels, chunk_size=self.chunk_size,
+        """Shapes as :func:`sdft_kernels.fused_linear_sdft_loss`; returns loss, ce, kl, n_tokens.
+
+        ``softcap``: the model head's logit softcap (None: it has none), as
+        :func:`sdft.causal_lm_loss` passes it; a loss configured with a softcap of its own
+        refuses a head that applies another.
+        """
+        return sdft_loss(
+            self._options_for(softcap), student_hidden, student_weight, labels, teacher_hidden, teacher_weight,
+            student_bias=student_bias, teacher_bias=teacher_bias, kl_mask=kl_mask, num_items=num_items,
+            impl=self.impl, return_components=True, chunk_size=self.chunk_size,
         )
+
+    def _options_for(self, softcap) -> LossOptions:
+        own = self.options.softcap
+        if softcap is _FROM_OPTIONS or softcap == own:
+            return self.options
+        if own is not None:
+            raise ValueError(f"the loss is configured with softcap {own}, but the model's head applies {softcap}")
+        if softcap not in self._with_softcap:  # built (and validated) once per head
+            self._with_softcap[softcap] = dataclasses.replace(self.options, softcap=softcap)
+        return self._with_softcap[softcap]
 
     def extra_repr(self) -> str:
         o = self.options

@@ -249,8 +249,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         student = add_lora(student, cfg)
     freeze_report = _freeze(cfg, student)
     metrics = out / "metrics.jsonl"
-    loss = SDFTLoss(ce_weight=cfg.loss.ce_weight, kl_weight=cfg.loss.kl_weight, temperature=cfg.loss.temperature,
-                    divergence=cfg.loss.divergence, kl_positions=cfg.loss.kl_positions, impl=cfg.loss.impl)
+    loss = SDFTLoss(cfg.loss.options(), impl=cfg.loss.impl, kl_positions=cfg.loss.kl_positions)
 
     if cfg.stage1_epochs > 0:
         stage1_final = out / "stage1" / "final"
@@ -262,7 +261,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             freeze_report = _freeze(cfg, student)
         else:
             known = [ex for ex in examples if ex["known"]]
-            _run_stage(cfg, "stage1", student, None, SDFTLoss(impl=cfg.loss.impl), known, tokenizer, metrics,
+            _run_stage(cfg, "stage1", student, None, loss, known, tokenizer, metrics,  # no teacher: CE
                        resume, cfg.stage1_epochs, freeze_report)
             save_final(student, tokenizer, stage1_final)
 

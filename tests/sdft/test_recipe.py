@@ -158,14 +158,21 @@ def test_config_errors_name_the_key(tmp_path, capsys):
         load_config(None, ["--model=x"])
     # The loss settings are checked with the config, before any model loads.
     base = ["--model=x", "--data.train_file=y.jsonl"]
-    with pytest.raises(ConfigError, match="loss.impl: one of auto, triton, triton_chunked, torch, reference, got 'cuda'"):
+    with pytest.raises(ConfigError, match="loss: impl must be one of .*'triton_chunked'.*, got 'cuda'"):
         load_config(None, base + ["--loss.impl=cuda"])
     with pytest.raises(ConfigError, match="loss: .*divergence.*'kl'"):
         load_config(None, base + ["--loss.divergence=kl"])
     with pytest.raises(ConfigError, match="loss: .*temperature"):
         load_config(None, base + ["--loss.temperature=0"])
-    with pytest.raises(ConfigError, match="loss.kl_positions: one of labels, all, got 'every'"):
+    with pytest.raises(ConfigError, match="loss: kl_positions must be one of .*'labels', 'all'.*, got 'every'"):
         load_config(None, base + ["--loss.kl_positions=every"])
+    # Every LossOptions field is a key of the section, with LossOptions' defaults.
+    cfg = load_config(None, base + ["--loss.jsd_beta=0.25", "--loss.ignore_index=-1", "--loss.softcap=30",
+                                    "--loss.validate_labels=false", "--loss.divergence=jsd"])
+    assert (cfg.loss.jsd_beta, cfg.loss.ignore_index, cfg.loss.softcap, cfg.loss.validate_labels) == (0.25, -1, 30.0, False)
+    from sdft_kernels import LossOptions
+
+    assert load_config(None, base).loss.options() == LossOptions()
 
 
 def test_bad_rows_are_counted_and_too_many_fail(tmp_path):
