@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 # project, a `torch>=` requirement could pull a multi-GB CUDA build instead.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test bench bench-gpu gpu-wheels compile-check compile-check-device demo demo-quick clean
+.PHONY: venv test bench bench-gpu gpu-wheels compile-check compile-check-triton demo demo-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,12 +25,14 @@ test: venv
 compile-check: venv
 	TRITON_INTERPRET=0 $(PY) -m sdft_kernels.triton_compile_check
 
-# The same with the Triton of the lent GPU machines (3.6.0 on 2026-11-26; see
-# /work/.library/device/KINDS.md), in its own venv, plus the interpreter kernel tests under it.
-# Its interpreter needs numpy < 2.3. kernels/ is put on the path as sdft_kernels by a link.
-DEVICE_TRITON ?= triton==3.6.0
-DEVICE_VENV ?= .venv-device-triton
-compile-check-device:
+# The same under another Triton release (3.6.0, which torch 2.11's CUDA wheels bring), in its
+# own venv, plus the interpreter kernel tests under it: ptxas's register choices change between
+# releases. Its interpreter needs numpy < 2.3. kernels/ is put on the path as sdft_kernels by a
+# link. COMPILE_CHECK_TRITON=triton==X.Y.Z checks another release.
+COMPILE_CHECK_TRITON ?= triton==3.6.0
+DEVICE_TRITON ?= $(COMPILE_CHECK_TRITON)
+DEVICE_VENV ?= .venv-triton-check
+compile-check-triton:
 	test -x $(DEVICE_VENV)/bin/python || $(PYTHON) -m venv $(DEVICE_VENV)
 	$(DEVICE_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(DEVICE_TRITON)" "numpy<2.3" pytest
 	mkdir -p $(DEVICE_VENV)/link && ln -sfn $(CURDIR)/kernels $(DEVICE_VENV)/link/sdft_kernels

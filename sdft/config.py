@@ -99,6 +99,7 @@ class TrainConfig:
     stage1_epochs: float = 0.0  # > 0: plain CE on known rows first, then snapshot the teacher
     sampling: str = "group_by_length"  # group_by_length (less padding) | random | sequential
     gradient_checkpointing: bool = False
+    check_head: bool = True  # compare the fused loss with the model's own forward once; off: trust the tables
     logging_steps: int = 10
     save_steps: int = 500
     save_total_limit: Optional[int] = 2

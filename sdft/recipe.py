@@ -139,7 +139,8 @@ def _run_stage(cfg, name, student, teacher, loss, examples, tokenizer, metrics_p
     tokens_per_s = _TokensPerSecond()
     trainer = build_trainer(student, training_arguments(cfg, out, epochs), Dataset.from_list(examples),
                             PadCollator(tokenizer.pad_token_id), teacher=teacher, loss=loss,
-                            freeze_report=freeze_report, callbacks=[tokens_per_s, MetricsJsonl(metrics_path, name)])
+                            freeze_report=freeze_report, callbacks=[tokens_per_s, MetricsJsonl(metrics_path, name)],
+                            check_head=cfg.check_head)
     tokens_per_s.trainer = trainer
     checkpoint = newest_complete_checkpoint(out) if resume else None
     trainer.train(resume_from_checkpoint=checkpoint)

@@ -33,8 +33,10 @@ class SDFTTrainer(Trainer):
     through the model's ``forward``, which multi-process wrappers need.
     """
 
-    def __init__(self, *args, teacher: Optional[TeacherSource] = None, sdft_loss: Optional[SDFTLoss] = None, **kwargs):
+    def __init__(self, *args, teacher: Optional[TeacherSource] = None, sdft_loss: Optional[SDFTLoss] = None,
+                 check_head: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
+        self.check_head = check_head  # for a plain student; an SDFTModel carries its own (causal_lm_loss)
         inner = self.accelerator.unwrap_model(self.model)
         if isinstance(inner, SDFTModel):
             teacher = inner.teacher if teacher is None else teacher
@@ -89,12 +91,15 @@ class SDFTTrainer(Trainer):
                 "the whole loss runs inside the wrapper's forward (sdft train does this)"
             )
         else:
-            out = causal_lm_loss(inner, inputs, self.teacher, self.sdft_loss, num_items_in_batch)
+            out = causal_lm_loss(inner, inputs, self.teacher, self.sdft_loss, num_items_in_batch,
+                                 check_head=self.check_head)
         loss = out.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's tokens, and DDP averages gradients.
             loss = loss * self.accelerator.num_processes
         self._last_components = {"ce": out.ce, "kl": out.kl}
+        if getattr(out, "aux", None) is not None:  # an MoE model's load-balancing term, inside the loss
+            self._last_components["aux"] = out.aux
         return (loss, out) if return_outputs else loss
 
     def _save(self, output_dir=None, state_dict=None):
@@ -130,6 +135,7 @@ def build_trainer(
     loss: Optional[SDFTLoss] = None,
     freeze_report: Optional[FreezeReport] = None,
     callbacks: Sequence = (),
+    check_head: bool = True,
 ) -> SDFTTrainer:
     """An :class:`SDFTTrainer` over ``SDFTModel(student, teacher, loss)``: how ``sdft train``
     and the demo train.
@@ -139,13 +145,15 @@ def build_trainer(
     (biases, norm scales) do not, and only parameters with ``requires_grad`` get state. With a
     ``freeze_report`` holding partial masks, the frozen entries stay bit-identical under
     AdamW's decay and momentum (:func:`sdft.freezing.masked_optimizer`). The Trainer builds the
-    learning-rate schedule from ``args``.
+    learning-rate schedule from ``args``. ``check_head``: compare the fused path with the
+    model's own forward once (:func:`sdft.causal_lm_loss`).
     """
     optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay), lr=args.learning_rate,
                                   betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     if freeze_report is not None:
         optimizer = masked_optimizer(optimizer, freeze_report)
-    trainer = SDFTTrainer(model=SDFTModel(student, teacher, loss), args=args, train_dataset=train_dataset,
+    trainer = SDFTTrainer(model=SDFTModel(student, teacher, loss, check_head=check_head), args=args,
+                          train_dataset=train_dataset,
                           data_collator=data_collator, optimizers=(optimizer, None))
     for callback in callbacks:
         trainer.add_callback(callback)

@@ -1,7 +1,7 @@
 """The same comparisons on a GPU, at realistic sizes and in bf16 (skipped without CUDA).
 
-A lent GPU gives one short run, so the quick diagnostic tests come first (pytest runs a
-file in order) and problems are drawn on the GPU.
+``make bench-gpu`` runs these first under a time limit, so the quick diagnostic tests come
+first (pytest runs a file in order) and problems are drawn on the GPU.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ RAGGED = (1000, 512, 32003)  # ragged in every dimension
 LLAMA3 = (2048, 1024, 128256)  # a Llama-3 vocabulary
 # bf16, the dtype people train in, gets every divergence at both shapes; fp16 and fp32 the
 # paper's forward KL; bf16 also biases with a Gemma-2 softcap. (Each dtype x divergence x
-# flag set compiles every kernel once: the list is kept short to fit a lent GPU's minutes.)
+# flag set compiles every kernel once: the list is kept short to fit make bench-gpu's budget.)
 ACCURACY_CASES = [
     *[(torch.bfloat16, d, shape, {}) for d in ("forward_kl", "reverse_kl", "jsd") for shape in (RAGGED, LLAMA3)],
     (torch.float16, "forward_kl", RAGGED, {}),

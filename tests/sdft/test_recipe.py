@@ -306,6 +306,7 @@ TRAINING_ARGUMENTS = {
 }
 NOT_TRAINING_ARGUMENTS = {
     "model", "tokenizer", "dtype", "gradient_checkpointing",  # the model load (load_student)
+    "check_head",  # SDFTModel's one-time comparison with the model's own forward
     "data", "loss", "teacher", "lora", "freeze", "train_only",  # their own sections and steps
     "stage1_epochs",  # the epochs of stage 1's TrainingArguments
 }
