@@ -25,9 +25,9 @@ test: venv
 compile-check: venv
 	TRITON_INTERPRET=0 $(PY) -m sdft_kernels.triton_compile_check
 
-# The same under another Triton release (3.6.0, which torch 2.11's CUDA wheels bring), in its
-# own venv, plus the interpreter kernel tests under it: ptxas's register choices change between
-# releases. Its interpreter needs numpy < 2.3. kernels/ is put on the path as sdft_kernels by a
+# The same under another Triton release (3.6.0 by default), in its own venv, plus the
+# interpreter kernel tests under it: ptxas's register choices change between releases, and a
+# CUDA machine often has an older Triton than the newest. Its interpreter needs numpy < 2.3. kernels/ is put on the path as sdft_kernels by a
 # link. COMPILE_CHECK_TRITON=triton==X.Y.Z checks another release.
 COMPILE_CHECK_TRITON ?= triton==3.6.0
 DEVICE_TRITON ?= $(COMPILE_CHECK_TRITON)

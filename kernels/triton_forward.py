@@ -55,7 +55,7 @@ from .triton_math import (
 # tiles and their exponentials. float32 GEMMs without TF32 run on FMAs, whose operand slices
 # live in registers: their tiles are smaller.
 FORWARD_CONFIG = KernelConfig(block_n=64, block_v=64, block_d=64, num_warps=8, num_stages=2)
-# One stage: with two, ptxas under triton 3.6 (the release torch 2.11's CUDA wheels bring) spilled the
+# One stage: with two, ptxas under triton 3.6 (make compile-check-triton) spilled the
 # float32 JSD variant on sm_90 (128 registers, 40 B spilled; triton 3.9 did not).
 FORWARD_CONFIG_FP32 = KernelConfig(block_n=32, block_v=64, block_d=32, num_warps=8, num_stages=1)
 # Half precision with sizes or strides that are not multiples of 16 (D = 2100, V = 50257):
