@@ -57,7 +57,7 @@ bench: venv
 # Failed CUDA tests do not stop the benchmarks; the target still fails at the end.
 # Timing: tests stopped after GPU_TESTS_TIMEOUT_S; no loss-grid case starts after GPU_BUDGET_S
 # (nor after GPU_DEADLINE_S - GPU_STEP_RESERVE_S - 90 s of the whole target); the training
-# step has the last GPU_STEP_RESERVE_S and starts nothing after GPU_STEP_BUDGET_S of its own;
+# step has the last GPU_STEP_RESERVE_S and starts no case after GPU_STEP_BUDGET_S of its own;
 # all done by ~GPU_DEADLINE_S + 10. `python -m bench.run --device cuda --dry-run --budget-s 400`
 # and `python -m bench.train_step --device cuda --dry-run --budget-s 60` estimate them anywhere.
 GPU_PYTHON ?= python3

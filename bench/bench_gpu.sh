@@ -18,7 +18,8 @@
 # GPU_TESTS_TIMEOUT_S; the loss grid starts no case after GPU_BUDGET_S of its own time, nor
 # after GPU_DEADLINE_S - 90 - GPU_STEP_RESERVE_S of the whole script's, and is stopped
 # GPU_STEP_RESERVE_S + 10 s before the deadline; the training-step benchmark then starts no
-# measurement after GPU_STEP_BUDGET_S of its own time and is stopped at GPU_DEADLINE_S - 10.
+# case after GPU_STEP_BUDGET_S of its own time (it still times the cases it measured) and is
+# stopped at GPU_DEADLINE_S - 10.
 # A stopped benchmark's partial JSON is rendered afterwards. With the defaults (150, 400, 560,
 # 100, 60) the script ends within ~570 s.
 #

@@ -175,3 +175,28 @@ def test_measure_times_rotates_the_order_of_the_rounds():
     assert out["status"] == "ok", out.get("reason")
     assert [order[0] for order in out["order"]] == ["sft_hf", "sft_ours", "sdft_cached"]
     assert all(len(t) == 3 and min(t) > 0 for t in out["times_s"].values())
+
+
+def test_a_budget_spent_mid_model_still_times_the_cases_it_measured(tmp_path, monkeypatch):
+    clock = {"now": 0.0}
+    measured = []
+
+    def fake_memory(spec):
+        measured.append(spec["case"])
+        if len(measured) == 2:
+            clock["now"] = 1e6  # the budget runs out during the second case
+        return dict(case_record(spec), mem_bytes=100, first_loss=1.0)
+
+    def fake_times(spec):
+        return {"status": "ok", "reason": None, "times_s": {n: [1.0] for n in spec["cases"]}}
+
+    monkeypatch.setattr(train_step.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(train_step, "measure_memory", fake_memory)
+    monkeypatch.setattr(train_step, "measure_times", fake_times)
+    main(["--device", "cpu", "--quick", "--in-process", "--budget-s", "10", "--out", str(tmp_path)])
+    _, results = _load(tmp_path, "train-step-cpu-quick-*.json")
+    ok = [c for c in results["cases"] if c["status"] == "ok"]
+    assert [c["case"] for c in ok] == measured == ["sft_hf", "sft_ours"]
+    assert all(c["median_s"] == 1.0 for c in ok)  # timed although the budget was spent
+    rest = [c for c in results["cases"] if c["status"] != "ok"]
+    assert rest and all(c["reason"] == "time budget of 10 s spent" for c in rest)
