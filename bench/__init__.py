@@ -1,10 +1,12 @@
-"""Microbenchmarks of ``fused_linear_sdft_loss`` against its peers.
+"""Microbenchmarks of ``fused_linear_sdft_loss`` against its peers, and the cost of a whole
+SDFT training step against plain SFT.
 
 Entry points::
 
     python -m bench.run --device cpu [--quick] [--out bench/results]   # results + report
     python -m bench.run --device cuda
     pytest bench/ --benchmark-json=out.json                            # pytest-benchmark
+    python -m bench.train_step --device cpu                            # training-step cost
 
 Every case computes the same objective, CE + lambda * tau^2 * KL(teacher || student) with
 lambda = 1, tau = 0.5 and 20 % ignored labels, checks its loss and gradients against the
@@ -16,5 +18,7 @@ FLOP counts), ``contenders`` (ours and the peers, behind one interface), ``agree
 (oracle values and tolerances), ``measure_case`` (one case: memory, agreement, timing),
 ``plan`` (which cases run, in which order), ``estimate`` (dry-run time estimates),
 ``results`` (the results JSON and run metadata), ``run`` (the command line and the loop),
-``report`` (markdown, targets and plots).
+``report`` (markdown, targets and plots). The training-step benchmark: ``train_step`` (the
+command line and the loop), ``train_step_cases`` (models and cases), ``train_step_measure``
+(memory per case, interleaved timing), ``train_step_results`` and ``train_step_report``.
 """
