@@ -17,6 +17,7 @@ from .architectures import auxiliary_loss
 from .head_check import ensure_checked
 from .loss import SDFTLoss
 from .model_head import decoder_forward, head_spec
+from .packing import document_starts, sequence_kwargs
 from .teacher import TeacherSource
 
 
@@ -37,10 +38,13 @@ class CausalLMLossOutput(SDFTLossOutput):
 
 
 def shifted_targets(batch: Mapping[str, Tensor], ignore_index: int = -100) -> tuple[Tensor, Optional[Tensor]]:
-    """Next-token labels ``[B, T-1]`` and the non-pad target mask ``[B, T-1]`` (or None).
+    """Next-token labels ``[B, T-1]`` and the target mask ``[B, T-1]`` (or None).
 
-    Labels default to the input ids. Padding positions are ignored even if the collator left
-    a real id in ``labels``.
+    Labels default to the input ids. A target is masked (and its label ignored, even if the
+    collator left a real id there) where it is padding or where it starts a new document of a
+    packed batch (``position_ids`` 0, :mod:`sdft.packing`): the last token of one document
+    does not predict the first of the next. The mask is None when the batch has neither an
+    ``attention_mask`` nor ``position_ids``.
     """
     input_ids = batch["input_ids"]
     labels = batch.get("labels")
@@ -51,9 +55,12 @@ def shifted_targets(batch: Mapping[str, Tensor], ignore_index: int = -100) -> tu
             "supervised); the loss shifts them itself, so do not pass labels already shifted")
     labels = (input_ids if labels is None else labels)[:, 1:].clone()
     mask = batch.get("attention_mask")
-    target_mask = None
-    if mask is not None:
-        target_mask = mask[:, 1:].bool()
+    target_mask = None if mask is None else mask[:, 1:].bool()
+    starts = document_starts(batch)
+    if starts is not None:
+        continues = ~starts[:, 1:]
+        target_mask = continues if target_mask is None else target_mask & continues
+    if target_mask is not None:
         labels.masked_fill_(~target_mask, ignore_index)
     return labels, target_mask
 
@@ -69,7 +76,10 @@ def causal_lm_loss(
 ) -> CausalLMLossOutput:
     """SDFT loss of ``model`` on ``batch`` (``input_ids`` ``[B, T]``, optional ``attention_mask``
     and ``labels`` ``[B, T]`` aligned with the inputs, -100 on prompt tokens), against
-    ``teacher`` (None: plain CE).
+    ``teacher`` (None: plain CE). A packed or padding-free batch carries ``position_ids``
+    ``[B, T]`` restarting at 0 per document (and, for flash-attention, ``cu_seq_lens_*`` /
+    ``max_length_*``): they reach the student's and the teacher's decoders, and no target
+    crosses a document boundary (:mod:`sdft.packing`).
 
     Runs the decoder for final hidden states, shifts labels, masks padding, and calls the fused
     loss with the output embedding and the architecture's logit transforms (``sdft.architectures``).
@@ -91,7 +101,7 @@ def causal_lm_loss(
         raise ValueError(f"{type(model).__name__} adds an MoE auxiliary loss to its mean loss; "
                          f"reduction={loss.options.reduction!r} has no such term (use reduction='mean')")
     decoded = decoder_forward(model, batch["input_ids"], batch.get("attention_mask"),
-                              output_router_logits=aux_loss is not None)
+                              output_router_logits=aux_loss is not None, **sequence_kwargs(batch))
     hidden = decoded.hidden
     head = head_spec(model)
 

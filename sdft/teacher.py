@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .model_head import HeadSpec, final_hidden_states, head_spec
+from .packing import document_spans, sequence_kwargs
 
 
 @dataclass
@@ -34,7 +35,11 @@ class TeacherOutput:
 
 
 class TeacherSource(Protocol):
-    def __call__(self, batch: Mapping[str, Tensor]) -> TeacherOutput: ...
+    def __call__(self, batch: Mapping[str, Tensor]) -> TeacherOutput:
+        """Teacher states for ``batch``: the same keys the student sees (``input_ids``, and
+        ``attention_mask`` / ``position_ids`` and the other :data:`sdft.packing.SEQUENCE_KEYS`
+        when present)."""
+        ...
 
 
 @contextlib.contextmanager
@@ -70,7 +75,8 @@ class FrozenCopy:
 
     @torch.no_grad()
     def __call__(self, batch: Mapping[str, Tensor]) -> TeacherOutput:
-        hidden = final_hidden_states(self.model, batch["input_ids"], batch.get("attention_mask"))
+        hidden = final_hidden_states(self.model, batch["input_ids"], batch.get("attention_mask"),
+                                     **sequence_kwargs(batch))
         return TeacherOutput(hidden, _frozen_head(head_spec(self.model)))
 
 
@@ -90,7 +96,8 @@ class AdapterDisabled:
     def __call__(self, batch: Mapping[str, Tensor]) -> TeacherOutput:
         base = self.peft_model.get_base_model()
         with self.peft_model.disable_adapter(), _eval_mode(self.peft_model):
-            hidden = final_hidden_states(base, batch["input_ids"], batch.get("attention_mask"))
+            hidden = final_hidden_states(base, batch["input_ids"], batch.get("attention_mask"),
+                                         **sequence_kwargs(batch))
             head = head_spec(base)
         return TeacherOutput(hidden, _frozen_head(head))
 
@@ -106,6 +113,7 @@ def _frozen_head(head: HeadSpec) -> HeadSpec:
 # ----------------------------------------------------------------------------------------------
 
 _CACHE_VERSION = 2  # 2: keyed on token content and model weights
+_FROM_META = object()  # HiddenStateCache(path): the id field the cache was built with
 _STORAGE = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
@@ -135,19 +143,30 @@ def model_fingerprint(model: nn.Module, samples: int = 4096) -> str:
 
 
 class HiddenStateCache:
-    """Teacher final hidden states stored once, looked up per batch by example id.
+    """Teacher final hidden states stored once, looked up per batch by example id or by the
+    tokens themselves.
 
-    Layout of the folder: ``hidden.bin`` (all examples' non-pad hidden states back to back,
-    ``[total_tokens, Dt]`` in ``dtype``, memory-mapped), ``index.json`` (id -> offset, length,
+    Layout of the folder: ``hidden.bin`` (all documents' non-pad hidden states back to back,
+    ``[total_tokens, Dt]`` in ``dtype``, memory-mapped), ``index.json`` (key -> offset, length,
     hash of the token ids), ``head.pt`` (head weight and bias), ``meta.json`` (sizes, dtype,
-    model and head fingerprints, softcap, scale). The batch must carry the example ids in
-    ``id_field`` and the attention mask: the stored states are put back at the non-pad
-    positions, and each row's tokens must hash to what the cache stored for its id. The states
-    are computed from right-padded sequences, so they match right-padded training batches
-    (left padding shifts the position ids of most models).
+    model and head fingerprints, softcap, scale, the id field). Each document's states are
+    computed alone, at positions ``0 .. n-1`` (right-padded), so they match a right-padded row
+    or a document of a packed batch (left padding shifts the position ids of most models).
+
+    Lookup, per batch:
+
+    - an ordinary (unpacked) batch that carries the example ids in ``id_field``: by id; each
+      row's non-pad tokens must hash to what the cache stored for its id;
+    - a packed or padding-free batch (several documents per row, told apart by
+      ``position_ids``, :mod:`sdft.packing`), or a batch without ids (TRL's collators drop
+      every column but the tokens and labels): each document by the hash of its tokens.
+      A document the cache does not hold is refused, naming its row and columns.
+
+    A cache built with ``id_field=None`` is keyed by token content only; it can be built from
+    a packed dataset (rows with ``seq_lengths``, as TRL's ``SFTTrainer`` prepares them).
     """
 
-    def __init__(self, path: Union[str, Path], id_field: str = "id"):
+    def __init__(self, path: Union[str, Path], id_field: Union[str, None, object] = _FROM_META):
         self.path = Path(path)
         meta_file = self.path / "meta.json"
         if not meta_file.exists():
@@ -156,7 +175,9 @@ class HiddenStateCache:
         if self.meta.get("version") != _CACHE_VERSION:
             raise ValueError(f"cache {self.path} has version {self.meta.get('version')}, expected {_CACHE_VERSION}")
         self.index: dict[str, list] = json.loads((self.path / "index.json").read_text())
-        self.id_field = id_field
+        # Content lookup: documents with equal tokens have equal states, so any of them will do.
+        self._by_tokens = {tokens: (offset, length) for offset, length, tokens in self.index.values()}
+        self.id_field = self.meta.get("id_field", "id") if id_field is _FROM_META else id_field
         self.dtype = getattr(torch, self.meta["dtype"])
         total, width = self.meta["total_tokens"], self.meta["hidden_size"]
         # numpy has no bfloat16: store raw 16-bit words and reinterpret them in torch.
@@ -174,13 +195,19 @@ class HiddenStateCache:
         examples: Iterable[Mapping[str, object]],
         path: Union[str, Path],
         *,
-        id_field: str = "id",
+        id_field: Optional[str] = "id",
         batch_size: int = 8,
         dtype: torch.dtype = torch.bfloat16,
         pad_token_id: int = 0,
     ) -> "HiddenStateCache":
-        """Run ``model`` once over ``examples`` (each with ``id_field`` and ``input_ids``) and store
-        its final hidden states. Returns the opened cache."""
+        """Run ``model`` once over ``examples`` and store its final hidden states; returns the
+        opened cache.
+
+        Each example has ``input_ids`` and, unless ``id_field`` is None, its id in ``id_field``.
+        ``id_field=None`` keys the cache by token content, and also accepts packed examples
+        (``input_ids`` with ``seq_lengths``, the lengths of the documents packed into them, as in
+        ``SFTTrainer(...).train_dataset`` with ``packing=True``): each document is run alone.
+        """
         if dtype not in _STORAGE:
             raise ValueError(f"cache dtype must be one of {list(_STORAGE)}, got {dtype}")
         path = Path(path)
@@ -189,8 +216,8 @@ class HiddenStateCache:
         index: dict[str, list] = {}
         offset, width = 0, None
         with open(path / "hidden.bin", "wb") as sink, _eval_mode(model):
-            for chunk in _batched(examples, batch_size):
-                ids, mask, keys = _right_padded(chunk, id_field, pad_token_id, device)
+            for chunk in _batched(_new_documents(examples, id_field), batch_size):
+                ids, mask, keys = _right_padded(chunk, pad_token_id, device)
                 hidden = final_hidden_states(model, ids, mask)
                 width = hidden.shape[-1]
                 for row, key in enumerate(keys):
@@ -206,7 +233,7 @@ class HiddenStateCache:
         torch.save({"weight": head.weight.detach().cpu(), "bias": None if head.bias is None else head.bias.detach().cpu()},
                    path / "head.pt")
         meta = dict(version=_CACHE_VERSION, dtype=_STORAGE[dtype], hidden_size=width or 0, total_tokens=offset,
-                    n_examples=len(index), softcap=head.softcap, hidden_scale=head.hidden_scale,
+                    n_examples=len(index), id_field=id_field, softcap=head.softcap, hidden_scale=head.hidden_scale,
                     vocab_size=head.weight.shape[0], head_fingerprint=_fingerprint(head.weight),
                     model_fingerprint=model_fingerprint(model))
         (path / "index.json").write_text(json.dumps(index))
@@ -220,19 +247,28 @@ class HiddenStateCache:
         model: Optional[nn.Module] = None,
     ) -> None:
         """Raise ``ValueError`` if the cache was not built from these examples (ids and token
-        content) or with this teacher model (its weights and head)."""
+        content; for a cache keyed by content, the same set of documents) or with this teacher
+        model (its weights and head)."""
         if examples is not None:
-            if len(examples) != self.meta["n_examples"]:
-                raise ValueError(f"cache {self.path} holds {self.meta['n_examples']} examples, the dataset has {len(examples)}")
-            for ex in examples:
-                key = str(ex[self.id_field])
+            documents = list(_documents(examples, self.id_field))
+            if self.id_field is None:
+                missing = [i for i, (key, _) in enumerate(documents) if key not in self.index]
+                if missing:
+                    raise ValueError(f"{len(missing)} of the {len(documents)} documents (the first is document "
+                                     f"{missing[0]}) are not in cache {self.path}: rebuild the cache from this dataset")
+                if len({key for key, _ in documents}) != self.meta["n_examples"]:
+                    raise ValueError(f"cache {self.path} holds {self.meta['n_examples']} distinct documents, the dataset "
+                                     f"has {len({key for key, _ in documents})}")
+            elif len(documents) != self.meta["n_examples"]:
+                raise ValueError(f"cache {self.path} holds {self.meta['n_examples']} examples, the dataset has "
+                                 f"{len(documents)}")
+            for key, input_ids in documents if self.id_field is not None else ():
                 if key not in self.index:
                     raise ValueError(f"example id {key!r} is not in cache {self.path}")
                 _, length, tokens = self.index[key]
-                n = len(ex["input_ids"])
-                if length != n:
-                    raise ValueError(f"example {key!r} has {n} tokens but cache {self.path} stored {length}")
-                if token_fingerprint(ex["input_ids"]) != tokens:
+                if length != len(input_ids):
+                    raise ValueError(f"example {key!r} has {len(input_ids)} tokens but cache {self.path} stored {length}")
+                if token_fingerprint(input_ids) != tokens:
                     raise ValueError(f"example {key!r} has other tokens than cache {self.path} was built from "
                                      "(another dataset or tokenizer with the same ids): rebuild the cache")
         if model is not None:
@@ -250,15 +286,30 @@ class HiddenStateCache:
 
     # -- lookup ---------------------------------------------------------------------------------
     def __call__(self, batch: Mapping[str, Tensor]) -> TeacherOutput:
-        if self.id_field not in batch:
-            raise KeyError(f"batch has no {self.id_field!r} field: the cache looks examples up by id "
-                           "(keep the column, e.g. Trainer(remove_unused_columns=False))")
+        input_ids = batch["input_ids"]
+        spans = [document_spans(batch, row) for row in range(input_ids.shape[0])]
+        packed = any(len(row_spans) > 1 for row_spans in spans)
+        out = torch.zeros(*input_ids.shape, self.meta["hidden_size"], dtype=self.dtype)
+        if self.id_field is not None and self.id_field in batch and not packed:
+            self._fill_by_id(batch, out)
+        else:
+            self._fill_by_tokens(input_ids, spans, out)
+        device = input_ids.device
+        head = HeadSpec(self.head.weight.to(device), None if self.head.bias is None else self.head.bias.to(device),
+                        self.head.softcap, self.head.hidden_scale)
+        # Stored compactly, computed in the head's dtype (the fused loss wants them equal).
+        return TeacherOutput(out.to(device, head.weight.dtype), head)
+
+    def _states(self, offset: int, length: int) -> Tensor:
+        raw = torch.from_numpy(np.array(self._data[offset: offset + length]))  # copy: the map is read-only
+        return raw if self.dtype == torch.float32 else raw.view(self.dtype)
+
+    def _fill_by_id(self, batch: Mapping[str, Tensor], out: Tensor) -> None:
         input_ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
         keys = batch[self.id_field]
         keys = keys.tolist() if isinstance(keys, Tensor) else list(keys)
-        out = torch.zeros(*input_ids.shape, self.meta["hidden_size"], dtype=self.dtype)
         for row, key in enumerate(keys):
             key = str(key)
             if key not in self.index:
@@ -269,13 +320,23 @@ class HiddenStateCache:
                 raise ValueError(f"example {key!r}: batch has {n} non-pad tokens, cache {self.path} stored {length}")
             if token_fingerprint(input_ids[row][mask[row]]) != tokens:
                 raise ValueError(f"example {key!r}: the batch's tokens differ from those cache {self.path} stored")
-            raw = torch.from_numpy(np.array(self._data[offset: offset + length]))  # copy: the map is read-only
-            out[row, mask[row].cpu()] = raw if self.dtype == torch.float32 else raw.view(self.dtype)
-        device = input_ids.device
-        head = HeadSpec(self.head.weight.to(device), None if self.head.bias is None else self.head.bias.to(device),
-                        self.head.softcap, self.head.hidden_scale)
-        # Stored compactly, computed in the head's dtype (the fused loss wants them equal).
-        return TeacherOutput(out.to(device, head.weight.dtype), head)
+            out[row, mask[row].cpu()] = self._states(offset, length)
+
+    def _fill_by_tokens(self, input_ids: Tensor, spans: list[list[tuple[int, int]]], out: Tensor) -> None:
+        for row, row_spans in enumerate(spans):
+            for start, end in row_spans:
+                if end - start < 2:
+                    continue  # no target inside: its state is never read (also the pads of a padding-free row)
+                found = self._by_tokens.get(token_fingerprint(input_ids[row, start:end]))
+                if found is None:
+                    raise ValueError(
+                        f"row {row}, columns {start}..{end - 1} ({end - start} tokens): cache {self.path} holds no "
+                        f"document with these tokens (looked up by content: the batch is packed or carries no "
+                        f"{self.id_field!r} column). Build the cache from the examples as the trainer tokenizes "
+                        "them, e.g. HiddenStateCache.build(teacher, trainer.train_dataset, path, id_field=None) for "
+                        "TRL's SFTTrainer; packing that cuts documents (TRL's 'bfd_split', 'wrapped') or truncation "
+                        "changes them")
+                out[row, start:end] = self._states(*found)
 
 
 def final_hidden_width(model: nn.Module) -> Optional[int]:
@@ -283,10 +344,47 @@ def final_hidden_width(model: nn.Module) -> Optional[int]:
     return getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
 
 
-def _batched(examples: Iterable, size: int):
-    chunk = []
+def _documents(examples: Iterable[Mapping[str, object]], id_field: Optional[str]):
+    """``(key, input_ids)`` per document: one per example, or one per packed document of an
+    example with ``seq_lengths`` (only for a cache keyed by content, ``id_field=None``)."""
     for ex in examples:
-        chunk.append(ex)
+        ids = ex["input_ids"]
+        ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+        lengths = ex.get("seq_lengths")
+        if lengths is not None:
+            if id_field is not None:
+                raise ValueError(f"a packed example (seq_lengths {list(lengths)}) has no id per document: build the "
+                                 "cache with id_field=None, which keys it by token content")
+            if sum(lengths) != len(ids):
+                raise ValueError(f"a packed example has {len(ids)} tokens but seq_lengths sum to {sum(lengths)}")
+            start = 0
+            for length in lengths:
+                yield token_fingerprint(ids[start: start + length]), ids[start: start + length]
+                start += length
+        elif id_field is None:
+            yield token_fingerprint(ids), ids
+        else:
+            if id_field not in ex:
+                raise KeyError(f"example has no {id_field!r} field (its keys: {sorted(ex)}); pass id_field=None to "
+                               "key the cache by token content")
+            yield str(ex[id_field]), ids
+
+
+def _new_documents(examples, id_field: Optional[str]):
+    """:func:`_documents`, each document once when keyed by content (equal tokens, equal states)."""
+    seen = set()
+    for key, ids in _documents(examples, id_field):
+        if id_field is None:
+            if key in seen:
+                continue
+            seen.add(key)
+        yield key, ids
+
+
+def _batched(items: Iterable, size: int):
+    chunk = []
+    for item in items:
+        chunk.append(item)
         if len(chunk) == size:
             yield chunk
             chunk = []
@@ -294,11 +392,11 @@ def _batched(examples: Iterable, size: int):
         yield chunk
 
 
-def _right_padded(chunk, id_field: str, pad: int, device) -> tuple[Tensor, Tensor, list[str]]:
-    lengths = [len(ex["input_ids"]) for ex in chunk]
+def _right_padded(chunk: list[tuple[str, list]], pad: int, device) -> tuple[Tensor, Tensor, list[str]]:
+    lengths = [len(ids) for _, ids in chunk]
     ids = torch.full((len(chunk), max(lengths)), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for row, ex in enumerate(chunk):
-        ids[row, : lengths[row]] = torch.as_tensor(ex["input_ids"])
+    for row, (_, tokens) in enumerate(chunk):
+        ids[row, : lengths[row]] = torch.as_tensor(tokens)
         mask[row, : lengths[row]] = 1
-    return ids.to(device), mask.to(device), [str(ex[id_field]) for ex in chunk]
+    return ids.to(device), mask.to(device), [key for key, _ in chunk]

@@ -70,8 +70,13 @@ def test_cache_refuses_mismatches(setup):
     shifted["attention_mask"][0, -1] = 1 - shifted["attention_mask"][0, -1]
     with pytest.raises(ValueError, match="'ex0': batch has"):
         causal_lm_loss(student, shifted, cache)
-    with pytest.raises(KeyError, match="no 'id' field"):
-        causal_lm_loss(student, {k: v for k, v in batch.items() if k != "id"}, cache)
+    anonymous = {k: v for k, v in batch.items() if k != "id"}  # as TRL's collators deliver rows
+    by_tokens = causal_lm_loss(student, anonymous, cache)
+    torch.testing.assert_close(by_tokens.loss, causal_lm_loss(student, batch, cache).loss, rtol=0, atol=0)
+    anonymous["input_ids"] = anonymous["input_ids"].clone()
+    anonymous["input_ids"][2, 1] = anonymous["input_ids"][2, 1] % 50 + 3
+    with pytest.raises(ValueError, match=r"row 2, columns 0\.\.\d+ \(\d+ tokens\): cache .* holds no document"):
+        causal_lm_loss(student, anonymous, cache)
 
 
 def test_cache_is_keyed_on_token_content_and_model_weights(setup):
