@@ -1,0 +1,256 @@
+"""SDFTSFTTrainer: TRL's SFTTrainer with the SDFT loss.
+
+Checked against code we did not write: SFTTrainer's own loss and gradients (kl_weight 0), and a
+materialised plain-torch objective computed from the models' own logits over the very
+micro-batches the trainer saw (with a teacher).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+trl = pytest.importorskip("trl")
+import datasets  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from sdft import SDFTLoss  # noqa: E402
+from sdft.teacher import AdapterDisabled, FrozenCopy  # noqa: E402
+from sdft.trl import SDFTSFTTrainer  # noqa: E402
+from tests.sdft import trl_fixtures as fx  # noqa: E402
+
+datasets.disable_progress_bars()
+
+
+class GradientRecorder(TrainerCallback):
+    """The summed gradients of every optimizer step, before the optimizer moves the weights."""
+
+    def __init__(self):
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.steps.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+class InitialAdapters(TrainerCallback):
+    """A PEFT student's adapter weights as training starts (random: init_lora_weights=False)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.weights = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def recording(trainer_class):
+    """``trainer_class`` that keeps each micro-batch's inputs and loss (as computed for backward)."""
+
+    class Recording(trainer_class):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if model.training:
+                self.recorded.append(({k: (v.clone() if torch.is_tensor(v) else v) for k, v in inputs.items()},
+                                      num_items_in_batch, (loss[0] if return_outputs else loss).detach().clone()))
+            return loss
+
+    Recording.recorded = None
+    return Recording
+
+
+def sgd_config(tmp_path, steps: int = 3, accumulation: int = 2, **extra) -> "trl.SFTConfig":
+    """Plain SGD, constant rate, no clipping: the update is exactly -lr * gradient. float32
+    (SFTConfig turns bf16 autocast on by default, on CPU too)."""
+    return trl.SFTConfig(output_dir=str(tmp_path), bf16=False, per_device_train_batch_size=3,
+                         gradient_accumulation_steps=accumulation,
+                         max_steps=steps, learning_rate=0.1, optim="sgd", lr_scheduler_type="constant",
+                         max_grad_norm=0.0, weight_decay=0.0, warmup_steps=0, logging_steps=1, report_to=[],
+                         use_cpu=True, seed=0, save_strategy="no", **extra)
+
+
+def _train(trainer_class, tmp_path, dataset, config_extra, model=None, callbacks=(), **kwargs):
+    tok = fx.tokenizer()
+    trainer_class = recording(trainer_class)
+    trainer = trainer_class(model=fx.model(len(tok)) if model is None else model,
+                            args=sgd_config(tmp_path, **config_extra), train_dataset=dataset, processing_class=tok,
+                            **kwargs)
+    trainer.recorded = []
+    grads = GradientRecorder()
+    for callback in (grads, *callbacks):
+        trainer.add_callback(callback)
+    trainer.train()
+    return trainer, grads.steps
+
+
+CASES = {  # dataset, SFTConfig settings
+    "prompt-completion": (fx.prompt_completion, {}),  # completion_only_loss: the prompt is -100
+    "prompt-completion, packed": (fx.prompt_completion, {"packing": True, "max_length": 24}),  # BFD: padding-free
+    "prompt-completion, padding-free": (fx.prompt_completion, {"padding_free": True, "max_length": None}),
+    "conversational, assistant only": (fx.conversational, {"assistant_only_loss": True}),
+    "language modelling": (fx.language_modelling, {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_without_the_divergence_it_is_sfttrainer(tmp_path, case):
+    """kl_weight=0 (a teacher present all the same): each micro-batch's loss and each step's
+    gradients are SFTTrainer's own, over three accumulated steps."""
+    make, extra = CASES[case]
+    theirs, their_grads = _train(trl.SFTTrainer, tmp_path / "sft", make(), extra)
+    ours, our_grads = _train(SDFTSFTTrainer, tmp_path / "sdft", make(), extra, teacher=FrozenCopy,
+                             sdft_loss=SDFTLoss(kl_weight=0.0))
+
+    assert len(ours.recorded) == len(theirs.recorded) == 6
+    for (their_inputs, their_count, their_loss), (our_inputs, our_count, our_loss) in zip(theirs.recorded,
+                                                                                         ours.recorded):
+        assert torch.equal(our_inputs["input_ids"], their_inputs["input_ids"])
+        assert ("position_ids" in our_inputs) == ("packed" in case or "padding-free" in case)
+        assert int(our_count) == int(their_count)  # the same normaliser of the accumulated batch
+        torch.testing.assert_close(our_loss, their_loss, rtol=1e-6, atol=0)
+    assert len(our_grads) == len(their_grads) == 3
+    for step, (mine, reference) in enumerate(zip(our_grads, their_grads)):
+        assert mine.keys() == reference.keys()
+        # The whole gradient to 1e-6 of its norm, each tensor to 1e-5 of its own: after the first
+        # step the two runs' float32 weights differ in their last bits, and the gradient of a small
+        # tensor (a deep k_proj) then moves by about 1e-6 of itself.
+        total = sum(float((mine[n] - g).norm()) ** 2 for n, g in reference.items()) ** 0.5
+        norm = sum(float(g.norm()) ** 2 for g in reference.values()) ** 0.5
+        assert total <= 1e-6 * norm, f"step {step}: gradients differ by {total / norm:.2e} of their norm"
+        for name, grad in reference.items():
+            error = float((mine[name] - grad).norm() / grad.norm())
+            assert error <= (1e-6 if step == 0 else 1e-5), f"step {step} {name}: {error:.2e} of its norm"
+
+
+# ----------------------------------------------------------------------------------------------
+# With a teacher: one step against the materialised objective
+# ----------------------------------------------------------------------------------------------
+
+def materialised_step(student, teacher_model, micro_batches, kl_weight, tau, lr, trainable=None):
+    """One SGD step of the SDFT objective over the whole accumulated batch, from the models' own
+    logits in float64: CE + kl_weight * tau^2 * KL(teacher || student) on the positions whose
+    shifted label is not -100, summed over every micro-batch and divided by their count."""
+    student, teacher_model = student.double(), teacher_model.double()
+    total, count = 0.0, 0
+    for inputs in micro_batches:
+        # use_cache=False as SFTTrainer passes it: with a cache transformers ignores the position_ids'
+        # document boundaries and a packed row's documents would attend to each other.
+        model_inputs = {**{k: v for k, v in inputs.items() if k != "labels"}, "use_cache": False}
+        z_s = student(**model_inputs).logits[:, :-1]
+        with torch.no_grad():
+            z_t = teacher_model(**model_inputs).logits[:, :-1]
+        targets = inputs["labels"][:, 1:]
+        counted = targets != -100
+        ce = F.cross_entropy(z_s.transpose(1, 2), targets, ignore_index=-100, reduction="sum")
+        kl = (F.softmax(z_t / tau, -1) * (F.log_softmax(z_t / tau, -1) - F.log_softmax(z_s / tau, -1))).sum(-1)
+        total = total + ce + kl_weight * tau**2 * (kl * counted).sum()
+        count += int(counted.sum())
+    (total / count).backward()
+    return {n: (p.detach() - lr * p.grad) for n, p in student.named_parameters()
+            if trainable is None or n in trainable}
+
+
+@pytest.mark.parametrize("case", ["prompt-completion", "prompt-completion, packed"])
+def test_one_step_with_a_teacher_equals_the_materialised_objective(tmp_path, case):
+    make, extra = CASES[case]
+    tok = fx.tokenizer()
+    start = fx.model(len(tok), dtype=torch.float64)
+    teacher_model = fx.model(len(tok), seed=1, dtype=torch.float64)  # another model: a large divergence
+    kl_weight, tau = 0.7, 0.5
+    trainer, _ = _train(SDFTSFTTrainer, tmp_path, make(), dict(extra, steps=1), model=copy.deepcopy(start),
+                        teacher=FrozenCopy(teacher_model), sdft_loss=SDFTLoss(kl_weight=kl_weight, temperature=tau))
+    micro_batches = [inputs for inputs, _, _ in trainer.recorded]
+    assert len(micro_batches) == 2
+    expected = materialised_step(start, teacher_model, micro_batches, kl_weight, tau, lr=0.1)
+    assert trainer.state.log_history[0]["kl"] > 0.1
+    for name, param in trainer.model.named_parameters():
+        torch.testing.assert_close(param.detach(), expected[name], rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def test_lora_student_with_the_adapters_off_teacher(tmp_path):
+    """peft_config + teacher=AdapterDisabled: the teacher is the base model inside the student
+    (no second copy of any weight), and one step equals the materialised objective against an
+    untouched copy of the base."""
+    peft = pytest.importorskip("peft")
+    tok = fx.tokenizer()
+    base = fx.model(len(tok), dtype=torch.float64)
+    untouched = copy.deepcopy(base)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    initial = InitialAdapters()
+    trainer, _ = _train(SDFTSFTTrainer, tmp_path, fx.prompt_completion(), dict(steps=1), model=base,
+                        callbacks=[initial], peft_config=lora, teacher=AdapterDisabled,
+                        sdft_loss=SDFTLoss(kl_weight=0.7, temperature=0.5))
+
+    teacher = trainer.teacher
+    assert isinstance(teacher, AdapterDisabled) and teacher.peft_model is trainer.model
+    student_storage = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
+    teacher_storage = {p.untyped_storage().data_ptr() for p in teacher.peft_model.get_base_model().parameters()}
+    assert teacher_storage <= student_storage  # the teacher's weights are the student's own tensors
+    assert sum(p.numel() for p in trainer.model.parameters()) == (
+        sum(p.numel() for p in untouched.parameters()) + sum(p.numel() for n, p in trainer.model.named_parameters()
+                                                             if "lora_" in n))
+    assert trainer.state.log_history[0]["kl"] > 0  # the adapters (non-zero init) move the student
+
+    # The oracle: the same LoRA student from the same start, against the untouched base.
+    oracle = peft.get_peft_model(copy.deepcopy(untouched), lora)
+    oracle.load_state_dict(initial.weights, strict=False)
+    lora_names = {n for n, p in oracle.named_parameters() if p.requires_grad}
+    expected = materialised_step(oracle, untouched, [i for i, _, _ in trainer.recorded], 0.7, 0.5, lr=0.1,
+                                 trainable=lora_names)
+    params = dict(trainer.model.named_parameters())
+    for name in lora_names:
+        torch.testing.assert_close(params[name].detach(), expected[name], rtol=1e-9, atol=1e-12,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's recipe, evaluation, refusals
+# ----------------------------------------------------------------------------------------------
+
+def test_the_papers_two_stage_recipe(tmp_path):
+    """Stage 1: CE on the known rows; snapshot; stage 2: SDFT on all rows against it."""
+    tok = fx.tokenizer()
+    known, everything = fx.prompt_completion(9), datasets.concatenate_datasets(
+        [fx.prompt_completion(9), fx.prompt_completion(9, start=9)])
+    stage1 = SDFTSFTTrainer(model=fx.model(len(tok)), args=sgd_config(tmp_path / "1", steps=4), train_dataset=known,
+                            processing_class=tok)
+    stage1.train()
+    assert all(h["kl"] == 0 for h in stage1.state.log_history if "kl" in h)  # no teacher: cross-entropy only
+    after_stage1 = {n: p.detach().clone() for n, p in stage1.model.named_parameters()}
+
+    stage2 = SDFTSFTTrainer(model=stage1.model, args=sgd_config(tmp_path / "2", steps=4), train_dataset=everything,
+                            processing_class=tok, teacher=FrozenCopy, sdft_loss=SDFTLoss(kl_weight=1.0))
+    snapshot = stage2.teacher.model
+    assert snapshot is not stage2.model
+    for name, param in snapshot.named_parameters():
+        assert torch.equal(param, after_stage1[name]), name
+    stage2.train()
+    kls = [h["kl"] for h in stage2.state.log_history if "kl" in h]
+    assert kls[0] < 1e-6 < max(kls)  # the student starts as its teacher and moves away
+    for name, param in snapshot.named_parameters():  # the teacher stays the stage-1 model
+        assert torch.equal(param, after_stage1[name]), name
+
+
+def test_evaluation_reports_the_sdft_loss(tmp_path):
+    tok = fx.tokenizer()
+    model = fx.model(len(tok))
+    teacher = FrozenCopy(fx.model(len(tok), seed=1))
+    eval_rows = fx.prompt_completion(5, start=3)
+    args = sgd_config(tmp_path, per_device_eval_batch_size=8)
+    trainer = SDFTSFTTrainer(model=model, args=args, train_dataset=fx.prompt_completion(), eval_dataset=eval_rows,
+                             processing_class=tok, teacher=teacher, sdft_loss=SDFTLoss(kl_weight=0.5))
+    metrics = trainer.evaluate()
+    batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(len(trainer.eval_dataset))])
+    from sdft import causal_lm_loss
+
+    with torch.no_grad():
+        expected = causal_lm_loss(model, batch, teacher, SDFTLoss(kl_weight=0.5)).loss
+    assert metrics["eval_loss"] == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_other_sft_losses_are_refused(tmp_path):
+    tok = fx.tokenizer()
+    with pytest.raises(ValueError, match="loss_type='dft' is another objective"):
+        SDFTSFTTrainer(model=fx.model(len(tok)), args=sgd_config(tmp_path, loss_type="dft"),
+                       train_dataset=fx.prompt_completion(), processing_class=tok)
+    with pytest.raises(ValueError, match="compute_loss_func would be ignored"):
+        SDFTSFTTrainer(model=fx.model(len(tok)), args=sgd_config(tmp_path), train_dataset=fx.prompt_completion(),
+                       processing_class=tok, compute_loss_func=lambda *a, **k: 0)
