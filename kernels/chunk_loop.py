@@ -60,7 +60,7 @@ class Epilogue(Protocol):
     budget_bytes: int  # transient bytes of the chunk buffers by default
 
     @staticmethod
-    def row_bytes(V: int, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype]) -> int: ...
+    def row_bytes(V: int, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype], options: LossOptions) -> int: ...
 
     @staticmethod
     def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype: ...
@@ -77,12 +77,12 @@ class Grads(NamedTuple):
 
 
 def chunk_rows(M: int, V: int, epilogue: Epilogue, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype],
-               chunk_size: Optional[int]) -> int:
+               options: LossOptions, chunk_size: Optional[int]) -> int:
     """Rows per chunk: ``chunk_size``, or as many as the epilogue's budget allows, evened out
     over the ``M`` rows so that no small, inefficient GEMM is left at the end."""
     if chunk_size is not None:
         return chunk_size
-    step = max(16, int(epilogue.budget_bytes // epilogue.row_bytes(V, dtype, teacher_dtype)))
+    step = max(16, int(epilogue.budget_bytes // epilogue.row_bytes(V, dtype, teacher_dtype, options)))
     return -(-M // -(-M // step)) if M > 0 else step
 
 
@@ -121,7 +121,7 @@ def chunked_sdft(
         ht = torch.where(kl_mask.unsqueeze(1), ht, ht.new_zeros(()))
     index, h = _counted_rows(label_mask | kl_mask, h)
     M = N if index is None else index.numel()
-    step = chunk_rows(M, V, epilogue, h.dtype, None if ht is None else ht.dtype, chunk_size)
+    step = chunk_rows(M, V, epilogue, h.dtype, None if ht is None else ht.dtype, options, chunk_size)
     ws = Workspace(min(step, max(M, 1)), V, acc, h.device)
 
     # Every row of d_h is written by some chunk unless rows were dropped; d_w is overwritten by

@@ -90,7 +90,7 @@ def fused_linear_sdft_loss(
             the parts are detached and unweighted, and computing them needs no host sync.
         validate_labels: check the label range and a tensor ``num_items`` (one host sync);
             turn off to avoid the sync.
-        chunk_size: rows per chunk of the chunked paths (default: from a budget of ~192 MiB
+        chunk_size: rows per chunk of the chunked paths (default: from a budget of ~256 MiB
             for ``"torch"``, 1 GiB of logits for ``"triton_chunked"``).
 
     Returns:

@@ -17,17 +17,31 @@ from .chunk_loop import Workspace
 from .options import LossOptions
 from .reduction import accumulation_dtype
 
-# Transient bytes the torch epilogue may use by default. Four reusable [chunk, V] float32
-# buffers (student logits, log-probabilities at 1 and at tau, teacher log-probabilities), a fifth
-# with a softcap, and about one buffer of temporaries, so 192 MiB gives 256-token chunks at
-# V = 32768.
-DEFAULT_CHUNK_BUDGET_BYTES = 192 * 2**20
-_LIVE_BUFFERS = 6
+# Transient bytes the torch epilogue may use by default: with the buffer counts of
+# live_buffers, 512-token chunks at V = 32768 and 110 at Qwen2.5's V = 151936 for the paper's
+# forward KL. Each chunk streams the head through three GEMMs and reads and writes its float32
+# gradient once, so on a CPU fewer, larger chunks are faster, down to about 100 rows.
+DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
 
 
-def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """``(a * b).sum(-1)`` for ``[C, V]`` inputs without a ``[C, V]`` temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+def live_buffers(options: LossOptions, has_teacher: bool, half_inputs: bool) -> float:
+    """How many float32 (float64) ``[chunk, V]`` buffers a chunk holds at its peak.
+
+    The student's logits and log-probabilities at temperature 1; with a teacher, both models'
+    log-probabilities at tau; the tanh of a softcap, kept for the gradient; for the JSD the
+    mixture's temporaries. Half-precision inputs add their GEMM output before it is copied up
+    and, on a GPU, the gradient rounded for its GEMMs (half a buffer each).
+    """
+    count = 4 if has_teacher else 2
+    if has_teacher and options.effective_divergence == "jsd":
+        count = 7
+    return count + (options.softcap is not None) + 1.0 * half_inputs
+
+
+def _rowdot_into(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum(-1)`` for ``[C, V]`` inputs, overwriting ``a`` (cheaper on CPU than a
+    batched matrix product, and no ``[C, V]`` temporary)."""
+    return a.mul_(b).sum(-1)
 
 
 def _logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], softcap) -> None:
@@ -70,22 +84,23 @@ def _divergence(logp_s: Tensor, logp_t: Tensor, scratch: Tensor, options: LossOp
     divergence = options.effective_divergence
     if divergence == "forward_kl":
         p_t = torch.exp(logp_t, out=scratch)
-        div = _rowdot(p_t, _zero_where_no_mass(logp_t.sub_(logp_s), p_t, guard_inf))
+        div = _rowdot_into(_zero_where_no_mass(logp_t.sub_(logp_s), p_t, guard_inf), p_t)
         return div, (logp_s.exp_().sub_(p_t) if want_grad else None)
     if divergence == "reverse_kl":
         p_s = torch.exp(logp_s, out=scratch)
         ratio = _zero_where_no_mass(logp_t.neg_().add_(logp_s), p_s, guard_inf)  # log p_s - log p_t
-        div = _rowdot(p_s, ratio)
-        return div, (ratio.sub_(div.unsqueeze(1)).mul_(p_s) if want_grad else None)
+        if not want_grad:
+            return _rowdot_into(ratio, p_s), None
+        div = torch.mul(ratio, p_s, out=logp_s).sum(-1)  # logp_s is free: p_s is in scratch
+        return div, ratio.sub_(div.unsqueeze(1)).mul_(p_s)
     beta = options.jsd_beta
     log_beta, log_1m_beta = options.jsd_log_weights
     log_m = torch.logaddexp(logp_t + log_beta, logp_s + log_1m_beta, out=scratch)
     p_t = logp_t.exp()
-    kl_t = _rowdot(p_t, _zero_where_no_mass(logp_t.sub_(log_m), p_t, guard_inf))
-    del p_t
+    kl_t = _rowdot_into(_zero_where_no_mass(logp_t.sub_(log_m), p_t, guard_inf), p_t)
     p_s = torch.exp(logp_s, out=logp_t)  # logp_t is free now
     ratio_s = _zero_where_no_mass(logp_s.sub_(log_m), p_s, guard_inf)  # log p_s - log m
-    kl_s = _rowdot(p_s, ratio_s)
+    kl_s = torch.mul(ratio_s, p_s, out=p_t).sum(-1)  # p_t's buffer is free now
     div = beta * kl_t + (1.0 - beta) * kl_s
     if not want_grad:
         return div, None
@@ -138,8 +153,9 @@ class TorchEpilogue:
     budget_bytes = DEFAULT_CHUNK_BUDGET_BYTES
 
     @staticmethod
-    def row_bytes(V: int, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype]) -> int:
-        return _LIVE_BUFFERS * accumulation_dtype(dtype).itemsize * max(V, 1)
+    def row_bytes(V: int, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype], options: LossOptions) -> int:
+        half = dtype.itemsize == 2 or (teacher_dtype is not None and teacher_dtype.itemsize == 2)
+        return int(live_buffers(options, teacher_dtype is not None, half) * accumulation_dtype(dtype).itemsize * max(V, 1))
 
     @staticmethod
     def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:

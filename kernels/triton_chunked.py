@@ -255,7 +255,7 @@ class TritonEpilogue:
     budget_bytes = TRITON_CHUNK_BUDGET_BYTES
 
     @staticmethod
-    def row_bytes(V: int, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype]) -> int:
+    def row_bytes(V: int, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype], options: LossOptions) -> int:
         return max(V, 1) * (dtype.itemsize + (teacher_dtype.itemsize if teacher_dtype is not None else 0))
 
     @staticmethod
