@@ -1,4 +1,11 @@
-"""TRL's ``SFTTrainer`` with the SDFT loss: :class:`SDFTSFTTrainer`.
+"""TRL's trainers with this package's fused loss.
+
+- :class:`SDFTSFTTrainer`: TRL's ``SFTTrainer`` with the SDFT loss.
+- :class:`FusedJSDDistillationTrainer`: TRL's ``DistillationTrainer`` (generalised JSD, on-policy)
+  with its full-vocabulary divergence computed by a loss with Liger's ``LigerFusedLinearJSDLoss``
+  signature: :class:`sdft.fused_linear_jsd.FusedLinearJSDLoss` by default, or Liger's own.
+
+``SFTTrainer`` with the SDFT loss:
 
 Everything ``SFTTrainer`` does stays: its dataset formats (language modelling, prompt-completion,
 conversational), ``completion_only_loss`` and ``assistant_only_loss`` (they become the labels'
@@ -22,9 +29,13 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-from trl import SFTTrainer
+from torch import nn
+from trl import DistillationTrainer, SFTTrainer
 
+from .architectures import pre_head
+from .fused_linear_jsd import FusedLinearJSDLoss
 from .loss import SDFTLoss
+from .model_head import head_spec
 from .teacher import TeacherSource
 from .trainer import SDFTTrainer, _is_distributed_wrapper
 
@@ -118,3 +129,98 @@ def _refuse_other_losses(args, compute_loss_func) -> None:
     if getattr(args, "label_smoothing_factor", 0.0) > 0:
         raise ValueError(f"label_smoothing_factor={args.label_smoothing_factor}: the SDFT loss has no label "
                          "smoothing (the teacher divergence is its regulariser); set it to 0")
+
+
+# ----------------------------------------------------------------------------------------------
+# TRL's DistillationTrainer with a Liger-signature fused loss
+# ----------------------------------------------------------------------------------------------
+
+# What TRL 1.16's DistillationTrainer forwards to the backbone besides ids and mask (VLM inputs).
+_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+                    "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+class FusedJSDDistillationTrainer(DistillationTrainer):
+    """``trl.DistillationTrainer`` whose divergence is computed by ``fused_jsd_loss``.
+
+    TRL 1.16 computes the divergence of its ``DistillationTrainer`` with its own chunked kernel
+    and no longer plugs Liger's ``LigerFusedLinearJSDLoss`` into its distillation trainers
+    (GKD materialises the logits; the on-policy ``SDFTTrainer`` too). This subclass is the place
+    for a loss with Liger's call signature, ``loss(student_hidden, student_weight,
+    teacher_hidden, teacher_weight, labels, student_bias, teacher_bias)``:
+
+    Args:
+        fused_jsd_loss: default ``FusedLinearJSDLoss(weight_hard_loss=0, weight_soft_loss=1,
+            beta=args.beta, temperature=args.temperature)``, which is the trainer's own
+            objective; or Liger's ``LigerFusedLinearJSDLoss`` with the same settings. Its
+            settings rule: a ``weight_hard_loss`` > 0 adds cross-entropy on the generated tokens.
+        other arguments: as ``DistillationTrainer``.
+
+    Everything but the loss is the parent's: generation, batching, the teacher's forward, the
+    DDP/FSDP routing and the normaliser (the accumulated batch's count of completion tokens).
+    Not computed: the per-token student entropy the parent logs (logged as None). A logit
+    softcap (Gemma 2) needs :class:`FusedLinearJSDLoss`, whose call takes it; a logit scale
+    is folded into the hidden states.
+    """
+
+    def __init__(self, *args, fused_jsd_loss: Optional[nn.Module] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fused_jsd_loss = fused_jsd_loss if fused_jsd_loss is not None else FusedLinearJSDLoss(
+            weight_hard_loss=0.0, weight_soft_loss=1.0, beta=self.beta, temperature=self.temperature)
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        # The batch as TRL 1.16's DistillationTrainer._compute_loss reads it: prompt + completion,
+        # the loss on completion tokens (minus tool outputs, in multi-turn rollouts).
+        completion_ids = inputs["completion_ids"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        loss_mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        logits_to_keep = completion_ids.size(1)
+        extra = {key: inputs[key] for key in _MULTIMODAL_KEYS if key in inputs}
+
+        # [B, K, D] states that predict the K completion tokens, from the parent's own helper.
+        student_hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, logits_to_keep,
+                                                     **extra)
+        self.teacher_model.eval()
+        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            teacher_hidden = self._forward_redirection(self.teacher_model, unwrapped_teacher,
+                                                       self._get_last_hidden_state, unwrapped_teacher, input_ids,
+                                                       attention_mask, logits_to_keep, **extra)
+        student_head, teacher_head = head_spec(unwrapped_student), head_spec(unwrapped_teacher)
+        if student_head.softcap != teacher_head.softcap:
+            raise ValueError(f"student softcap {student_head.softcap} != teacher softcap {teacher_head.softcap}: "
+                             "one fused loss applies one softcap to both")
+        student_hidden = _head_input(unwrapped_student, student_hidden, student_head.hidden_scale)
+        teacher_hidden = _head_input(unwrapped_teacher, teacher_hidden, teacher_head.hidden_scale)
+        device = student_head.weight.device
+        valid = loss_mask.to(device).reshape(-1) != 0
+        ignore = getattr(self.fused_jsd_loss, "ignore_index", -100)
+        labels = completion_ids.to(device).reshape(-1).masked_fill(~valid, ignore)
+        args = (student_hidden.to(device), student_head.weight, teacher_hidden.to(device), teacher_head.weight, labels,
+                student_head.bias, teacher_head.bias)
+        n_valid = valid.sum()
+        if isinstance(self.fused_jsd_loss, FusedLinearJSDLoss):
+            loss = self.fused_jsd_loss(*args, num_items=num_items_in_batch, softcap=student_head.softcap)
+        else:
+            if student_head.softcap is not None:
+                raise ValueError(f"{type(self.fused_jsd_loss).__name__} takes no logit softcap, and this model "
+                                 f"applies {student_head.softcap}: use sdft.fused_linear_jsd.FusedLinearJSDLoss")
+            loss = self.fused_jsd_loss(*args)
+            if isinstance(loss, tuple):
+                loss = loss[0]
+            if num_items_in_batch is not None:  # Liger divides by the local count: renormalise
+                loss = loss * n_valid.clamp(min=1) / num_items_in_batch
+        # The parent logs the mean student entropy, which a fused loss does not form; NaN is
+        # what its logger leaves out.
+        return loss, torch.full((), float("nan"), device=device), n_valid
+
+
+def _head_input(model, hidden: torch.Tensor, scale: float) -> torch.Tensor:
+    """``[B, K, D]`` backbone states as ``[B * K, D]`` rows that the head's weight reads: after
+    the class's pre-head module, if any, and with its logit scale folded in."""
+    before_head = pre_head(model)
+    if before_head is not None:
+        hidden = before_head(hidden)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    return hidden if scale == 1.0 else hidden * scale

@@ -254,3 +254,63 @@ def test_other_sft_losses_are_refused(tmp_path):
     with pytest.raises(ValueError, match="compute_loss_func would be ignored"):
         SDFTSFTTrainer(model=fx.model(len(tok)), args=sgd_config(tmp_path), train_dataset=fx.prompt_completion(),
                        processing_class=tok, compute_loss_func=lambda *a, **k: 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# TRL's DistillationTrainer with a Liger-signature fused loss
+# ----------------------------------------------------------------------------------------------
+
+def _distillation_trainer(trainer_class, tmp_path, student, teacher, beta, temperature, **kwargs):
+    from sdft.trl import FusedJSDDistillationTrainer  # noqa: F401 (the module under test imports TRL's)
+
+    tok = fx.tokenizer()
+    tok.padding_side = "left"  # DistillationTrainer generates from left-padded prompts
+    prompts = datasets.Dataset.from_list([{"prompt": row["prompt"]} for row in fx.prompt_completion(8)])
+    args = trl.DistillationConfig(output_dir=str(tmp_path), bf16=False, per_device_train_batch_size=4, max_steps=1,
+                                  max_completion_length=6, beta=beta, temperature=temperature, learning_rate=0.1,
+                                  optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, report_to=[],
+                                  use_cpu=True, seed=0, save_strategy="no", logging_steps=1)
+    return trainer_class(model=student, teacher_model=teacher, args=args, train_dataset=prompts, processing_class=tok,
+                         **kwargs)
+
+
+@pytest.mark.parametrize("beta, temperature", [(0.0, 1.0), (0.5, 0.5), (1.0, 2.0)])
+def test_distillation_trainer_step_equals_trls_own_divergence(tmp_path, beta, temperature):
+    """One on-policy step of FusedJSDDistillationTrainer (its default loss, and Liger's class in
+    its place) gives the loss and gradients of TRL's own DistillationTrainer on the same
+    generated batch."""
+    from sdft.trl import FusedJSDDistillationTrainer
+
+    tok_size = len(fx.tokenizer())
+    student, teacher = fx.model(tok_size), fx.model(tok_size, seed=1)
+    start = copy.deepcopy(student)
+    ours = _distillation_trainer(recording(FusedJSDDistillationTrainer), tmp_path / "ours", student, teacher, beta,
+                                 temperature)
+    ours.recorded = []
+    grads = GradientRecorder()
+    ours.add_callback(grads)
+    ours.train()
+    (inputs, num_items, loss), = ours.recorded
+    assert int(inputs["completion_mask"].sum()) > 4 and float(loss) > 1e-3
+
+    def their_step(trainer_class, **kwargs):
+        trainer = _distillation_trainer(trainer_class, tmp_path / trainer_class.__name__, copy.deepcopy(start),
+                                        teacher, beta, temperature, **kwargs)
+        trainer.model.train()
+        value = trainer.compute_loss(trainer.model, dict(inputs), num_items_in_batch=num_items)
+        value.backward()
+        return value.detach(), {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    liger_loss = liger.LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta,
+                                               temperature=temperature, compiled=False)
+    for name, (expected, expected_grads) in {
+        "TRL's DistillationTrainer": their_step(trl.DistillationTrainer),
+        "Liger's loss in its place": their_step(FusedJSDDistillationTrainer, fused_jsd_loss=liger_loss),
+    }.items():
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0, msg=lambda m: f"{name}: {m}")
+        (step,) = grads.steps
+        assert step.keys() == expected_grads.keys()
+        for param, grad in expected_grads.items():
+            error = float((step[param] - grad).norm() / grad.norm())
+            assert error <= 2e-6, f"{name}, {param}: gradients differ by {error:.2e} of their norm"

@@ -1,0 +1,125 @@
+"""``FusedLinearJSDLoss``: Liger's ``LigerFusedLinearJSDLoss`` (constructor, call and result),
+computed by this package's fused kernels.
+
+Where a trainer takes Liger's fused distillation loss, this class takes its place unchanged::
+
+    loss_fn = FusedLinearJSDLoss(weight_hard_loss=0.5, weight_soft_loss=0.5, beta=0.5, temperature=1.0)
+    loss = loss_fn(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, labels)
+
+Semantics (Liger's, which TRL's ``generalized_jsd_loss`` shares for the soft part), over the
+``n`` positions whose label is not ``ignore_index``::
+
+    hard = sum CE(z_s, y) / n                                      # temperature 1
+    soft = sum JSD_beta(softmax(z_t / T), softmax(z_s / T)) / n    # no T**2 factor
+    loss = weight_hard_loss * hard + weight_soft_loss * soft
+
+with ``beta`` 0 the forward KL(teacher || student), 1 the reverse KL(student || teacher), and in
+between ``beta KL(p_t || m) + (1 - beta) KL(p_s || m)``, ``m = beta p_t + (1 - beta) p_s``. In
+this package's terms: ``ce_weight = weight_hard_loss``, ``kl_weight = weight_soft_loss / T**2``
+(the SDFT loss scales its divergence by ``tau**2``), ``divergence="jsd"``, ``jsd_beta = beta``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Union
+
+from torch import Tensor, nn
+
+from sdft_kernels import LossOptions
+from sdft_kernels.fused_loss import sdft_loss
+from sdft_kernels.options import DEFAULT_IMPL, check_impl
+
+
+class FusedLinearJSDLoss(nn.Module):
+    """Drop-in for ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`` (see the module docstring).
+
+    Args (Liger's, in Liger's order and with its defaults, except ``chunk_size``):
+        weight_hard_loss: weight of the cross-entropy on the labels (temperature 1).
+        weight_soft_loss: weight of the divergence between the tempered distributions.
+        beta: in [0, 1]; 0 forward KL, 1 reverse KL, else the generalised JSD.
+        ignore_index: the label of positions that count for neither term.
+        temperature: T > 0 of the divergence.
+        compiled: accepted and ignored: the fused kernels need no ``torch.compile``.
+        chunk_size: rows per chunk; None (default) picks it from a memory budget. Liger's
+            default is 1024.
+        return_soft_hard_loss: return ``(loss, soft, hard)``, the unweighted means, detached.
+        impl: the kernel (:func:`sdft_kernels.fused_linear_sdft_loss`); ``"auto"`` per device.
+
+    Unlike Liger, the student's and teacher's vocabularies must have the same size (Liger pads
+    the student's logits with zeros when the teacher's head is larger).
+    """
+
+    def __init__(
+        self,
+        weight_hard_loss: float = 0.5,
+        weight_soft_loss: float = 0.5,
+        beta: float = 0.5,
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        compiled: bool = True,
+        chunk_size: Optional[int] = None,
+        return_soft_hard_loss: bool = False,
+        *,
+        impl: str = DEFAULT_IMPL,
+    ) -> None:
+        super().__init__()
+        # Named here by Liger's names; LossOptions below checks the rest (beta, ignore_index).
+        for name, value, low in (("weight_hard_loss", weight_hard_loss, 0.0), ("weight_soft_loss", weight_soft_loss, 0.0),
+                                 ("temperature", temperature, None)):
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or (value < low if low is not None else value <= 0)):
+                raise ValueError(f"{name} must be a finite number {'>= 0' if low is not None else '> 0'}, got {value!r}")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+        self.weight_hard_loss, self.weight_soft_loss = weight_hard_loss, weight_soft_loss
+        self.beta, self.ignore_index, self.temperature = beta, ignore_index, temperature
+        self.compiled, self.chunk_size, self.return_soft_hard_loss = compiled, chunk_size, return_soft_hard_loss
+        self.impl = check_impl(impl)
+        # Liger's soft weight carries no T**2; ours does, so it is divided out here.
+        self.options = LossOptions(ce_weight=weight_hard_loss, kl_weight=weight_soft_loss / temperature**2,
+                                   temperature=temperature, divergence="jsd", jsd_beta=beta,
+                                   ignore_index=ignore_index)
+        self._with_softcap: dict[float, LossOptions] = {}
+
+    def forward(
+        self,
+        student_input: Tensor,
+        student_weight: Tensor,
+        teacher_input: Tensor,
+        teacher_weight: Tensor,
+        true_labels: Tensor,
+        student_bias: Optional[Tensor] = None,
+        teacher_bias: Optional[Tensor] = None,
+        *,
+        num_items: Union[None, int, float, Tensor] = None,
+        softcap: Optional[float] = None,
+    ) -> Union[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """Liger's call: ``student_input`` ``[N, D]``, ``student_weight`` ``[V, D]``,
+        ``teacher_input`` ``[N, Dt]``, ``teacher_weight`` ``[V, Dt]``, ``true_labels`` ``[N]``
+        int64, optional ``[V]`` biases. Beyond Liger: ``num_items`` divides the sums in place of
+        the local label count (the count of a whole accumulated batch), and ``softcap`` is the
+        heads' logit softcap (Gemma 2), applied to both models' logits before the temperature.
+
+        Returns the loss (a float32 scalar; float64 for float64 inputs), or ``(loss, soft,
+        hard)`` with ``return_soft_hard_loss``. The teacher gets no gradient.
+        """
+        out = sdft_loss(self._options(softcap), student_input, student_weight, true_labels, teacher_input,
+                        teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias, num_items=num_items,
+                        impl=self.impl, return_components=True, chunk_size=self.chunk_size)
+        if self.return_soft_hard_loss:
+            return out.loss, out.kl, out.ce
+        return out.loss
+
+    def _options(self, softcap: Optional[float]) -> LossOptions:
+        if softcap is None:
+            return self.options
+        if softcap not in self._with_softcap:
+            self._with_softcap[softcap] = dataclasses.replace(self.options, softcap=softcap)
+        return self._with_softcap[softcap]
+
+    def extra_repr(self) -> str:
+        return (f"weight_hard_loss={self.weight_hard_loss}, weight_soft_loss={self.weight_soft_loss}, "
+                f"beta={self.beta}, temperature={self.temperature}, ignore_index={self.ignore_index}, "
+                f"impl={self.impl!r}")

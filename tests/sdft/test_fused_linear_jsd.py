@@ -1,0 +1,95 @@
+"""FusedLinearJSDLoss against the code it stands in for: Liger's LigerFusedLinearJSDLoss, and
+TRL's generalized_jsd_loss (the divergence of its GKD trainer) over materialised logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdft.fused_linear_jsd import FusedLinearJSDLoss
+from tests.kernels.helpers import assert_close, make_problem
+
+
+def _grads(loss, p, bias=False):
+    wrt = (p.h, p.W) + ((p.b,) if bias else ())
+    return torch.autograd.grad(loss, wrt)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_soft_loss_equals_trls_generalized_jsd(beta, temperature):
+    """weight_hard_loss 0, weight_soft_loss 1: TRL's divergence, no T**2 factor, the mean over
+    the labels that are not -100 (its reduction="batchmean"), beta 0 forward and 1 reverse KL."""
+    gkd = pytest.importorskip("trl.experimental.gkd")
+    p = make_problem(N=53, D=16, V=97, Dt=24, bias=True, teacher_bias=True, ignore_frac=0.3,
+                     seed=int(10 * beta + 3 * temperature))
+    z_s = F.linear(p.h, p.W, p.b).unsqueeze(0)  # TRL takes [B, T, V] logits
+    z_t = F.linear(p.ht, p.Wt, p.bt).unsqueeze(0)
+    expected = gkd.GKDTrainer.generalized_jsd_loss(z_s, z_t, labels=p.labels.unsqueeze(0), beta=beta,
+                                                   temperature=temperature, reduction="batchmean")
+    ours = FusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, temperature=temperature)
+    got = ours(p.h, p.W, p.ht, p.Wt, p.labels, p.b, p.bt)
+    assert float(expected.detach()) > 1e-3
+    assert_close(got, expected, rtol=1e-10, atol=1e-13, what="loss vs TRL")
+    for i, (g, e) in enumerate(zip(_grads(got, p, bias=True), _grads(expected, p, bias=True))):
+        assert_close(g, e, rtol=1e-9, atol=1e-13, what=f"grad {i} vs TRL")
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("weights", [(0.5, 0.5), (1.0, 0.0), (0.2, 1.3)])
+def test_equals_ligers_fused_linear_jsd(beta, weights):
+    """Constructor, call and result of Liger's class (loss, gradients, (loss, soft, hard))."""
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    hard, soft = weights
+    p = make_problem(N=45, D=32, V=130, dtype=torch.float32, ignore_frac=0.25, seed=int(10 * beta + 7 * hard))
+    settings = dict(weight_hard_loss=hard, weight_soft_loss=soft, beta=beta, ignore_index=-100, temperature=1.7)
+    theirs = liger.LigerFusedLinearJSDLoss(**settings, compiled=False, return_soft_hard_loss=True)
+    ours = FusedLinearJSDLoss(**settings, return_soft_hard_loss=True)
+    expected, expected_soft, expected_hard = theirs(p.h, p.W, p.ht, p.Wt, p.labels)
+    got, got_soft, got_hard = ours(p.h, p.W, p.ht, p.Wt, p.labels)
+    assert_close(got, expected, rtol=1e-5, atol=1e-6, what="loss vs Liger")
+    assert_close(got_soft, expected_soft, rtol=1e-5, atol=1e-6, what="soft loss vs Liger")
+    assert_close(got_hard, expected_hard, rtol=1e-5, atol=1e-6, what="hard loss vs Liger")
+    upstream = torch.rand(()) + 0.5  # a non-unit upstream gradient
+    for i, (g, e) in enumerate(zip(torch.autograd.grad(got * upstream, (p.h, p.W)),
+                                   torch.autograd.grad(expected * upstream, (p.h, p.W)))):
+        assert_close(g, e, rtol=1e-4, atol=1e-6, what=f"grad {i} vs Liger")
+
+
+def test_hard_loss_is_cross_entropy_at_temperature_one():
+    p = make_problem(N=31, D=8, V=50, ignore_frac=0.2)
+    got = FusedLinearJSDLoss(weight_hard_loss=1.0, weight_soft_loss=0.0, temperature=3.0)(p.h, p.W, p.ht, p.Wt, p.labels)
+    assert_close(got, F.cross_entropy(p.h @ p.W.T, p.labels, ignore_index=-100), rtol=1e-12, atol=1e-14, what="CE")
+
+
+def test_extensions_num_items_and_softcap():
+    """Beyond Liger's call: the normaliser of an accumulated batch, and a logit softcap."""
+    gkd = pytest.importorskip("trl.experimental.gkd")
+    p = make_problem(N=40, D=8, V=60, ignore_frac=0.2, seed=3)
+    loss = FusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.3, temperature=0.5)
+    n = int((p.labels != -100).sum())
+    assert_close(loss(p.h, p.W, p.ht, p.Wt, p.labels, num_items=3 * n), loss(p.h, p.W, p.ht, p.Wt, p.labels) / 3,
+                 rtol=1e-12, atol=1e-15, what="num_items")
+    cap = 2.0
+    capped = lambda z: cap * torch.tanh(z / cap)  # noqa: E731
+    expected = gkd.GKDTrainer.generalized_jsd_loss(capped(p.h @ p.W.T)[None], capped(p.ht @ p.Wt.T)[None],
+                                                   labels=p.labels[None], beta=0.3, temperature=0.5)
+    assert_close(loss(p.h, p.W, p.ht, p.Wt, p.labels, softcap=cap), expected, rtol=1e-10, atol=1e-13, what="softcap")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(beta=1.5), "beta must be a number in \\[0, 1\\], got 1.5"),
+    (dict(temperature=0.0), "temperature must be a finite number > 0, got 0.0"),
+    (dict(weight_soft_loss=-1.0), "weight_soft_loss must be a finite number >= 0, got -1.0"),
+    (dict(weight_hard_loss=float("nan")), "weight_hard_loss must be a finite number >= 0, got nan"),
+])
+def test_bad_settings_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FusedLinearJSDLoss(**kwargs)
+
+
+def test_a_vocabulary_mismatch_is_refused():
+    p = make_problem(N=8, D=8, V=40)
+    with pytest.raises(ValueError, match="teacher_weight has vocab size 41 but student_weight has 40"):
+        FusedLinearJSDLoss()(p.h, p.W, p.ht, torch.cat([p.Wt, p.Wt[:1]]), p.labels)
