@@ -58,6 +58,7 @@ class Epilogue(Protocol):
     """What the loop needs of an epilogue (both are classes of static methods)."""
 
     budget_bytes: int  # transient bytes of the chunk buffers by default
+    max_rows: Optional[int]  # rows beyond which a chunk gains nothing (None: no such limit)
 
     @staticmethod
     def row_bytes(V: int, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype], options: LossOptions) -> int: ...
@@ -78,11 +79,14 @@ class Grads(NamedTuple):
 
 def chunk_rows(M: int, V: int, epilogue: Epilogue, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype],
                options: LossOptions, chunk_size: Optional[int]) -> int:
-    """Rows per chunk: ``chunk_size``, or as many as the epilogue's budget allows, evened out
-    over the ``M`` rows so that no small, inefficient GEMM is left at the end."""
+    """Rows per chunk: ``chunk_size``, or as many as the epilogue's budget allows (at most its
+    ``max_rows``), evened out over the ``M`` rows so that no small, inefficient GEMM is left at
+    the end."""
     if chunk_size is not None:
         return chunk_size
     step = max(16, int(epilogue.budget_bytes // epilogue.row_bytes(V, dtype, teacher_dtype, options)))
+    if epilogue.max_rows is not None:
+        step = min(step, epilogue.max_rows)
     return -(-M // -(-M // step)) if M > 0 else step
 
 

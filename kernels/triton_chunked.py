@@ -253,6 +253,7 @@ class TritonEpilogue:
     (:func:`sdft_kernels.triton_chunked.chunk_epilogue`); ``impl="triton_chunked"``."""
 
     budget_bytes = TRITON_CHUNK_BUDGET_BYTES
+    max_rows = None  # as many as the budget allows: fewer read-modify-writes of the dW sums
 
     @staticmethod
     def row_bytes(V: int, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype], options: LossOptions) -> int:
