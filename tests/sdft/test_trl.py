@@ -314,3 +314,29 @@ def test_distillation_trainer_step_equals_trls_own_divergence(tmp_path, beta, te
         for param, grad in expected_grads.items():
             error = float((step[param] - grad).norm() / grad.norm())
             assert error <= 2e-6, f"{name}, {param}: gradients differ by {error:.2e} of their norm"
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_hidden_state_cache_built_from_the_trainers_dataset(tmp_path, packing):
+    """The cache, keyed by token content and built from the dataset as SFTTrainer prepared it
+    (packed rows included), gives the live teacher's step: TRL's collators keep no example ids."""
+    from sdft.teacher import HiddenStateCache
+
+    tok = fx.tokenizer()
+    teacher_model = fx.model(len(tok), seed=1)
+    extra = {"packing": True, "max_length": 24} if packing else {}
+    runs = {}
+    for source in ("live", "cache"):
+        trainer = recording(SDFTSFTTrainer)(model=fx.model(len(tok)), args=sgd_config(tmp_path / source, steps=1, **extra),
+                                            train_dataset=fx.prompt_completion(), processing_class=tok,
+                                            teacher=FrozenCopy(teacher_model), sdft_loss=SDFTLoss(kl_weight=0.7))
+        if source == "cache":
+            assert ("seq_lengths" in trainer.train_dataset.column_names) == packing
+            trainer.teacher = HiddenStateCache.build(teacher_model, trainer.train_dataset, tmp_path / "cache",
+                                                     id_field=None, dtype=torch.float32)
+        trainer.recorded = []
+        trainer.train()
+        runs[source] = trainer
+    assert runs["live"].state.log_history[0]["kl"] > 0.1
+    for (_, _, live), (_, _, cached) in zip(runs["live"].recorded, runs["cache"].recorded, strict=True):
+        torch.testing.assert_close(cached, live, rtol=1e-5, atol=1e-7)
