@@ -229,6 +229,29 @@ def test_the_papers_two_stage_recipe(tmp_path):
         assert torch.equal(param, after_stage1[name]), name
 
 
+def test_the_recipe_with_lora(tmp_path):
+    """Stage 1 trains adapters on the known rows; merged, they are the stage-2 teacher with the
+    new adapters off: the stage-1 model, held once."""
+    peft = pytest.importorskip("peft")
+    tok = fx.tokenizer()
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    stage1 = SDFTSFTTrainer(model=fx.model(len(tok)), args=sgd_config(tmp_path / "1", steps=3),
+                            train_dataset=fx.prompt_completion(9), processing_class=tok, peft_config=lora)
+    stage1.train()
+    merged = stage1.model.merge_and_unload()
+    after_stage1 = {n: p.detach().clone() for n, p in merged.named_parameters()}
+    stage2 = SDFTSFTTrainer(model=merged, args=sgd_config(tmp_path / "2", steps=3),
+                            train_dataset=fx.prompt_completion(18), processing_class=tok, peft_config=lora,
+                            teacher=AdapterDisabled, sdft_loss=SDFTLoss(kl_weight=1.0))
+    stage2.train()
+    kls = [h["kl"] for h in stage2.state.log_history if "kl" in h]
+    assert kls[0] < 1e-6 < max(kls)  # new adapters start at zero: the student starts as its teacher
+    base = stage2.teacher.peft_model.get_base_model()
+    for name, param in base.named_parameters():
+        if "lora_" not in name:  # the teacher's weights are the merged stage-1 model's, untrained
+            assert torch.equal(param, after_stage1[name.replace(".base_layer", "")]), name
+
+
 def test_evaluation_reports_the_sdft_loss(tmp_path):
     tok = fx.tokenizer()
     model = fx.model(len(tok))
