@@ -32,6 +32,7 @@ def parse_config(argv: Optional[list[str]] = None) -> DemoConfig:
     ap.add_argument("--lambdas", type=float, nargs="+", metavar="LAMBDA", help="SDFT kl_weights, one row each")
     ap.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="fine-tuning seeds")
     ap.add_argument("--epochs", type=float, help="stage-2 epochs")
+    ap.add_argument("--eval-every", type=int, metavar="EPOCHS", help="stage-2 epochs between evaluations")
     ap.add_argument("--lr", type=float, help="learning rate of stages 1 and 2")
     ap.add_argument("--temperature", type=float, help="tau of the SDFT rows")
     ap.add_argument("--layers", type=int, help="decoder layers of the toy model (pretrained once, cached)")
@@ -41,7 +42,7 @@ def parse_config(argv: Optional[list[str]] = None) -> DemoConfig:
     overrides = {name: value for name, value in (
         ("out_dir", args.out), ("rows", args.rows and tuple(args.rows)),
         ("kl_weights", args.lambdas and tuple(args.lambdas)), ("seeds", args.seeds and tuple(args.seeds)),
-        ("stage2_epochs", args.epochs), ("learning_rate", args.lr), ("temperature", args.temperature),
+        ("stage2_epochs", args.epochs), ("eval_every_epochs", args.eval_every), ("learning_rate", args.lr), ("temperature", args.temperature),
         ("layers", args.layers), ("workers", args.workers), ("cache_dir", args.cache_dir)) if value is not None}
     return DemoConfig.quick_config(**overrides) if args.quick else replace(DemoConfig(), **overrides)
 

@@ -6,8 +6,8 @@ model as the teacher, and ``sdft.freezing`` for the freezing rows. :func:`run_on
 worker process of the experiment (see :mod:`sdft.demo.experiment`)::
 
     record = run_one(RunSpec(seed=0, method=Method("sft", "SFT"), base_dir=...,
-                             learning_rate=3e-4, stage2_epochs=8))
-    record["history"]     # one accuracy record per epoch, the first before stage 2 starts
+                             learning_rate=1e-4, stage2_epochs=16))
+    record["history"]     # accuracy records by epoch, the first before stage 2 starts
 """
 
 from __future__ import annotations
@@ -37,11 +37,12 @@ class RunSpec:
     seed: int
     method: Method
     base_dir: str                 # the pretrained model, its tokenizer and splits.json
-    learning_rate: float = 3e-4
+    learning_rate: float = 1e-4
     batch_size: int = 32
     stage1_epochs: float = 1.0
-    stage2_epochs: float = 8.0
+    stage2_epochs: float = 16.0
     temperature: float = 0.5      # tau of the SDFT rows
+    eval_every_epochs: int = 1    # stage-2 evaluations: before it, every this many epochs, at its end
     scratch_dir: str = ".cache/sdft-demo/trainer-scratch"  # the Trainer's output_dir; nothing is saved
 
 
@@ -76,18 +77,21 @@ def build_trainer(model, examples: list[dict], tokenizer, spec: RunSpec, epochs:
     return trainer
 
 
-def _evaluate_each_epoch(score: SplitAccuracy, model, history: list[dict]):
-    """A callback that appends the accuracies before training and after every epoch."""
+def _evaluate_by_epoch(score: SplitAccuracy, model, history: list[dict], every: int):
+    """A callback that appends the accuracies before training, after every ``every``-th epoch
+    and after the last one."""
     from transformers import TrainerCallback
 
-    class EvaluateEachEpoch(TrainerCallback):
+    class EvaluateByEpoch(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             history.append({"epoch": 0.0, "step": 0, **score(model)})
 
         def on_epoch_end(self, args, state, control, **kw):
-            history.append({"epoch": round(float(state.epoch), 3), "step": state.global_step, **score(model)})
+            epoch = round(float(state.epoch), 3)
+            if round(epoch) % every == 0 or state.global_step >= state.max_steps:
+                history.append({"epoch": epoch, "step": state.global_step, **score(model)})
 
-    return EvaluateEachEpoch()
+    return EvaluateByEpoch()
 
 
 def _examples(tokenizer, rows: list[dict]) -> list[dict]:
@@ -101,8 +105,9 @@ def trainable_names(model) -> list[str]:
 
 
 def stage2(model, tokenizer, splits: dict[str, list[dict]], spec: RunSpec, score: Optional[SplitAccuracy] = None):
-    """Fine-tune the stage-1 ``model`` in place with ``spec.method``; returns the per-epoch history
-    (empty without ``score``) and the freeze report (``None`` for rows that freeze nothing)."""
+    """Fine-tune the stage-1 ``model`` in place with ``spec.method``; returns the accuracy history
+    (see :class:`RunSpec`'s ``eval_every_epochs``; empty without ``score``) and the freeze report
+    (``None`` for rows that freeze nothing)."""
     method = spec.method
     rows = splits["train_known"] + (splits["train_unknown"] if method.data == "all" else [])
     teacher, loss = None, SDFTLoss(kl_weight=0.0)
@@ -112,7 +117,7 @@ def stage2(model, tokenizer, splits: dict[str, list[dict]], spec: RunSpec, score
         loss = SDFTLoss(kl_weight=method.kl_weight, temperature=spec.temperature)
     report = freeze(model, method.freeze, train_only=method.train_only) if method.freezes else None
     history: list[dict] = []
-    callbacks = [_evaluate_each_epoch(score, model, history)] if score is not None else []
+    callbacks = [_evaluate_by_epoch(score, model, history, spec.eval_every_epochs)] if score is not None else []
     trainer = build_trainer(model, _examples(tokenizer, rows), tokenizer, spec, spec.stage2_epochs,
                             teacher=teacher, loss=loss, freeze_report=report, callbacks=callbacks)
     trainer.train()
@@ -123,8 +128,8 @@ def run_one(spec: RunSpec) -> dict:
     """Stage 1 then stage 2 for one seed and method, from the pretrained model in ``base_dir``.
 
     Returns ``{"seed", "method", "after_stage1", "history", "trained_parameters",
-    "total_parameters", "seconds", "cpu_seconds", "spec"}``. ``history`` holds one accuracy
-    record per epoch of stage 2, the first taken before it starts; ``cpu_seconds`` is this
+    "total_parameters", "seconds", "cpu_seconds", "spec"}``. ``history`` holds the accuracy
+    records of stage 2, the first taken before it starts; ``cpu_seconds`` is this
     process's CPU time, which on a busy machine says more about the cost than the wall time.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -146,7 +151,7 @@ def run_one(spec: RunSpec) -> dict:
     trained = report.trainable if report is not None else total
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     print(f"seed {spec.seed} {spec.method.key}: {seconds:.0f} s ({cpu_seconds:.0f} s of CPU), "
-          f"{trained:,} of {total:,} parameters trained; per epoch (task / new / old facts, %): " + ", ".join(
+          f"{trained:,} of {total:,} parameters trained; by epoch (task / new / old facts, %): " + ", ".join(
               f"{h['epoch']:g}: {100 * h['task']:.1f} / {100 * h['new_facts']:.1f} / {100 * h['old_facts']:.1f}"
               for h in history), flush=True)
     return {"seed": spec.seed, "method": spec.method.key, "after_stage1": after_stage1, "history": history,

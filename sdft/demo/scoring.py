@@ -3,7 +3,7 @@
 Every toy answer is one word (one token) plus ``<eos>``, so greedy decoding reproduces the gold
 continuation exactly when each of its tokens is the argmax after the gold prefix: one forward
 pass gives the greedy exact match that ``sdft.evaluate.accuracy`` measures by generation, at a
-fraction of the cost. Fine-tuning runs evaluate every epoch, so this cost matters.
+fraction of the cost. Fine-tuning runs evaluate every few epochs, so this cost matters.
 """
 
 from __future__ import annotations

@@ -45,7 +45,8 @@ def test_quick_demo_runs_and_reports(tmp_path):
                "old_facts": counts["heldout_known"]["known"]}
     for run in saved["runs"]:
         history = run["history"]
-        assert [h["epoch"] for h in history] == [float(e) for e in range(int(cfg.stage2_epochs) + 1)]
+        every = cfg.eval_every_epochs
+        assert [h["epoch"] for h in history] == [float(e) for e in range(0, int(cfg.stage2_epochs) + 1, every)]
         # Stage 2 starts where stage 1 ended: the first record is the stage-1 model's accuracy.
         assert {k: history[0][k] for k in run["after_stage1"]} == run["after_stage1"]
         for record in history:
@@ -83,9 +84,10 @@ def test_quick_demo_runs_and_reports(tmp_path):
 
 def test_command_line_selects_rows_lambdas_and_settings():
     cfg = parse_config(["--rows", "sft", "sdft", "--lambdas", "0.5", "0.75", "--seeds", "3", "4", "--epochs", "12",
-                        "--lr", "2e-4", "--layers", "4", "--out", "x"])
+                        "--eval-every", "1", "--lr", "2e-4", "--layers", "4", "--out", "x"])
     assert cfg.rows == ("sft", "sdft") and cfg.kl_weights == (0.5, 0.75) and cfg.seeds == (3, 4)
-    assert (cfg.stage2_epochs, cfg.learning_rate, cfg.layers, cfg.out_dir) == (12, 2e-4, 4, "x")
+    assert (cfg.stage2_epochs, cfg.eval_every_epochs, cfg.learning_rate, cfg.layers, cfg.out_dir) == \
+        (12, 1, 2e-4, 4, "x")
     assert [m.key for m in cfg.methods()] == ["sft", "sdft_0.5", "sdft_0.75"]
     assert parse_config([]) == DemoConfig()
     assert set(DemoConfig().rows) == set(ROW_NAMES)
