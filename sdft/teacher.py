@@ -185,6 +185,7 @@ class HiddenStateCache:
         self._data = np.memmap(self.path / "hidden.bin", dtype=np_dtype, mode="r", shape=(max(total, 1), width))
         head = torch.load(self.path / "head.pt", map_location="cpu", weights_only=True)
         self.head = HeadSpec(head["weight"], head.get("bias"), self.meta["softcap"], self.meta["hidden_scale"])
+        self._head_by_device: dict[torch.device, HeadSpec] = {}  # copied once per device
 
     # -- building -------------------------------------------------------------------------------
     @classmethod
@@ -294,11 +295,17 @@ class HiddenStateCache:
             self._fill_by_id(batch, out)
         else:
             self._fill_by_tokens(input_ids, spans, out)
-        device = input_ids.device
-        head = HeadSpec(self.head.weight.to(device), None if self.head.bias is None else self.head.bias.to(device),
-                        self.head.softcap, self.head.hidden_scale)
+        head = self._head_on(input_ids.device)
         # Stored compactly, computed in the head's dtype (the fused loss wants them equal).
-        return TeacherOutput(out.to(device, head.weight.dtype), head)
+        return TeacherOutput(out.to(input_ids.device, head.weight.dtype), head)
+
+    def _head_on(self, device: torch.device) -> HeadSpec:
+        """The cached head on ``device``, copied there once (not once per batch)."""
+        on = self._head_by_device
+        if device not in on:
+            bias = None if self.head.bias is None else self.head.bias.to(device)
+            on[device] = HeadSpec(self.head.weight.to(device), bias, self.head.softcap, self.head.hidden_scale)
+        return on[device]
 
     def _states(self, offset: int, length: int) -> Tensor:
         raw = torch.from_numpy(np.array(self._data[offset: offset + length]))  # copy: the map is read-only
