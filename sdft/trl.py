@@ -5,9 +5,7 @@
   with its full-vocabulary divergence computed by a loss with Liger's ``LigerFusedLinearJSDLoss``
   signature: :class:`sdft.fused_linear_jsd.FusedLinearJSDLoss` by default, or Liger's own.
 
-``SFTTrainer`` with the SDFT loss:
-
-Everything ``SFTTrainer`` does stays: its dataset formats (language modelling, prompt-completion,
+With ``SDFTSFTTrainer`` everything ``SFTTrainer`` does stays: its dataset formats (language modelling, prompt-completion,
 conversational), ``completion_only_loss`` and ``assistant_only_loss`` (they become the labels'
 -100s), ``packing`` / ``padding_free`` (the ``position_ids`` reach student and teacher, and no
 target crosses a document boundary, :mod:`sdft.packing`), ``peft_config``, gradient accumulation
@@ -49,10 +47,13 @@ class SDFTSFTTrainer(SDFTTrainer, SFTTrainer):
     Args:
         teacher: a teacher source (:class:`sdft.teacher.FrozenCopy` of a snapshot, a
             :class:`~sdft.teacher.HiddenStateCache`), or a teacher-source class that is built
-            from the trainer's model once ``SFTTrainer`` has prepared it: ``teacher=FrozenCopy``
-            snapshots the model as training starts, ``teacher=AdapterDisabled`` with a
-            ``peft_config`` is the base model with the adapters off (no second copy of the
-            weights). None: plain cross-entropy (the paper's stage 1).
+            from the trainer's model once ``SFTTrainer`` has prepared it (loaded, PEFT-wrapped,
+            on its device): ``teacher=FrozenCopy`` snapshots it as it is then,
+            ``teacher=AdapterDisabled`` with a ``peft_config`` is the base model with the
+            adapters off (no second copy of the weights). A cache for TRL's batches is keyed
+            by token content: ``trainer.teacher = HiddenStateCache.build(teacher_model,
+            trainer.train_dataset, path, id_field=None)``. None: plain cross-entropy (the
+            paper's stage 1).
         sdft_loss: the loss settings (:class:`sdft.SDFTLoss`; default: the paper's lambda 1,
             tau 0.5, forward KL).
         check_head: compare the fused path with the model's own forward once
@@ -174,7 +175,9 @@ class FusedJSDDistillationTrainer(DistillationTrainer):
         completion_ids = inputs["completion_ids"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        loss_mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        loss_mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            loss_mask = loss_mask * inputs["tool_mask"]
         logits_to_keep = completion_ids.size(1)
         extra = {key: inputs[key] for key in _MULTIMODAL_KEYS if key in inputs}
 
