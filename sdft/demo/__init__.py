@@ -7,7 +7,7 @@ It uses the library only through its public API, as any user would, in separate 
 - :mod:`~sdft.demo.pretrain`: a tiny Llama pretrained on the old facts (cached);
 - :mod:`~sdft.demo.scoring`: exact match on the splits by one teacher-forced pass;
 - :mod:`~sdft.demo.methods`: the rows of the table (SFT, SDFT per lambda, freezing rows, control);
-- :mod:`~sdft.demo.finetune`: one run, stage 1 then stage 2, with ``sdft.SDFTTrainer``;
+- :mod:`~sdft.demo.finetune`: one run, stage 1 then stage 2, with ``sdft train``'s Trainer;
 - :mod:`~sdft.demo.experiment`: preparation, the runs in worker processes, the outputs;
 - :mod:`~sdft.demo.report`: the table, the lambda frontier, the plots;
 - :mod:`~sdft.demo.progress`: the one-line console display and the log file;

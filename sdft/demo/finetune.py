@@ -1,9 +1,10 @@
 """One fine-tuning run of the demo: stage 1 (task format), then stage 2 with one method.
 
 This is the paper's recipe written against the library's public API, as a user would write it:
-``sdft.SDFTTrainer`` with an ``sdft.SDFTLoss``, a ``sdft.teacher.FrozenCopy`` of the stage-1
-model as the teacher, and ``sdft.freezing`` for the freezing rows. :func:`run_one` runs in a
-worker process of the experiment (see :mod:`sdft.demo.experiment`)::
+the Trainer that ``sdft train`` uses (:func:`sdft.trainer.build_trainer`) with an
+``sdft.SDFTLoss``, a ``sdft.teacher.FrozenCopy`` of the stage-1 model as the teacher, and
+``sdft.freezing`` for the freezing rows. :func:`run_one` runs in a worker process of the
+experiment (see :mod:`sdft.demo.experiment`)::
 
     record = run_one(RunSpec(seed=0, method=Method("sft", "SFT"), base_dir=...,
                              learning_rate=1e-4, stage2_epochs=16))
@@ -20,10 +21,11 @@ from typing import Optional
 
 import torch
 
-from sdft import SDFTLoss, SDFTTrainer
+from sdft import SDFTLoss
 from sdft.data import PadCollator
-from sdft.freezing import FreezeReport, freeze, masked_optimizer, param_groups
+from sdft.freezing import FreezeReport, freeze
 from sdft.teacher import FrozenCopy
+from sdft.trainer import build_trainer
 
 from .methods import Method
 from .scoring import SplitAccuracy
@@ -46,22 +48,18 @@ class RunSpec:
     scratch_dir: str = ".cache/sdft-demo/trainer-scratch"  # the Trainer's output_dir; nothing is saved
 
 
-def build_trainer(model, examples: list[dict], tokenizer, spec: RunSpec, epochs: float, *,
+def stage_trainer(model, examples: list[dict], tokenizer, spec: RunSpec, epochs: float, *,
                   teacher=None, loss: Optional[SDFTLoss] = None,
-                  freeze_report: Optional[FreezeReport] = None, callbacks=()) -> SDFTTrainer:
-    """The Hugging Face trainer of one stage: constant learning rate, no weight decay, no saving.
+                  freeze_report: Optional[FreezeReport] = None, callbacks=()):
+    """The Hugging Face trainer of one stage, built as ``sdft train`` builds its own
+    (:func:`sdft.trainer.build_trainer`): constant learning rate, no weight decay, no saving.
 
-    A freeze goes with :func:`sdft.freezing.masked_optimizer` over AdamW, so frozen entries stay
-    bit-identical. The Trainer's console printer is removed: the experiment shows one progress
-    display, and each run's losses go to its log through the returned history.
+    The Trainer's console printer is removed: the experiment shows one progress display, and
+    each run's accuracies go to its log through the returned history.
     """
     from datasets import Dataset
     from transformers import PrinterCallback, TrainingArguments
 
-    optimizer = None
-    if freeze_report is not None:
-        optimizer = masked_optimizer(torch.optim.AdamW(param_groups(model), lr=spec.learning_rate),
-                                     freeze_report)
     args = TrainingArguments(
         output_dir=spec.scratch_dir, per_device_train_batch_size=spec.batch_size,
         num_train_epochs=epochs, learning_rate=spec.learning_rate, lr_scheduler_type="constant",
@@ -69,10 +67,9 @@ def build_trainer(model, examples: list[dict], tokenizer, spec: RunSpec, epochs:
         disable_tqdm=True, logging_strategy="no", use_cpu=True, remove_unused_columns=False,
         dataloader_num_workers=0,
     )
-    trainer = SDFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
-                          data_collator=PadCollator(tokenizer.pad_token_id), teacher=teacher,
-                          sdft_loss=loss or SDFTLoss(kl_weight=0.0), optimizers=(optimizer, None),
-                          callbacks=list(callbacks))
+    trainer = build_trainer(model, args, Dataset.from_list(examples), PadCollator(tokenizer.pad_token_id),
+                            teacher=teacher, loss=loss or SDFTLoss(kl_weight=0.0), freeze_report=freeze_report,
+                            callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)
     return trainer
 
@@ -118,7 +115,7 @@ def stage2(model, tokenizer, splits: dict[str, list[dict]], spec: RunSpec, score
     report = freeze(model, method.freeze, train_only=method.train_only) if method.freezes else None
     history: list[dict] = []
     callbacks = [_evaluate_by_epoch(score, model, history, spec.eval_every_epochs)] if score is not None else []
-    trainer = build_trainer(model, _examples(tokenizer, rows), tokenizer, spec, spec.stage2_epochs,
+    trainer = stage_trainer(model, _examples(tokenizer, rows), tokenizer, spec, spec.stage2_epochs,
                             teacher=teacher, loss=loss, freeze_report=report, callbacks=callbacks)
     trainer.train()
     return history, report
@@ -143,7 +140,7 @@ def run_one(spec: RunSpec) -> dict:
 
     # Stage 1, the same for every method of a seed: one epoch of plain SFT on the known facts.
     torch.manual_seed(spec.seed)
-    build_trainer(model, _examples(tokenizer, splits["train_known"]), tokenizer, spec, spec.stage1_epochs).train()
+    stage_trainer(model, _examples(tokenizer, splits["train_known"]), tokenizer, spec, spec.stage1_epochs).train()
     after_stage1 = score(model)
 
     history, report = stage2(model, tokenizer, splits, spec, score)
