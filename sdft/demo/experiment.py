@@ -57,7 +57,7 @@ class DemoConfig:
     stage1_epochs: float = 1.0
     # Learning rate and stage-2 epochs: at 3e-4 for 8 epochs SFT forgets 13 points and no lambda
     # that learns 90% of SFT's new facts forgets less than 0.6x that; at 1e-4 for 16 epochs
-    # lambda 0.5 forgets 0.30x (seeds 0-2, where this was chosen) and 0.25x (seeds 3-5).
+    # lambda 0.5 forgets 0.30x (seeds 0-2, where this was chosen) and 0.26x (seeds 3-5).
     # See the README's demo section for the runs.
     stage2_epochs: float = 16.0
     learning_rate: float = 1e-4
