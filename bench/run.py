@@ -210,7 +210,7 @@ def parse_args(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if args.device == "cuda" and os.environ.pop("TRITON_INTERPRET", "0") not in ("", "0"):
-        # Set by the CPU test session; timing Triton's interpreter would be meaningless.
+        # Set for CPU test runs; timing Triton's interpreter would be meaningless.
         print("note: TRITON_INTERPRET unset for the CUDA run", file=sys.stderr)
     return args
 
