@@ -284,6 +284,7 @@ def _run(args) -> Path:
             ok = t["status"] == "ok" and times
             records[i].update(times_s=times if ok else None,
                               median_s=statistics.median(times) if ok else None,
+                              phases_s=(t.get("phases_s") or {}).get(records[i]["case"]),
                               time_reason=None if ok else f"timing pass {t['status']}: {t['reason']}")
             if t.get("traceback"):
                 records[i]["time_traceback"] = t["traceback"]

@@ -220,6 +220,8 @@ class BuiltCase:
     decoder: nn.Module               # the student's decoder (activations are tagged by it)
     optimizer: torch.optim.Optimizer
     teacher_tensors: list            # tensors the teacher holds (weights, cached head)
+    loss_fn: Callable[[], Tensor]    # the step's forward: decoders, LM heads and the loss
+    teacher_decoder: Optional[nn.Module] = None  # a teacher decoder other than the student's
 
 
 def prepare_cache(names, spec: StepModel, batch: dict, device: str, dtype: torch.dtype,
@@ -298,14 +300,17 @@ def build_cases(names, spec: StepModel, batch: dict, device: str, dtype: torch.d
         else:
             loss_fn = partial(naive_sdft_loss, student, teacher.model, model_inputs,
                               batch["labels"])
+        teacher_decoder = None
         if c.teacher in ("frozen", "frozen_bf16"):
             teacher_tensors = list(teacher.model.parameters())
+            teacher_decoder = decoder_of(teacher.model)
         elif c.teacher == "cache":
             teacher_tensors = [t for t in (teacher.head.weight, teacher.head.bias) if t is not None]
         else:
             teacher_tensors = []
         built[c.name] = BuiltCase(partial(_step, optimizer, loss_fn), student,
-                                  decoder_of(student), optimizer, teacher_tensors)
+                                  decoder_of(student), optimizer, teacher_tensors, loss_fn,
+                                  teacher_decoder)
     return built
 
 

@@ -130,9 +130,66 @@ def measure_memory(spec: dict) -> dict:
     return result
 
 
+PHASES = ("student_forward", "teacher_forward", "head_and_loss", "backward", "optimizer")
+
+
+class _DecoderClock:
+    """Seconds spent in the decoders' forwards during a step, the student's (grad enabled)
+    apart from the teacher's (no grad: a frozen copy's decoder, or the student's own with its
+    adapters off). On CUDA every boundary synchronises, so use it on a step that is not
+    timed otherwise."""
+
+    def __init__(self, decoders, device: str):
+        self.decoders, self.device = [d for d in decoders if d is not None], device
+        self.seconds = {"student_forward": 0.0, "teacher_forward": 0.0}
+
+    def _now(self) -> float:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def __enter__(self):
+        def enter(module, args):
+            module._step_clock_t0 = self._now()
+
+        def leave(module, args, output):
+            phase = "student_forward" if torch.is_grad_enabled() else "teacher_forward"
+            self.seconds[phase] += self._now() - module._step_clock_t0
+
+        self._hooks = [h for d in dict.fromkeys(self.decoders)
+                       for h in (d.register_forward_pre_hook(enter),
+                                 d.register_forward_hook(leave))]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        return False
+
+
+def profile_step(built, device: str) -> dict:
+    """One optimizer step of ``built`` split into :data:`PHASES` (seconds): the student's
+    decoder forward, the teacher's (decoder forward; a cache's lookup counts in the loss), the
+    LM heads and the loss (the rest of the forward), the backward, and the optimizer."""
+    clock = _DecoderClock([built.decoder, built.teacher_decoder], device)
+    built.optimizer.zero_grad(set_to_none=True)
+    with clock:
+        t0 = clock._now()
+        loss = built.loss_fn()
+        t1 = clock._now()
+    loss.backward()
+    t2 = clock._now()
+    built.optimizer.step()
+    t3 = clock._now()
+    decoders = clock.seconds["student_forward"] + clock.seconds["teacher_forward"]
+    return dict(clock.seconds, head_and_loss=(t1 - t0) - decoders, backward=t2 - t1,
+                optimizer=t3 - t2)
+
+
 def measure_times(spec: dict) -> dict:
-    """``{"times_s": {case: [seconds per round]}}`` of the cases ``spec["cases"]`` of one
-    model, interleaved (see the module docstring); on failure ``status`` and ``reason``."""
+    """``{"times_s": {case: [seconds per round]}, "phases_s": {case: {phase: seconds}}}`` of
+    the cases ``spec["cases"]`` of one model, interleaved (see the module docstring), and one
+    instrumented step per case (:func:`profile_step`); on failure ``status`` and ``reason``."""
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -153,6 +210,8 @@ def measure_times(spec: dict) -> dict:
             out["order"].append(order)
             for name in order:
                 out["times_s"][name].append(timed(built[name].step, device)[1])
+        # Where a step's time goes: one more step per case, instrumented (not in the medians).
+        out["phases_s"] = {name: profile_step(built[name], device) for name in names}
     except Exception as e:  # noqa: BLE001 - reported, the memory results stand
         out.update(_failure(e, device))
     finally:

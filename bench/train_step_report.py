@@ -79,6 +79,25 @@ def breakdown_table(rows: list) -> list:
     return out
 
 
+PHASE_TITLES = (("student_forward", "student decoder fwd"),
+                ("teacher_forward", "teacher decoder fwd"),
+                ("head_and_loss", "LM heads + loss fwd"),
+                ("backward", "backward"), ("optimizer", "AdamW"))
+
+
+def phase_table(rows: list) -> list:
+    """Where a step's time goes, from the one instrumented step per case (seconds)."""
+    out = ["| case (s) | " + " | ".join(t for _, t in PHASE_TITLES) + " | sum |",
+           "|---|" + "---:|" * (len(PHASE_TITLES) + 1)]
+    for c in rows:
+        p = c.get("phases_s")
+        if c["status"] == "ok" and p:
+            out.append(f"| {_title(c['case'])} | "
+                       + " | ".join(f"{p[k]:.2f}" for k, _ in PHASE_TITLES)
+                       + f" | {sum(p[k] for k, _ in PHASE_TITLES):.2f} |")
+    return out if len(out) > 2 else []
+
+
 def render_markdown(results: dict, png_name: Optional[str] = None) -> str:
     meta, all_cases = results["meta"], results["cases"]
     cases = [c for c in all_cases if c["status"] != "pending"]
@@ -121,6 +140,12 @@ def render_markdown(results: dict, png_name: Optional[str] = None) -> str:
         out += case_table(rows) + [""]
         out += ["Memory breakdown (estimate; see bench/train_step_measure.py):", ""]
         out += breakdown_table(rows) + [""]
+        phases = phase_table(rows)
+        if phases:
+            out += ["Where the step's time goes (one more step per case, instrumented after the "
+                    "timed rounds; the decoders' forwards timed by hooks, the LM heads and the "
+                    "loss are the rest of the forward; a cached teacher's lookup counts there):",
+                    ""] + phases + [""]
         once = [c for c in rows if c.get("cache_build_s")]
         for c in once:
             out += [f"Building the hidden-state cache (once, before training; not in the step "

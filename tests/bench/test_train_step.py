@@ -11,7 +11,7 @@ import pytest
 import bench.train_step as train_step
 from bench.train_step import main, plan
 from bench.train_step_cases import CASES, QUICK_MODELS, peft_available
-from bench.train_step_measure import measure_times
+from bench.train_step_measure import PHASES, measure_times
 from bench.train_step_report import main as report_main
 from bench.train_step_results import case_record
 
@@ -48,6 +48,12 @@ def test_quick_run_steps_every_case_and_writes_results(tmp_path):
         assert b["weights"] > 0 and b["optimizer"] == 2 * b["gradients"] > 0
         assert b["activations"] > 0
         assert (b["teacher"] > 0) == (CASES[c["case"]].teacher not in (None, "adapter"))
+        p = c["phases_s"]
+        assert set(p) == set(PHASES) and min(p.values()) >= 0
+        assert min(p["student_forward"], p["head_and_loss"], p["backward"], p["optimizer"]) > 0
+        # A teacher decoder runs for a frozen copy and for the adapters-off base; not for a
+        # cache (its lookup is part of the loss) nor without a teacher.
+        assert (p["teacher_forward"] > 0) == (CASES[c["case"]].teacher not in (None, "cache"))
 
     for model in QUICK_MODELS:
         found = _by_case(results, model.name)
@@ -69,6 +75,7 @@ def test_quick_run_steps_every_case_and_writes_results(tmp_path):
     assert all(t["passed"] is not None and math.isfinite(t["value"]) for t in targets)
     md = json_path.with_suffix(".md").read_text()
     assert "## Targets" in md and "Memory breakdown" in md and "SFT, HF loss (baseline)" in md
+    assert "Where the step's time goes" in md
     assert report_main([str(json_path)]) == 0  # re-renders from the JSON alone
 
 
