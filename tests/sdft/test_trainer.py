@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -114,7 +116,9 @@ def test_plain_model_under_ddp_is_refused_with_advice(tmp_path, monkeypatch):
     import torch.distributed as dist
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29541")
+    with socket.socket() as sock:  # a free port: a fixed one can be taken on a shared machine
+        sock.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(sock.getsockname()[1]))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         model = tiny_model("llama")
