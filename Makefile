@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 # project, a `torch>=` requirement could pull a multi-GB CUDA build instead.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test bench bench-gpu gpu-wheels compile-check compile-check-triton demo demo-quick clean
+.PHONY: venv test bench bench-gpu gpu-wheels compile-check compile-check-triton compile-check-device demo demo-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,18 +27,19 @@ compile-check: venv
 
 # The same under another Triton release (3.6.0 by default), in its own venv, plus the
 # interpreter kernel tests under it: ptxas's register choices change between releases, and a
-# CUDA machine often has an older Triton than the newest. Its interpreter needs numpy < 2.3. kernels/ is put on the path as sdft_kernels by a
-# link. COMPILE_CHECK_TRITON=triton==X.Y.Z checks another release.
+# CUDA machine often has an older Triton than the newest. Its interpreter needs numpy < 2.3.
+# kernels/ is put on the path as sdft_kernels by a link. COMPILE_CHECK_TRITON=triton==X.Y.Z
+# checks another release. compile-check-device is its former name.
 COMPILE_CHECK_TRITON ?= triton==3.6.0
-DEVICE_TRITON ?= $(COMPILE_CHECK_TRITON)
-DEVICE_VENV ?= .venv-triton-check
+CHECK_VENV ?= .venv-triton-check
+compile-check-device: compile-check-triton
 compile-check-triton:
-	test -x $(DEVICE_VENV)/bin/python || $(PYTHON) -m venv $(DEVICE_VENV)
-	$(DEVICE_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(DEVICE_TRITON)" "numpy<2.3" pytest
-	mkdir -p $(DEVICE_VENV)/link && ln -sfn $(CURDIR)/kernels $(DEVICE_VENV)/link/sdft_kernels
-	PYTHONPATH=$(DEVICE_VENV)/link:$(CURDIR) TRITON_INTERPRET=0 TRITON_DEFAULT_FP_FUSION=1 \
-		$(DEVICE_VENV)/bin/python -m sdft_kernels.triton_compile_check
-	PYTHONPATH=$(DEVICE_VENV)/link:$(CURDIR) $(DEVICE_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/kernels
+	test -x $(CHECK_VENV)/bin/python || $(PYTHON) -m venv $(CHECK_VENV)
+	$(CHECK_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(COMPILE_CHECK_TRITON)" "numpy<2.3" pytest
+	mkdir -p $(CHECK_VENV)/link && ln -sfn $(CURDIR)/kernels $(CHECK_VENV)/link/sdft_kernels
+	PYTHONPATH=$(CHECK_VENV)/link:$(CURDIR) TRITON_INTERPRET=0 TRITON_DEFAULT_FP_FUSION=1 \
+		$(CHECK_VENV)/bin/python -m sdft_kernels.triton_compile_check
+	PYTHONPATH=$(CHECK_VENV)/link:$(CURDIR) $(CHECK_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/kernels
 
 # The loss microbenchmarks, then the training-step cost (SFT against SDFT per teacher source).
 bench: venv
@@ -106,4 +107,4 @@ demo-quick: venv
 	$(PY) -m sdft demo --quick $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) $(DEVICE_VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(CHECK_VENV) .pytest_cache build *.egg-info
