@@ -6,6 +6,7 @@ whose ``forward`` returns the loss, so that DDP, FSDP or accelerate can wrap the
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Mapping, Optional, Union
 
 import torch
@@ -16,7 +17,7 @@ from sdft_kernels import SDFTLossOutput
 from .architectures import auxiliary_loss
 from .head_check import ensure_checked
 from .loss import SDFTLoss
-from .model_head import decoder_forward, head_spec
+from .model_head import decoder_forward, forward_through, head_spec
 from .packing import document_starts, sequence_kwargs
 from .teacher import TeacherSource
 
@@ -73,6 +74,7 @@ def causal_lm_loss(
     num_items_in_batch: Union[None, int, Tensor] = None,
     *,
     check_head: bool = True,
+    wrapper: Optional[nn.Module] = None,
 ) -> CausalLMLossOutput:
     """SDFT loss of ``model`` on ``batch`` (``input_ids`` ``[B, T]``, optional ``attention_mask``
     and ``labels`` ``[B, T]`` aligned with the inputs, -100 on prompt tokens), against
@@ -90,6 +92,12 @@ def causal_lm_loss(
     The first call per model instance compares this path with the model's own forward on a
     short probe row and raises if they disagree (``sdft.head_check``); ``check_head=False``
     skips that. Returns ``(loss, ce, kl, n_tokens)`` with ``aux`` as an attribute.
+
+    ``wrapper``: a ``DistributedDataParallel`` around ``model``, for a training loop that holds
+    one (``causal_lm_loss(ddp.module, batch, teacher, wrapper=ddp)``). DDP synchronises the
+    gradients of a forward that runs through it, so the student's forward then runs through
+    the wrapper, its LM head on the last position only, and the decoder's output is taken from
+    it (:func:`sdft.model_head.forward_through`).
     """
     loss = SDFTLoss() if loss is None else loss
     ignore = loss.options.ignore_index
@@ -100,8 +108,12 @@ def causal_lm_loss(
     if aux_loss is not None and loss.options.reduction != "mean":
         raise ValueError(f"{type(model).__name__} adds an MoE auxiliary loss to its mean loss; "
                          f"reduction={loss.options.reduction!r} has no such term (use reduction='mean')")
-    decoded = decoder_forward(model, batch["input_ids"], batch.get("attention_mask"),
-                              output_router_logits=aux_loss is not None, **sequence_kwargs(batch))
+    if wrapper is not None and "FullyShardedDataParallel" in type(wrapper).__name__:
+        raise ValueError(f"wrapper {type(wrapper).__name__}: the fused loss reads the whole LM head, which FSDP "
+                         "shards outside its forward; use DDP, or SDFTModel under FSDP's shard_grad_op")
+    run = decoder_forward if wrapper is None else partial(forward_through, wrapper)
+    decoded = run(model, batch["input_ids"], batch.get("attention_mask"),
+                  output_router_logits=aux_loss is not None, **sequence_kwargs(batch))
     hidden = decoded.hidden
     head = head_spec(model)
 

@@ -105,6 +105,41 @@ def decoder_forward(model: nn.Module, input_ids: Tensor, attention_mask: Optiona
     if output_router_logits:
         kwargs["output_router_logits"] = True
     out = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    return _decoder_output(model, out, output_router_logits)
+
+
+def forward_through(wrapper: nn.Module, model: nn.Module, input_ids: Tensor,
+                    attention_mask: Optional[Tensor] = None, output_router_logits: bool = False,
+                    **kwargs) -> DecoderOutput:
+    """What :func:`decoder_forward` returns, from a forward of the whole model called through
+    ``wrapper`` (a ``DistributedDataParallel`` around ``model``).
+
+    DDP synchronises gradients only for a forward that runs through it, so the model's own
+    forward runs, with its LM head on the last position only (``logits_to_keep=1``: a ``[B,
+    V]`` slice, not ``[B, T, V]``), and a forward hook on the decoder keeps the decoder's
+    output, the states the model's head reads.
+    """
+    check_supported(model)
+    if output_router_logits:
+        kwargs["output_router_logits"] = True
+    kept = []
+    hook = decoder_of(model).register_forward_hook(lambda module, args, output: kept.append(output))
+    try:
+        wrapper(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1, **kwargs)
+    except TypeError as e:
+        if "logits_to_keep" not in str(e):
+            raise
+        raise UnsupportedModel(f"{architecture_name(model)} takes no logits_to_keep, so its forward through "
+                               f"{type(wrapper).__name__} would form the full logits") from e
+    finally:
+        hook.remove()
+    if len(kept) != 1:
+        raise UnsupportedModel(f"{architecture_name(model)}: its forward ran the decoder {len(kept)} times, "
+                               "expected once")
+    return _decoder_output(model, kept[0], output_router_logits)
+
+
+def _decoder_output(model: nn.Module, out, output_router_logits: bool) -> DecoderOutput:
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         raise UnsupportedModel(f"{architecture_name(model)}: the decoder did not return [B, T, D] hidden states")

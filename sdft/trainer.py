@@ -30,7 +30,9 @@ class SDFTTrainer(Trainer):
     masked, the loss's ``ignore_index``), whether the model is the plain student or an
     :class:`SDFTModel`, which the Trainer would not recognise as a causal LM. ``model`` may be
     an :class:`SDFTModel` (then ``teacher``/``sdft_loss`` come from it); that form runs the step
-    through the model's ``forward``, which multi-process wrappers need.
+    through the model's ``forward``, which FSDP needs. A plain student under DDP runs its
+    forward through the wrapper (:func:`causal_lm_loss`'s ``wrapper``); under FSDP it is
+    refused.
     """
 
     def __init__(self, *args, teacher: Optional[TeacherSource] = None, sdft_loss: Optional[SDFTLoss] = None,
@@ -83,16 +85,19 @@ class SDFTTrainer(Trainer):
         inner = self.accelerator.unwrap_model(model)
         if isinstance(inner, SDFTModel):
             out = model(num_items_in_batch=num_items_in_batch, **inputs)
-        elif _is_distributed_wrapper(model):
-            # Calling the unwrapped student would bypass the wrapper's forward, which DDP/FSDP
-            # need to synchronise gradients (and FSDP to gather parameters).
+        elif _is_fsdp(model):
+            # FSDP gathers the parameters only inside its forward: the fused loss would read a
+            # shard of the LM head.
             raise RuntimeError(
                 f"SDFTTrainer under {type(model).__name__}: pass model=SDFTModel(student, teacher, loss) so that "
                 "the whole loss runs inside the wrapper's forward (sdft train does this)"
             )
         else:
+            # Under DDP the student's forward runs through the wrapper, which synchronises the
+            # gradients of what runs inside it (causal_lm_loss's wrapper).
+            ddp = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
             out = causal_lm_loss(inner, inputs, self.teacher, self.sdft_loss, num_items_in_batch,
-                                 check_head=self.check_head)
+                                 check_head=self.check_head, wrapper=ddp)
         loss = out.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's tokens, and DDP averages gradients.
@@ -160,8 +165,11 @@ def build_trainer(
     return trainer
 
 
-def _is_distributed_wrapper(model) -> bool:
-    return isinstance(model, torch.nn.parallel.DistributedDataParallel) or "FullyShardedDataParallel" in type(model).__name__
+def _is_fsdp(model) -> bool:
+    """FSDP's wrapper (``FullyShardedDataParallel``) or a module that FSDP2's ``fully_shard``
+    turned into an ``FSDP<Class>``."""
+    name = type(model).__name__
+    return "FullyShardedDataParallel" in name or name.startswith("FSDP")
 
 
 def _one_name_per_tensor(state_dict: dict) -> dict:

@@ -35,7 +35,7 @@ from .fused_linear_jsd import FusedLinearJSDLoss
 from .loss import SDFTLoss
 from .model_head import head_spec
 from .teacher import TeacherSource
-from .trainer import SDFTTrainer, _is_distributed_wrapper
+from .trainer import SDFTTrainer
 
 
 class SDFTSFTTrainer(SDFTTrainer, SFTTrainer):
@@ -64,8 +64,10 @@ class SDFTSFTTrainer(SDFTTrainer, SFTTrainer):
     Logged beside ``loss``: ``ce`` and ``kl`` of the last micro-batch and ``num_tokens``;
     ``SFTTrainer``'s ``entropy`` and ``mean_token_accuracy`` need the logits and are not
     computed. Evaluation reports the same loss; ``compute_metrics`` gets logits from an extra
-    forward, as in ``SFTTrainer``. One process per model: under DDP/FSDP use
-    :class:`sdft.SDFTTrainer` with ``model=SDFTModel(...)``.
+    forward, as in ``SFTTrainer``. Under DDP (``torchrun``, ``accelerate launch``) the
+    student's forward runs through the wrapper, which synchronises the gradients
+    (:func:`sdft.causal_lm_loss`'s ``wrapper``); FSDP, which shards the LM head outside its
+    forward, is refused.
 
     The paper's recipe (stage 1: cross-entropy on the rows the model already knows; snapshot;
     stage 2: SDFT on all rows against the snapshot)::
@@ -90,16 +92,6 @@ class SDFTSFTTrainer(SDFTTrainer, SFTTrainer):
                          check_head=check_head, **kwargs)
         if build_teacher:  # from the model as SFTTrainer left it: loaded, PEFT-wrapped, on its device
             self.teacher = teacher(self.model)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if _is_distributed_wrapper(model):
-            # The loss runs the student's decoder directly, which a DDP/FSDP wrapper would not see.
-            raise RuntimeError(
-                f"SDFTSFTTrainer under {type(model).__name__}: it trains in one process; for several processes use "
-                "sdft.SDFTTrainer(model=SDFTModel(student, teacher, loss), ...), whose loss runs inside the "
-                "wrapper's forward")
-        return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

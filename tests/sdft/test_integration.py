@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from sdft import SDFTLoss, SDFTModel, causal_lm_loss
 from sdft.head_check import PROBE_TOKENS
-from sdft.teacher import FrozenCopy
+from sdft.teacher import AdapterDisabled, FrozenCopy
 from tests.sdft.tiny_models import CONFIGS, make_batch, perturbed_copy, tiny_model
 
 TAU = 0.5
@@ -180,3 +180,63 @@ def test_no_check_never_runs_the_head():
     student = tiny_model("gemma2", dtype=torch.float64)
     with head_forward_forbidden(student):
         causal_lm_loss(student, make_batch(), FrozenCopy(perturbed_copy(student)), check_head=False).loss.backward()
+
+
+def _moe_with_aux():
+    import transformers as tf
+
+    from tests.sdft.tiny_models import VOCAB, tiny_config
+
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(tiny_config("mixtral", vocab_size=VOCAB, output_router_logits=True,
+                                                           router_aux_loss_coef=0.5))
+
+
+def _lora_student():
+    peft = pytest.importorskip("peft")
+    base = tiny_model("llama")
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    return peft.get_peft_model(base, config)
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS) + ["mixtral, aux loss", "llama, LoRA"])
+def test_through_a_wrapper_equals_running_the_decoder(arch):
+    """``wrapper=``: the model's own forward runs (through the wrapper, as DDP needs), its head
+    on the last position only, and the decoder's output is taken from it: the same loss,
+    auxiliary term and gradients as running the decoder alone."""
+    if arch.startswith("mixtral"):
+        student = _moe_with_aux()
+    else:
+        student = _lora_student() if arch.endswith("LoRA") else tiny_model(arch)
+    teacher = AdapterDisabled(student) if arch.endswith("LoRA") else FrozenCopy(perturbed_copy(student))
+    batch = make_batch()
+    direct = causal_lm_loss(student, batch, teacher, SDFTLoss(kl_weight=0.7))
+    direct.loss.backward()
+    expected = _grads(student)
+    student.zero_grad()
+
+    heads = []
+    hook = student.get_output_embeddings().register_forward_pre_hook(lambda _, args: heads.append(args[0].shape))
+    try:
+        through = causal_lm_loss(student, batch, teacher, SDFTLoss(kl_weight=0.7), wrapper=student)
+    finally:
+        hook.remove()
+    through.loss.backward()
+    B = batch["input_ids"].shape[0]
+    assert [tuple(shape[:-1]) for shape in heads] == [(B, 1)]  # the model's head ran, on one position
+    torch.testing.assert_close(through.loss, direct.loss, rtol=1e-6, atol=0)
+    if arch.startswith("mixtral"):
+        assert float(through.aux) > 0
+        torch.testing.assert_close(through.aux, direct.aux, rtol=1e-6, atol=0)
+    grads = _grads(student)
+    assert grads.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_sharded_wrapper_is_refused():
+    class FullyShardedDataParallel(torch.nn.Module):  # the name is what FSDP's wrapper is known by
+        pass
+
+    with pytest.raises(ValueError, match="FSDP shards"):
+        causal_lm_loss(tiny_model("llama"), make_batch(), None, wrapper=FullyShardedDataParallel())

@@ -112,7 +112,10 @@ def test_count_loss_targets_counts_what_the_loss_counts():
     assert int(count_loss_targets(batch, ignore_index=7)) == 4
 
 
-def test_plain_model_under_ddp_is_refused_with_advice(tmp_path, monkeypatch):
+def test_plain_model_under_ddp_runs_its_forward_through_the_wrapper(tmp_path, monkeypatch):
+    """A plain model under DDP (one gloo process here; two in test_trl): the loss runs the
+    student's forward through the wrapper, which DDP needs to synchronise the gradients, and
+    gives the loss and gradients of the model alone. FSDP is refused."""
     import torch.distributed as dist
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
@@ -122,12 +125,30 @@ def test_plain_model_under_ddp_is_refused_with_advice(tmp_path, monkeypatch):
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         model = tiny_model("llama")
+        teacher = FrozenCopy(perturbed_copy(model))
         args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no")
         trainer = SDFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"input_ids": [3, 4, 5]}]),
-                              data_collator=_collate, teacher=FrozenCopy(model))
+                              data_collator=_collate, teacher=teacher)
+        batch = _collate([{"input_ids": [3, 4, 5, 6, 7]}, {"input_ids": [8, 9, 10]}])
+        expected = causal_lm_loss(model, batch, teacher, trainer.sdft_loss)
+        expected.loss.backward()
+        expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        batch = _collate([{"input_ids": [3, 4, 5, 6]}])
+        forwards = []
+        wrapped.register_forward_hook(lambda *_: forwards.append(1))
+        loss = trainer.compute_loss(wrapped.train(), batch)
+        loss.backward()
+        assert forwards == [1]
+        torch.testing.assert_close(loss, expected.loss, rtol=1e-6, atol=0)
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(param.grad, expected_grads[name], rtol=1e-5, atol=1e-7)
+
+        class FullyShardedDataParallel(torch.nn.Module):  # the name is what FSDP's wrapper is known by
+            pass
+
         with pytest.raises(RuntimeError, match="pass model=SDFTModel"):
-            trainer.compute_loss(wrapped, batch)
+            trainer.compute_loss(FullyShardedDataParallel(), batch)
     finally:
         dist.destroy_process_group()

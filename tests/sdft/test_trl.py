@@ -8,6 +8,11 @@ micro-batches the trainer saw (with a teacher).
 from __future__ import annotations
 
 import copy
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,6 +168,35 @@ def test_one_step_with_a_teacher_equals_the_materialised_objective(tmp_path, cas
     assert trainer.state.log_history[0]["kl"] > 0.1
     for name, param in trainer.model.named_parameters():
         torch.testing.assert_close(param.detach(), expected[name], rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.slow
+def test_two_processes_under_ddp_equal_the_materialised_objective(tmp_path):
+    """torchrun, two processes (DDP over gloo), two rows each: one step equals the materialised
+    objective over the four rows both processes trained on, normalised by their total count."""
+    with socket.socket() as sock:  # a free port: a fixed one can be taken on a shared machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "tests.sdft.ddp_sft_run", str(tmp_path)]
+    res = subprocess.run(cmd, cwd=repo, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    from tests.sdft.ddp_sft_run import KL_WEIGHT, LR, TAU
+
+    batches = [torch.load(tmp_path / f"batches-{rank}.pt") for rank in (0, 1)]
+    assert [len(b) for b in batches] == [1, 1] and all(len(b[0]["input_ids"]) == 2 for b in batches)
+    rows = {tuple(row.tolist()) for b in batches for row in b[0]["input_ids"]}
+    assert len(rows) == 4  # the two processes trained on different rows
+    tok = fx.tokenizer()
+    expected = materialised_step(fx.model(len(tok), dtype=torch.float64),
+                                 fx.model(len(tok), seed=1, dtype=torch.float64),
+                                 [b[0] for b in batches], KL_WEIGHT, TAU, lr=LR)
+    trained = torch.load(tmp_path / "weights.pt")
+    assert trained.keys() == expected.keys()
+    for name, param in trained.items():
+        torch.testing.assert_close(param, expected[name], rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
 def test_lora_student_with_the_adapters_off_teacher(tmp_path):
