@@ -108,7 +108,7 @@ def causal_lm_loss(
     if aux_loss is not None and loss.options.reduction != "mean":
         raise ValueError(f"{type(model).__name__} adds an MoE auxiliary loss to its mean loss; "
                          f"reduction={loss.options.reduction!r} has no such term (use reduction='mean')")
-    if wrapper is not None and "FullyShardedDataParallel" in type(wrapper).__name__:
+    if wrapper is not None and is_fsdp(wrapper):
         raise ValueError(f"wrapper {type(wrapper).__name__}: the fused loss reads the whole LM head, which FSDP "
                          "shards outside its forward; use DDP, or SDFTModel under FSDP's shard_grad_op")
     run = decoder_forward if wrapper is None else partial(forward_through, wrapper)
@@ -140,6 +140,13 @@ def causal_lm_loss(
     # Added per call to the (micro-)batch's loss, as the model's own forward adds it.
     aux = aux_loss(decoded.router_logits, batch.get("attention_mask")).to(out.loss.dtype)
     return CausalLMLossOutput(out.loss + aux, out.ce, out.kl, out.n_tokens, aux.detach())
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    """FSDP's wrapper (``FullyShardedDataParallel``) or a module that FSDP2's ``fully_shard``
+    turned into an ``FSDP<Class>``: either holds shards of the LM head outside its forward."""
+    name = type(model).__name__
+    return "FullyShardedDataParallel" in name or name.startswith("FSDP")
 
 
 def _flatten(hidden: Tensor, scale: float) -> Tensor:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 
 from .freezing import FreezeReport, masked_optimizer, param_groups
-from .integration import SDFTModel, causal_lm_loss, shifted_targets
+from .integration import SDFTModel, causal_lm_loss, is_fsdp, shifted_targets
 from .loss import SDFTLoss
 from .teacher import TeacherSource
 
@@ -85,7 +85,7 @@ class SDFTTrainer(Trainer):
         inner = self.accelerator.unwrap_model(model)
         if isinstance(inner, SDFTModel):
             out = model(num_items_in_batch=num_items_in_batch, **inputs)
-        elif _is_fsdp(model):
+        elif is_fsdp(model):
             # FSDP gathers the parameters only inside its forward: the fused loss would read a
             # shard of the LM head.
             raise RuntimeError(
@@ -163,13 +163,6 @@ def build_trainer(
     for callback in callbacks:
         trainer.add_callback(callback)
     return trainer
-
-
-def _is_fsdp(model) -> bool:
-    """FSDP's wrapper (``FullyShardedDataParallel``) or a module that FSDP2's ``fully_shard``
-    turned into an ``FSDP<Class>``."""
-    name = type(model).__name__
-    return "FullyShardedDataParallel" in name or name.startswith("FSDP")
 
 
 def _one_name_per_tensor(state_dict: dict) -> dict:
