@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from sdft.cli import main
 from sdft.config import ConfigError, load_config
 from sdft.data import DataError
 from sdft.recipe import train
-from tests.sdft.train_fixtures import workspace
+from tests.sdft.train_fixtures import free_port, workspace
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -194,13 +193,6 @@ def test_truncation_is_reported(tmp_path):
         train(load_config(None, _overrides(ws, out, max_steps=1, **{"data.max_length": 6})))
 
 
-def _free_port() -> int:
-    """A port nothing listens on now (a fixed one can be taken on a shared machine)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one(tmp_path):
     ws = workspace(tmp_path, n_facts=16)
@@ -209,7 +201,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     train(load_config(None, _overrides(ws, single, **{**common, "batch_size": 8})))
     dist = tmp_path / "dist"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "sdft", "train", *_overrides(ws, dist, **{**common, "batch_size": 4})]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,15 +12,22 @@ from sdft import SDFTLoss, SDFTModel, SDFTTrainer, causal_lm_loss
 from sdft.teacher import FrozenCopy
 from sdft.trainer import count_loss_targets
 from tests.sdft.tiny_models import perturbed_copy, tiny_model
+from tests.sdft.train_fixtures import free_port
 
 
-def _collate(rows):
+def _padded(rows):
+    """Right-padded ``input_ids`` (pad id 0) and their ``attention_mask``."""
     n = max(len(r["input_ids"]) for r in rows)
     ids = torch.zeros(len(rows), n, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):
         ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
         mask[i, : len(r["input_ids"])] = 1
+    return ids, mask
+
+
+def _collate(rows):
+    ids, mask = _padded(rows)
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, :2] = -100  # a two-token prompt
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
@@ -51,12 +56,7 @@ def test_sdft_trainer_trains_and_logs(tmp_path):
 def _labels_are_inputs(rows):
     """A collator that sets labels = input_ids, padding included (as many do): position 0 is
     labelled, and pad ids sit in the labels. Neither may count as a target."""
-    n = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros(len(rows), n, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
-        mask[i, : len(r["input_ids"])] = 1
+    ids, mask = _padded(rows)
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
 
 
@@ -119,9 +119,7 @@ def test_plain_model_under_ddp_runs_its_forward_through_the_wrapper(tmp_path, mo
     import torch.distributed as dist
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    with socket.socket() as sock:  # a free port: a fixed one can be taken on a shared machine
-        sock.bind(("127.0.0.1", 0))
-        monkeypatch.setenv("MASTER_PORT", str(sock.getsockname()[1]))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         model = tiny_model("llama")

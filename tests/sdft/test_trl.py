@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from sdft import SDFTLoss  # noqa: E402
 from sdft.teacher import AdapterDisabled, FrozenCopy  # noqa: E402
 from sdft.trl import SDFTSFTTrainer  # noqa: E402
 from tests.sdft import trl_fixtures as fx  # noqa: E402
+from tests.sdft.train_fixtures import free_port  # noqa: E402
 
 datasets.disable_progress_bars()
 
@@ -174,11 +174,8 @@ def test_one_step_with_a_teacher_equals_the_materialised_objective(tmp_path, cas
 def test_two_processes_under_ddp_equal_the_materialised_objective(tmp_path):
     """torchrun, two processes (DDP over gloo), two rows each: one step equals the materialised
     objective over the four rows both processes trained on, normalised by their total count."""
-    with socket.socket() as sock:  # a free port: a fixed one can be taken on a shared machine
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     repo = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "tests.sdft.ddp_sft_run", str(tmp_path)]
     res = subprocess.run(cmd, cwd=repo, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                          text=True, timeout=600)

@@ -8,10 +8,9 @@ from pathlib import Path
 import torch
 import transformers as tf
 from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-COLORS = ["red", "blue", "green", "gold", "grey", "pink"]
-NAMES = [f"{a}{b}" for a in ("ka", "lo", "mi", "su", "te") for b in ("ra", "vo", "ne", "di")]
+from tests.sdft.train_fixtures import COLORS, NAMES, llama_config, word_level_tokenizer
+
 WORDS = ["what", "color", "is", "?", "it", "the", "of", "user", "assistant", ":"] + COLORS + NAMES
 
 # Role, colon, content, end of turn; the assistant's content and its end-of-turn token inside
@@ -25,12 +24,7 @@ CHAT_TEMPLATE = (
 
 
 def tokenizer(path: Path | None = None) -> tf.PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate(["[PAD]", "[BOS]", "[EOS]", "[UNK]"] + WORDS)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 1)])
-    tok = tf.PreTrainedTokenizerFast(tokenizer_object=core, bos_token="[BOS]", eos_token="[EOS]",
-                                     pad_token="[PAD]", unk_token="[UNK]")
+    tok = word_level_tokenizer(WORDS)
     tok.chat_template = CHAT_TEMPLATE
     if path is not None:
         tok.save_pretrained(path)
@@ -39,10 +33,7 @@ def tokenizer(path: Path | None = None) -> tf.PreTrainedTokenizerFast:
 
 def model(vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32):
     torch.manual_seed(seed)
-    config = tf.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
-                            pad_token_id=0, max_position_embeddings=64)
-    built = tf.AutoModelForCausalLM.from_config(config)
+    built = tf.AutoModelForCausalLM.from_config(llama_config(vocab_size))
     with torch.no_grad():  # logits well away from uniform, so that the losses are not ~log V
         built.get_output_embeddings().weight.mul_(8.0)
     return built.to(dtype)
