@@ -29,11 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
-import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,6 +41,7 @@ from .estimate import dry_run_lines
 from .inputs import IGNORE_FRACTION, LAMBDA, TAU
 from .measure_case import RESULT_MARKER, CudaProbe, measure
 from .plan import DTYPES, case_spec, device_warmup, plan
+from .runner import budget_reason, check_run_args, in_fresh_process, run_with
 from .results import (IN_PROGRESS_REASON, PENDING_REASON, REPO_ROOT, device_name, failed, git,
                       package_versions, pending, skipped, write_results)
 from .shapes import CPU_HEADLINE, Shape
@@ -52,27 +49,11 @@ from .shapes import CPU_HEADLINE, Shape
 CASE_TIMEOUT_S = 3600
 
 
-def budget_reason(budget_s: float) -> str:
-    return f"time budget of {budget_s:g} s spent"
-
-
 def _run_subprocess(spec: dict) -> dict:
     """Measure ``spec`` in a fresh process (``python -m bench.measure_case``): its peak-RSS
     growth is then its own."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    try:
-        proc = subprocess.run([sys.executable, "-m", "bench.measure_case", json.dumps(spec)],
-                              cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                              timeout=CASE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return failed(spec, f"timed out after {CASE_TIMEOUT_S} s")
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit code {proc.returncode}"
-    return failed(spec, f"measuring process failed, {why}: {' / '.join(tail)[:400]}")
+    result, why = in_fresh_process("bench.measure_case", [json.dumps(spec)], RESULT_MARKER, CASE_TIMEOUT_S)
+    return result if result is not None else failed(spec, why)
 
 
 def meta(args, date: str) -> dict:
@@ -95,18 +76,7 @@ def meta(args, date: str) -> dict:
 
 
 def run(args) -> Path:
-    threads_before = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    # The probe's full garbage collection would rescan every imported library's objects on
-    # each in-process case (~0.3 s with transformers loaded): freeze what exists now.
-    gc.collect()
-    gc.freeze()
-    try:
-        return _run(args)
-    finally:
-        gc.unfreeze()
-        torch.set_num_threads(threads_before)
+    return run_with(args.threads, lambda: _run(args))
 
 
 def _run(args) -> Path:
@@ -203,15 +173,7 @@ def parse_args(argv=None):
         args.repeats = 3 if args.device == "cpu" else 5
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
-    if args.budget_s is not None and not (args.budget_s >= 0 and math.isfinite(args.budget_s)):
-        p.error("--budget-s must be a finite number of seconds >= 0")
-    if args.dry_run:
-        return args  # planning needs no device
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
-    if args.device == "cuda" and os.environ.pop("TRITON_INTERPRET", "0") not in ("", "0"):
-        # Set for CPU test runs; timing Triton's interpreter would be meaningless.
-        print("note: TRITON_INTERPRET unset for the CUDA run", file=sys.stderr)
+    check_run_args(p, args)
     return args
 
 

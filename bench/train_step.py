@@ -25,12 +25,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
-import math
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +37,7 @@ from .estimate import budget_cut_line
 from .inputs import LAMBDA, SEED, TAU
 from .measure_case import CudaProbe
 from .plan import DTYPES
+from .runner import budget_reason, check_run_args, in_fresh_process, run_with
 from .results import (IN_PROGRESS_REASON, PENDING_REASON, REPO_ROOT, device_name, git,
                       load_average, package_versions)
 from .train_step_cases import (BATCHES, CASES, LEARNING_RATE, PROMPT_FRACTION, QUICK_BATCH,
@@ -164,20 +161,8 @@ def timing_spec(model: StepModel, cases: list, args) -> dict:
 def _in_subprocess(kind: str, spec: dict):
     """Run ``python -m bench.train_step_measure kind SPEC`` in a fresh process; returns its
     result, or ``(None, why it failed)``."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    try:
-        proc = subprocess.run([sys.executable, "-m", "bench.train_step_measure", kind,
-                               json.dumps(spec)], cwd=REPO_ROOT, env=env, capture_output=True,
-                              text=True, timeout=PROCESS_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return None, f"timed out after {PROCESS_TIMEOUT_S} s"
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):]), None
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit code {proc.returncode}"
-    return None, f"measuring process failed, {why}: {' / '.join(tail)[:400]}"
+    return in_fresh_process("bench.train_step_measure", [kind, json.dumps(spec)], RESULT_MARKER,
+                            PROCESS_TIMEOUT_S)
 
 
 def _measure_memory(spec: dict, in_process: bool) -> dict:
@@ -219,16 +204,7 @@ def meta(args, date: str) -> dict:
 
 
 def run(args) -> Path:
-    threads_before = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    gc.collect()
-    gc.freeze()  # in-process cases: the probe's collection need not rescan the libraries
-    try:
-        return _run(args)
-    finally:
-        gc.unfreeze()
-        torch.set_num_threads(threads_before)
+    return run_with(args.threads, lambda: _run(args))
 
 
 def _run(args) -> Path:
@@ -256,12 +232,12 @@ def _run(args) -> Path:
         write_results(json_path, results)
 
     save()
-    budget_reason = f"time budget of {args.budget_s:g} s spent" if args.budget_s is not None else ""
+    budget_spent_reason = budget_reason(args.budget_s) if args.budget_s is not None else ""
     for model in dict.fromkeys(m for m, _, _ in entries):
         mine = [(i, name, reason) for i, (m, name, reason) in enumerate(entries) if m is model]
         for i, name, reason in mine:  # memory, one case at a time
             if not reason and budget_spent():
-                reason = budget_reason
+                reason = budget_spent_reason
             if reason:
                 r = case_record(case_spec(model, name, args), "skipped", reason)
             else:
@@ -346,17 +322,10 @@ def parse_args(argv=None):
     args.repeats = REPEATS[args.device] if args.repeats is None else args.repeats
     if args.warmup < 1 or args.repeats < 1:
         p.error("--warmup and --repeats must be at least 1 (a case's first step pays one-time costs)")
-    if args.budget_s is not None and not (args.budget_s >= 0 and math.isfinite(args.budget_s)):
-        p.error("--budget-s must be a finite number of seconds >= 0")
     known = {m.name for m in models(args.quick)}
     if args.models and not set(args.models) <= known:
         p.error(f"--models: unknown {sorted(set(args.models) - known)}; known: {sorted(known)}")
-    if args.dry_run:
-        return args  # planning needs no device
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
-    if args.device == "cuda" and os.environ.pop("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("note: TRITON_INTERPRET unset for the CUDA run", file=sys.stderr)
+    check_run_args(p, args)
     return args
 
 

@@ -68,15 +68,22 @@ def case_table(rows: list) -> list:
     return out
 
 
-def breakdown_table(rows: list) -> list:
-    out = ["| case (MiB) | " + " | ".join(t for _, t in BREAKDOWN) + " | peak measured |",
-           "|---|" + "---:|" * (len(BREAKDOWN) + 1)]
+def _parts_table(rows: list, field: str, columns: tuple, unit: str, fmt, last_title: str, last) -> list:
+    """A table with one row per measured case that has ``field``: the parts named by
+    ``columns`` (key, title), each as ``fmt`` writes it, and a last column ``last(case)``."""
+    out = [f"| case ({unit}) | " + " | ".join(t for _, t in columns) + f" | {last_title} |",
+           "|---|" + "---:|" * (len(columns) + 1)]
     for c in rows:
-        b = c.get("breakdown")
-        if c["status"] == "ok" and b:
-            out.append(f"| {_title(c['case'])} | " + " | ".join(_mib(b.get(k)) for k, _ in BREAKDOWN)
-                       + f" | {_mib(c['mem_bytes'])} |")
+        parts = c.get(field)
+        if c["status"] == "ok" and parts:
+            out.append(f"| {_title(c['case'])} | " + " | ".join(fmt(parts.get(k)) for k, _ in columns)
+                       + f" | {last(c)} |")
     return out
+
+
+def breakdown_table(rows: list) -> list:
+    return _parts_table(rows, "breakdown", BREAKDOWN, "MiB", _mib, "peak measured",
+                        lambda c: _mib(c["mem_bytes"]))
 
 
 PHASE_TITLES = (("student_forward", "student decoder fwd"),
@@ -86,15 +93,10 @@ PHASE_TITLES = (("student_forward", "student decoder fwd"),
 
 
 def phase_table(rows: list) -> list:
-    """Where a step's time goes, from the one instrumented step per case (seconds)."""
-    out = ["| case (s) | " + " | ".join(t for _, t in PHASE_TITLES) + " | sum |",
-           "|---|" + "---:|" * (len(PHASE_TITLES) + 1)]
-    for c in rows:
-        p = c.get("phases_s")
-        if c["status"] == "ok" and p:
-            out.append(f"| {_title(c['case'])} | "
-                       + " | ".join(f"{p[k]:.2f}" for k, _ in PHASE_TITLES)
-                       + f" | {sum(p[k] for k, _ in PHASE_TITLES):.2f} |")
+    """Where a step's time goes, from the one instrumented step per case (seconds); empty when
+    no case has it."""
+    out = _parts_table(rows, "phases_s", PHASE_TITLES, "s", "{:.2f}".format, "sum",
+                       lambda c: f"{sum(c['phases_s'][k] for k, _ in PHASE_TITLES):.2f}")
     return out if len(out) > 2 else []
 
 

@@ -14,7 +14,8 @@ from bench.plan import plan
 from bench.report import render_markdown
 from bench.report import main as report_main
 from bench.results import IN_PROGRESS_REASON, PENDING_REASON, failed, write_json_atomic
-from bench.run import budget_reason, main
+from bench.run import main
+from bench.runner import budget_reason
 from bench.shapes import CPU_GRID, FWD_BWD, GPU_GRID, GPU_HEADLINE
 
 VARIANTS = ("ours_triton", "ours_chunked", "ours_torch")

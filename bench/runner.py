@@ -1,0 +1,70 @@
+"""What ``bench.run`` and ``bench.train_step`` share around their loops: the checks of their
+common arguments, the process they run in (threads, garbage collector), and a measurement in a
+fresh process (so that its peak-RSS growth is its own)."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+from typing import Callable, Optional
+
+import torch
+
+from .results import REPO_ROOT
+
+
+def budget_reason(budget_s: float) -> str:
+    """Why a case did not start: the run's ``--budget-s`` was spent (the report counts these)."""
+    return f"time budget of {budget_s:g} s spent"
+
+
+def check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--budget-s`` and ``--device`` as both benchmarks take them; on CUDA, Triton's
+    interpreter is switched off (the CPU tests set it; timing it would be meaningless)."""
+    if args.budget_s is not None and not (args.budget_s >= 0 and math.isfinite(args.budget_s)):
+        parser.error("--budget-s must be a finite number of seconds >= 0")
+    if args.dry_run:
+        return  # planning needs no device
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.device == "cuda" and os.environ.pop("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("note: TRITON_INTERPRET unset for the CUDA run", file=sys.stderr)
+
+
+def run_with(threads: Optional[int], body: Callable[[], object]):
+    """``body()`` with ``threads`` torch intra-op threads (if given) and the objects that exist
+    now frozen out of the garbage collector: an in-process case's full collection would rescan
+    every imported library's objects (~0.3 s with transformers loaded). Both are restored."""
+    threads_before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    gc.collect()
+    gc.freeze()
+    try:
+        return body()
+    finally:
+        gc.unfreeze()
+        torch.set_num_threads(threads_before)
+
+
+def in_fresh_process(module: str, args: list, marker: str, timeout_s: int) -> tuple:
+    """Run ``python -m module *args`` from the repository root; ``(result, None)`` from the
+    JSON after its last ``marker`` line, or ``(None, why it failed)``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    try:
+        proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout_s} s"
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(marker):
+            return json.loads(line[len(marker):]), None
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit code {proc.returncode}"
+    return None, f"measuring process failed, {why}: {' / '.join(tail)[:400]}"
