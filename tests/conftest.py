@@ -1,4 +1,4 @@
-"""Test-session setup shared by every test.
+"""Set-up shared by every test (pytest reads this file before it collects any test).
 
 Without a GPU the Triton kernels run in Triton's interpreter, which must be switched on
 before triton is first imported: hence this file sets the variable at import time.
