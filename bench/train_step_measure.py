@@ -149,12 +149,14 @@ class _DecoderClock:
         return time.perf_counter()
 
     def __enter__(self):
+        started = {}  # decoder -> when its forward began
+
         def enter(module, args):
-            module._step_clock_t0 = self._now()
+            started[module] = self._now()
 
         def leave(module, args, output):
             phase = "student_forward" if torch.is_grad_enabled() else "teacher_forward"
-            self.seconds[phase] += self._now() - module._step_clock_t0
+            self.seconds[phase] += self._now() - started.pop(module)
 
         self._hooks = [h for d in dict.fromkeys(self.decoders)
                        for h in (d.register_forward_pre_hook(enter),
