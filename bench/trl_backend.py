@@ -33,16 +33,17 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from .results import device_name, load_average
+from .runner import in_fresh_process
+
 RESULT_MARKER = "TRL_BACKEND_RESULT "
+CASE_TIMEOUT_S = 1800
 CONTENDERS = ("ours", "liger", "trl_chunked", "materialised")
 TEMPERATURE = 1.0  # the default of TRL's DistillationConfig and of Liger
 ORACLE_BLOCK_ROWS = 256
@@ -135,32 +136,15 @@ def measure(name: str, shape: tuple[int, int, int], beta: float) -> dict:
 
 
 def _run_case(name: str, shape, beta: float) -> dict:
-    command = [sys.executable, "-m", "bench.trl_backend", "--case", name, "--shape", ",".join(map(str, shape)),
-               "--betas", str(beta)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    for line in done.stdout.splitlines():
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):])
-    return dict(contender=name, N=shape[0], D=shape[1], V=shape[2], beta=beta, status="failed",
-                reason=(done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"])
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.machine()} ({os.cpu_count()} cores)"
+    result, why = in_fresh_process("bench.trl_backend", ["--case", name, "--shape", ",".join(map(str, shape)),
+                                                         "--betas", str(beta)], RESULT_MARKER, CASE_TIMEOUT_S)
+    if result is not None:
+        return result
+    return dict(contender=name, N=shape[0], D=shape[1], V=shape[2], beta=beta, status="failed", reason=why)
 
 
 def _load() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "unknown"
+    return " ".join(f"{x:.2f}" for x in load_average()) or "unknown"
 
 
 def _markdown(report: dict) -> str:
@@ -220,7 +204,7 @@ def main(argv=None) -> None:
     date = dt.date.today().isoformat()
     arguments = argv if argv is not None else sys.argv[1:]
     meta = dict(date=date, command=" ".join(["python -m bench.trl_backend", *arguments]),
-                machine=_cpu_name(), threads=torch.get_num_threads(),
+                machine=device_name("cpu"), threads=torch.get_num_threads(),
                 torch=torch.__version__, trl=trl.__version__, liger=version("liger-kernel"), shape=list(shape),
                 load_before=_load())
     results = []
