@@ -199,7 +199,9 @@ def load_student(cfg: TrainConfig, path=None):
     option of the config applied (dtype, gradient checkpointing): one place for both loads."""
     model = AutoModelForCausalLM.from_pretrained(path or cfg.model, dtype=_DTYPES[cfg.dtype])
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5.25 renamed it (the old name warns); older releases have only the old one.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     return model
 
 
