@@ -56,7 +56,9 @@ def in_fresh_process(module: str, args: list, marker: str, timeout_s: int) -> tu
     """Run ``python -m module *args`` from the repository root; ``(result, None)`` from the
     JSON after its last ``marker`` line, or ``(None, why it failed)``."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    # bench/ from the repository root, sdft_kernels from the checkout's kernels/ (installed or not).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), str(REPO_ROOT / "kernels"),
+                                                      env.get("PYTHONPATH")]))
     try:
         proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout_s)
