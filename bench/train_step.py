@@ -4,6 +4,8 @@
     python -m bench.train_step --device cuda           # bf16 (make bench-gpu)
     python -m bench.train_step --device cpu --quick    # tiny models, seconds: the smoke test
     python -m bench.train_step --device cuda --dry-run # the plan and a rough time estimate
+    python -m bench.train_step --device cuda --dtype float32 --autocast bfloat16
+                                                       # mixed precision, as bf16=True trains
 
 One optimizer step (forward, backward, AdamW) of a Llama-shaped causal LM built from its
 config, for each case of :mod:`bench.train_step_cases`: plain SFT with HF's loss (the
@@ -149,7 +151,7 @@ def case_spec(model: StepModel, case: str, args) -> dict:
     """What :func:`bench.train_step_measure.measure_memory` needs for one case (JSON-able)."""
     sequences, seq_len = batch_shape(args)
     return {"model": model.name, "case": case, "device": args.device, "dtype": args.dtype,
-            "sequences": sequences, "seq_len": seq_len, "seed": SEED, "threads": args.threads}
+            "autocast": args.autocast, "sequences": sequences, "seq_len": seq_len, "seed": SEED, "threads": args.threads}
 
 
 def timing_spec(model: StepModel, cases: list, args) -> dict:
@@ -184,7 +186,7 @@ def meta(args, date: str) -> dict:
     sequences, seq_len = batch_shape(args)
     return {
         "benchmark": "train_step", "device": args.device,
-        "dtype": args.dtype, "date": date, "quick": args.quick,
+        "dtype": args.dtype, "autocast": args.autocast, "date": date, "quick": args.quick,
         "device_name": device_name(args.device), "threads": torch.get_num_threads(),
         "load_average_start": load_average(),
         "sequences": sequences, "seq_len": seq_len, "prompt_fraction": PROMPT_FRACTION,
@@ -213,7 +215,8 @@ def _run(args) -> Path:
     date = datetime.date.today().isoformat()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"train-step-{args.device}{'-quick' if args.quick else ''}-{date}.json"
+    mixed = f"-autocast-{args.autocast}" if args.autocast else ""
+    json_path = out_dir / f"train-step-{args.device}{'-quick' if args.quick else ''}{mixed}-{date}.json"
     results = {"meta": meta(args, date), "cases": []}
     results["meta"].update(budget_s=args.budget_s, cases_planned=len(entries), complete=False,
                            elapsed_s=0.0)
@@ -302,6 +305,10 @@ def parse_args(argv=None):
                    help="the batch (default: 2 x 512 on CPU, 8 x 1024 on CUDA)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="the model's dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--autocast", choices=("bfloat16", "float16"),
+                   help="run each step's forward under torch.autocast to this dtype, the "
+                        "backward and AdamW outside it, weights in --dtype: mixed precision as "
+                        "TrainingArguments(bf16=True) runs it (use with --dtype float32)")
     p.add_argument("--warmup", type=int,
                    help="steps per case before the timed rounds (default: 1 CPU, 2 CUDA)")
     p.add_argument("--repeats", type=int,

@@ -244,13 +244,19 @@ def prepare_cache(names, spec: StepModel, batch: dict, device: str, dtype: torch
 
 
 def build_cases(names, spec: StepModel, batch: dict, device: str, dtype: torch.dtype, seed: int,
-                cache_dir: Optional[tempfile.TemporaryDirectory] = None) -> dict:
+                cache_dir: Optional[tempfile.TemporaryDirectory] = None,
+                autocast: Optional[torch.dtype] = None) -> dict:
     """``{name: BuiltCase}`` for the cases ``names`` on ``batch``, sharing what they can.
 
     The full-model cases share one student and one AdamW (the step does the same work
     whichever case ran before), the LoRA cases one LoRA student, and every teacher is built
     once. With one name this is exactly what that case allocates; with all of them, what an
-    interleaved timing pass needs, at a fraction of the memory of separate copies."""
+    interleaved timing pass needs, at a fraction of the memory of separate copies.
+
+    ``autocast``: every case's forward (decoders, LM heads and loss) runs under
+    ``torch.autocast(device, autocast)`` and the backward and AdamW outside it, with the
+    weights, gradients and optimizer state in ``dtype``: mixed precision as the HF Trainer
+    runs it with ``TrainingArguments(bf16=True)`` (float32 weights, bf16 compute)."""
     from sdft import SDFTLoss
     from sdft.model_head import decoder_of
     from sdft.teacher import AdapterDisabled, FrozenCopy, HiddenStateCache
@@ -300,6 +306,8 @@ def build_cases(names, spec: StepModel, batch: dict, device: str, dtype: torch.d
         else:
             loss_fn = partial(naive_sdft_loss, student, teacher.model, model_inputs,
                               batch["labels"])
+        if autocast is not None:
+            loss_fn = partial(_autocast_forward, loss_fn, device, autocast)
         teacher_decoder = None
         if c.teacher in ("frozen", "frozen_bf16"):
             teacher_tensors = list(teacher.model.parameters())
@@ -340,6 +348,11 @@ def _step(optimizer: torch.optim.Optimizer, loss_fn: Callable[[], Tensor]) -> Te
     loss.backward()
     optimizer.step()
     return loss.detach()
+
+
+def _autocast_forward(loss_fn: Callable[[], Tensor], device: str, dtype: torch.dtype) -> Tensor:
+    with torch.autocast(device_type=device, dtype=dtype):
+        return loss_fn()
 
 
 def _hf_loss(model: nn.Module, model_inputs: dict, labels: Tensor) -> Tensor:

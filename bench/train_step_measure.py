@@ -89,6 +89,11 @@ class ActivationTally:
         return sum(self.saved.values())
 
 
+def autocast_dtype(spec: dict):
+    """The dtype the case's forward is autocast to (``spec["autocast"]``), or None."""
+    return getattr(torch, spec["autocast"]) if spec.get("autocast") else None
+
+
 def measure_memory(spec: dict) -> dict:
     """Peak memory, its breakdown and the first step's loss of the case ``spec`` describes
     (see :func:`bench.train_step.case_spec`)."""
@@ -108,7 +113,7 @@ def measure_memory(spec: dict) -> dict:
         with (CudaProbe() if device == "cuda" else RssProbe()) as probe:
             t0 = time.perf_counter()
             built = build_cases([spec["case"]], model, batch, device, dtype, spec["seed"],
-                                cache)[spec["case"]]
+                                cache, autocast_dtype(spec))[spec["case"]]
             result["setup_s"] = time.perf_counter() - t0
             create_optimizer_state(built.optimizer)
             params = list(built.student.parameters()) + list(built.teacher_tensors)
@@ -203,7 +208,8 @@ def measure_times(spec: dict) -> dict:
     try:
         _import_what_the_cases_use(names)
         cache = prepare_cache(names, model, batch, device, dtype, spec["seed"])
-        built = build_cases(names, model, batch, device, dtype, spec["seed"], cache)
+        built = build_cases(names, model, batch, device, dtype, spec["seed"], cache,
+                            autocast_dtype(spec))
         for name in names:
             for _ in range(spec["warmup"]):
                 built[name].step()

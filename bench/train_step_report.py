@@ -104,7 +104,8 @@ def render_markdown(results: dict, png_name: Optional[str] = None) -> str:
     meta, all_cases = results["meta"], results["cases"]
     cases = [c for c in all_cases if c["status"] != "pending"]
     pending = [c for c in all_cases if c["status"] == "pending"]
-    out = [f"# Training-step cost: {meta['device']} {meta['dtype']}, {meta['date']}", ""]
+    precision = meta["dtype"] + (f" weights, {meta['autocast']} autocast" if meta.get("autocast") else "")
+    out = [f"# Training-step cost: {meta['device']} {precision}, {meta['date']}", ""]
     if meta.get("complete") is False:
         out += [f"**Partial results**: the run stopped after {len(cases)} of "
                 f"{meta.get('cases_planned', len(all_cases))} planned cases; "

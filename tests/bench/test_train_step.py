@@ -207,3 +207,24 @@ def test_a_budget_spent_mid_model_still_times_the_cases_it_measured(tmp_path, mo
     assert all(c["median_s"] == 1.0 for c in ok)  # timed although the budget was spent
     rest = [c for c in results["cases"] if c["status"] != "ok"]
     assert rest and all(c["reason"] == "time budget of 10 s spent" for c in rest)
+
+
+def test_autocast_runs_the_forward_in_bf16_with_float32_weights(tmp_path):
+    # TrainingArguments(bf16=True): float32 weights, gradients and AdamW state, the forward
+    # autocast to bf16. Its first loss must be near the float32 step's but not equal to it
+    # (else the autocast did not reach the decoder and the loss).
+    args = ["--device", "cpu", "--quick", "--in-process", "--threads", "1", "--warmup", "1",
+            "--repeats", "1", "--models", QUICK_MODELS[1].name, "--cases", "sft_hf", "sdft_frozen"]
+    main(args + ["--out", str(tmp_path / "fp32")])
+    main(args + ["--autocast", "bfloat16", "--out", str(tmp_path / "amp")])
+    _, plain = _load(tmp_path / "fp32", "train-step-cpu-quick-*.json")
+    path, mixed = _load(tmp_path / "amp", "train-step-cpu-quick-autocast-bfloat16-*.json")
+    assert mixed["meta"]["autocast"] == "bfloat16" and mixed["meta"]["dtype"] == "float32"
+    for name in ("sft_hf", "sdft_frozen"):
+        a, b = _by_case(plain, QUICK_MODELS[1].name)[name], _by_case(mixed, QUICK_MODELS[1].name)[name]
+        assert b["status"] == "ok" and b["autocast"] == "bfloat16", (name, b.get("reason"))
+        assert b["breakdown"]["weights"] == 4 * b["params"]  # the weights stay float32
+        assert b["first_loss"] == pytest.approx(a["first_loss"], rel=2e-2), name
+        assert b["first_loss"] != a["first_loss"], name
+        assert b["median_s"] is not None, name
+    assert "float32 weights, bfloat16 autocast" in path.with_suffix(".md").read_text()
