@@ -28,6 +28,7 @@ This module is the command line and the loop; what runs in which order is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -44,7 +45,7 @@ from .plan import DTYPES, case_spec, device_warmup, plan
 from .runner import budget_reason, check_run_args, in_fresh_process, run_with
 from .results import (IN_PROGRESS_REASON, PENDING_REASON, REPO_ROOT, device_name, failed, git,
                       package_versions, pending, skipped, write_results)
-from .shapes import CPU_HEADLINE, Shape
+from .shapes import Shape, grid
 
 CASE_TIMEOUT_S = 3600
 
@@ -143,8 +144,16 @@ def _shape(text: str) -> Shape:
         N, D, V = (int(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected N,D,V (three integers), got {text!r}") from None
-    # The CPU headline shape named by hand is still the one the targets are judged at.
-    return Shape(N, D, V, headline=(N, D, V) == CPU_HEADLINE)
+    return Shape(N, D, V)
+
+
+def _as_in_grid(shape: Shape, device: str) -> Shape:
+    """A shape named by hand as the device's grid has it: the headline shape stays the one
+    the targets are judged at (and a real head keeps its model's name)."""
+    for known in grid(device, quick=False):
+        if (known.N, known.D, known.V) == (shape.N, shape.D, shape.V):
+            return dataclasses.replace(known, groups=shape.groups)
+    return shape
 
 
 def parse_args(argv=None):
@@ -173,6 +182,8 @@ def parse_args(argv=None):
         args.repeats = 3 if args.device == "cpu" else 5
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
+    if args.shape:
+        args.shape = [_as_in_grid(s, args.device) for s in args.shape]
     check_run_args(p, args)
     return args
 

@@ -16,7 +16,7 @@ from bench.report import main as report_main
 from bench.results import IN_PROGRESS_REASON, PENDING_REASON, failed, write_json_atomic
 from bench.run import main
 from bench.runner import budget_reason
-from bench.shapes import CPU_GRID, FWD_BWD, GPU_GRID, GPU_HEADLINE
+from bench.shapes import CPU_GRID, FWD_BWD, GPU_GRID, GPU_HEADLINE, GROUPS
 
 VARIANTS = ("ours_triton", "ours_chunked", "ours_torch")
 
@@ -195,3 +195,16 @@ def test_cpu_dry_run_estimate_is_unchanged_by_the_skipped_variants():
     entries = plan("cpu", quick=False)
     without = [e for e in entries if e[2] not in VARIANTS]
     assert estimate_seconds(entries, 3, False) == estimate_seconds(without, 3, False)
+
+
+def test_a_shape_named_by_hand_keeps_its_headline_marking_on_either_device():
+    from bench.run import parse_args
+
+    cuda = parse_args(["--device", "cuda", "--dry-run", "--shape", "8192,4096,128256",
+                       "--shape", "4096,4096,128256", "--shape", "100,64,1000"]).shape
+    assert [s.headline for s in cuda] == [True, False, False]
+    assert [s.model for s in cuda] == ["Llama-3-8B", "Llama-3-8B", None]
+    cpu = parse_args(["--device", "cpu", "--dry-run", "--shape", "2048,512,32768",
+                      "--shape", "1024,256,65536"]).shape
+    assert [s.headline for s in cpu] == [True, False]
+    assert all(s.groups == GROUPS for s in cuda + cpu)  # every group runs at a named shape
