@@ -77,10 +77,10 @@ def fsdp_step(device: str) -> dict:
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
     t0 = time.perf_counter()
     try:
+        if device == "cuda":  # before the process group: NCCL binds to the current device
+            torch.cuda.set_device(0)
         dist.init_process_group("nccl" if device == "cuda" else "gloo", store=dist.HashStore(),
                                 rank=0, world_size=1)
-        if device == "cuda":
-            torch.cuda.set_device(0)
         student = build_model(spec, seq_len, device, dtype, SEED)
         teacher = FrozenCopy(student)
         move_away(student.parameters(), SEED, student.config.initializer_range)

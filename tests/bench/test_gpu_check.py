@@ -194,10 +194,11 @@ def test_without_cuda_the_cuda_parts_do_not_run(tmp_path):
 
 # ---------------------------------------------------------------- test selections
 
-def test_the_selections_pick_every_implementation_in_bf16_at_the_llama3_head(tmp_path):
+def test_the_selections_pick_every_implementation_in_bf16_at_the_llama3_head(
+        tmp_path, without_datasets_and_trl):
     # On CPU conftest skips the CUDA tests: collection, -k, the JUnit report and its parsing
     # still run; with pytest-xdist (two processes) for one selection, without for the other.
-    env = _env()
+    env = without_datasets_and_trl
     r = run_selection(CORRECTNESS, 240, tmp_path / "tests.log", tmp_path, env, workers=2,
                       per_test_timeout=True)
     ids = [t["id"] for t in r["tests"]]
