@@ -98,7 +98,8 @@ class Check:
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         date = datetime.date.today().isoformat()
-        self.stem = stem or f"gpu-check-{date}"
+        # A rerun of some parts (--only) keeps the full run's files of the day.
+        self.stem = stem or f"gpu-check-{date}" + "".join(f"-{n}" for n in sorted(only or ()))
         self.paths = {"setup_log": self.out / f"{self.stem}-setup.log",
                       "tests_log": self.out / f"{self.stem}-tests.log",
                       "log": self.out / f"{self.stem}.log",
@@ -119,7 +120,7 @@ class Check:
                      "started": datetime.datetime.now().isoformat(timespec="seconds"),
                      "commit": git("rev-parse", "--short", "HEAD"),
                      "dirty": bool(git("status", "--porcelain")),
-                     "command": "python -m bench.gpu_check " + " ".join(argv),
+                     "command": " ".join(["python -m bench.gpu_check", *argv]),
                      "deadline_s": deadline_s, "budgets": self.budgets, "elapsed_s": 0.0,
                      "complete": False, "files": []},
             "parts": [{"name": p.name, "title": p.title, "status": "pending",
@@ -400,7 +401,8 @@ def parse_args(argv=None):
                    help="run only these parts (the set-up always runs)")
     p.add_argument("--wheels", type=Path, default=REPO_ROOT / ".whl",
                    help="folder of carried wheels (default: .whl/ of the repository)")
-    p.add_argument("--stem", help="file name stem (default: gpu-check-<date>)")
+    p.add_argument("--stem", help="file name stem (default: gpu-check-<date>, with --only the "
+                                  "parts' names after it)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and budgets; run nothing")
     args = p.parse_args(argv)
     args.argv = argv

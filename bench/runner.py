@@ -58,20 +58,28 @@ def in_fresh_process(module: str, args: list, marker: str, timeout_s: float,
                      env: Optional[dict] = None) -> tuple:
     """Run ``python -m module *args`` from the repository root, in ``env`` (default: this
     process's environment); ``(result, None)`` from the JSON after its last ``marker`` line,
-    or ``(None, why it failed)``."""
+    or ``(None, why it failed)``. It runs in a process group of its own, killed whole when it
+    ends, times out or this process is interrupted: helpers it started (torch.compile's
+    compile workers) go with it."""
     env = dict(os.environ if env is None else env)
     # bench/ from the repository root, sdft_kernels from the checkout's kernels/ (installed or not).
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), str(REPO_ROOT / "kernels"),
                                                       env.get("PYTHONPATH")]))
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env,
-                              capture_output=True, text=True, timeout=timeout_s)
+        stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return None, f"timed out after {timeout_s:.0f} s"
-    for line in reversed(proc.stdout.splitlines()):
+    finally:
+        _signal_group(proc, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.communicate()
+    for line in reversed(stdout.splitlines()):
         if line.startswith(marker):
             return json.loads(line[len(marker):]), None
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    tail = (stderr or stdout).strip().splitlines()[-3:]
     why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit code {proc.returncode}"
     return None, f"measuring process failed, {why}: {' / '.join(tail)[:400]}"
 

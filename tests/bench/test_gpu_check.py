@@ -366,3 +366,31 @@ def test_report_renders_a_check_stopped_part_way(tmp_path):
     check.save()  # as written before the first part: every part pending
     md = render_markdown(_strict_json(check.paths["json"]))
     assert "**Partial results**" in md and "0 of 6 parts" in md
+
+
+def _gone(pid: int, within_s: float = 10.0) -> bool:
+    end = time.monotonic() + within_s
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_case_past_its_time_limit_is_killed_with_the_processes_it_started(tmp_path):
+    # As torch.compile's compile workers: a helper process the measuring process started.
+    from bench.runner import in_fresh_process
+
+    (tmp_path / "spawns_and_hangs.py").write_text(
+        "import subprocess, sys, time\n"
+        "helper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(tmp_path / 'pid')!r}, 'w').write(str(helper.pid))\n"
+        "time.sleep(120)\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    t0 = time.monotonic()
+    result, why = in_fresh_process("spawns_and_hangs", [], "RESULT ", 5, env)
+    assert result is None and why == "timed out after 5 s"
+    assert time.monotonic() - t0 < 30
+    assert _gone(int((tmp_path / "pid").read_text()))
