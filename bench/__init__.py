@@ -7,6 +7,7 @@ Entry points::
     python -m bench.run --device cuda
     pytest bench/ --benchmark-json=out.json                            # pytest-benchmark
     python -m bench.train_step --device cpu                            # training-step cost
+    python -m bench.gpu_check                                          # the five-minute GPU check
 
 Every case computes the same objective, CE + lambda * tau^2 * KL(teacher || student) with
 lambda = 1, tau = 0.5 and 20 % ignored labels, checks its loss and gradients against the
@@ -21,4 +22,7 @@ FLOP counts), ``contenders`` (ours and the peers, behind one interface), ``agree
 ``report`` (markdown, targets and plots). The training-step benchmark: ``train_step`` (the
 command line and the loop), ``train_step_cases`` (models and cases), ``train_step_measure``
 (memory per case, interleaved timing), ``train_step_results`` and ``train_step_report``.
+The five-minute GPU check (``python -m bench.gpu_check``, ``make gpu-check``): ``gpu_check``
+(parts, budgets, deadline, files), ``gpu_check_setup``, ``gpu_check_tests``,
+``gpu_check_headline``, ``gpu_check_training`` with ``fsdp_step``, and ``gpu_check_report``.
 """
