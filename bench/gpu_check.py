@@ -292,8 +292,10 @@ def run_setup(check: Check, budget: float) -> dict:
 def _pytest_runner(selection):
     def run(check: Check, budget: float) -> dict:
         importable = check.probe.get("importable", {})
+        gpu_bytes = (check.probe.get("device") or {}).get("memory_bytes")
         return run_selection(selection, budget, check.paths["tests_log"], check.tmp, check.env,
-                             workers_for(importable.get("xdist", False), selection.expected),
+                             workers_for(importable.get("xdist", False), selection.expected,
+                                         gpu_bytes),
                              importable.get("pytest_timeout", False))
     return run
 

@@ -121,17 +121,26 @@ def run_selection(sel: Selection, budget_s: float, tests_log: Path, tmp: Path, e
     return record
 
 
-def workers_for(xdist: bool, tests: int) -> int:
-    """pytest-xdist processes: enough to overlap the compilations, bounded by the CPUs and
-    the number of tests (each process also holds a CUDA context and its own problem)."""
+MAX_WORKERS = 6
+# GPU memory one test process may need at once: the accuracy tests at the Llama-3 head hold a
+# float64 problem (2 GiB of heads), the float32 reference's [2048, 128256] logits, their
+# log-softmaxes and gradients, and the bf16 runs: about 10-14 GiB at their peak.
+GPU_BYTES_PER_WORKER = 16 * 2**30
+
+
+def workers_for(xdist: bool, tests: int, gpu_bytes=None) -> int:
+    """pytest-xdist processes: enough to overlap the compilations, bounded by the CPUs, the
+    number of tests and the GPU's memory (``gpu_bytes``, if known; each process holds its
+    own problem and CUDA context)."""
     if not xdist:
         return 1
-    return max(1, min(6, (os.cpu_count() or 2) - 1, tests))
+    by_memory = MAX_WORKERS if gpu_bytes is None else int(gpu_bytes // GPU_BYTES_PER_WORKER)
+    return max(1, min(MAX_WORKERS, (os.cpu_count() or 2) - 1, tests, by_memory))
 
 
 def describe(sel: Selection, xdist: bool, per_test_timeout: bool) -> list:
     """Dry-run lines of ``sel``."""
-    w = workers_for(xdist, sel.expected)
+    w = workers_for(xdist, sel.expected)  # the GPU's memory may lower it
     return [f"{sel.title}",
             f"pytest {TEST_FILE} -k \"{sel.keyword}\" ({sel.expected} tests; "
             + (f"{w} pytest-xdist processes" if w > 1 else

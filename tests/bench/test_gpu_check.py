@@ -394,3 +394,14 @@ def test_a_case_past_its_time_limit_is_killed_with_the_processes_it_started(tmp_
     assert result is None and why == "timed out after 5 s"
     assert time.monotonic() - t0 < 30
     assert _gone(int((tmp_path / "pid").read_text()))
+
+
+def test_test_processes_are_bounded_by_the_gpu_memory(monkeypatch):
+    from bench.gpu_check_tests import workers_for
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert workers_for(False, 11, 80 * 2**30) == 1
+    assert workers_for(True, 11, 78 * 2**30) == 4     # an H100: 4 x 16 GiB
+    assert workers_for(True, 11, 139 * 2**30) == 6    # an H200: the cap
+    assert workers_for(True, 11, 8 * 2**30) == 1
+    assert workers_for(True, 3, None) == 3
