@@ -405,3 +405,19 @@ def test_test_processes_are_bounded_by_the_gpu_memory(monkeypatch):
     assert workers_for(True, 11, 139 * 2**30) == 6    # an H200: the cap
     assert workers_for(True, 11, 8 * 2**30) == 1
     assert workers_for(True, 3, None) == 3
+
+
+def test_a_check_that_cannot_start_leaves_its_error_in_the_setup_log(tmp_path):
+    # A Python that cannot import torch, say: the check writes nothing itself.
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho 'ImportError: libcudart.so.12: cannot open shared "
+                      "object file' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60,
+                          env=dict(os.environ, GPU_PYTHON=str(broken), GPU_OUT=str(out)))
+    assert proc.returncode == 1
+    (log,) = out.glob("gpu-check-*-setup.log")
+    assert "did not start (exit status 1)" in log.read_text()
+    assert "libcudart.so.12" in log.read_text()
