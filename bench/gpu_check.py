@@ -11,7 +11,7 @@ Parts, in order (seconds: default budget; a part starts only when its minimum is
    missing, versions and what is importable (:mod:`bench.gpu_check_setup`);
 2. ``correctness`` (75): every implementation in bf16 at a Llama-3 head against a float32
    oracle, in parallel pytest processes (:mod:`bench.gpu_check_tests`);
-3. ``headline`` (110): the Llama-3-8B head at N=8192, forward + backward, the reference, the
+3. ``headline`` (130): the Llama-3-8B head at N=8192, forward + backward, the reference, the
    GEMM floor, ours and its implementations, Liger, cut-cross-entropy and orda, each in a
    process of its own (:mod:`bench.gpu_check_headline`);
 4. ``behaviour`` (40): the memory, host-synchronisation, determinism and autocast tests;
@@ -76,7 +76,7 @@ class Part:
 PARTS = (
     Part("setup", "Versions, carried wheels, what imports", 40, 0, False),
     Part("correctness", "Correctness of every implementation, bf16 at a real head", 75, 20, True),
-    Part("headline", "Headline shape: Llama-3-8B head, N=8192, forward + backward", 110, 25, True),
+    Part("headline", "Headline shape: Llama-3-8B head, N=8192, forward + backward", 130, 25, True),
     Part("behaviour", "Memory, host synchronisation, determinism, autocast", 40, 15, True),
     Part("fsdp", "One FSDP2 step in a world of one", 30, 15, True),
     Part("train_step", "Training step, SFT against SDFT, bf16 and bf16 mixed precision", 80, 25, True),
