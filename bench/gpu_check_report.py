@@ -165,9 +165,9 @@ def render_markdown(results: dict, plot_names=()) -> str:
             "(anywhere with matplotlib).", "",
             "| part | status | time / budget | outcome |", "|---|---|---:|---|"]
     for p in parts:
-        used = p.get("elapsed_s")
-        out.append(f"| {p['title']} | {p['status']} | "
-                   f"{'-' if used is None else f'{used:.0f} s'} / {p.get('budget_given_s', p['budget_s']):.0f} s | "
+        used = "-" if p.get("elapsed_s") is None else f"{p['elapsed_s']:.0f} s"
+        budget = p.get("budget_given_s", p["budget_s"])
+        out.append(f"| {p['title']} | {p['status']} | {used} / {budget:.0f} s | "
                    f"{_cell(_part_outcome(p)[:300])} |")
     for p in parts:
         body = SECTIONS.get(p["name"], lambda _: [])(p)
@@ -211,16 +211,18 @@ def _headline_plot(part: dict, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 1.4 + 0.45 * sum(len(cs) for _, cs in groups)),
-                             squeeze=False)
+    rows = sum(len(cs) for _, cs in groups)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 1.4 + 0.45 * rows), squeeze=False)
     for row, (group, cs) in zip(axes, groups):
         labels = [CONTENDERS[c["contender"]].title if c["contender"] in CONTENDERS else c["contender"]
                   for c in cs]
         colours = ["0.55" if c["contender"] == "floor" else
                    ("C0" if c["contender"].startswith("ours") else "C1") for c in cs]
-        for ax, field, ratio, unit, scale in ((row[0], "median_s", "time_over_floor", "time, median (ms)", 1e-3),
-                                              (row[1], "mem_bytes", "mem_over_reference", "peak memory (GiB)", 2**30)):
-            keep = [(lab, col, c) for lab, col, c in zip(labels, colours, cs) if c.get(field) is not None
+        for ax, field, ratio, unit, scale in (
+                (row[0], "median_s", "time_over_floor", "time, median (ms)", 1e-3),
+                (row[1], "mem_bytes", "mem_over_reference", "peak memory (GiB)", 2**30)):
+            keep = [(lab, col, c) for lab, col, c in zip(labels, colours, cs)
+                    if c.get(field) is not None
                     and not (field == "mem_bytes" and c["contender"] == "floor")]
             ys = range(len(keep))
             values = [c[field] / scale for _, _, c in keep]

@@ -151,7 +151,8 @@ def case_spec(model: StepModel, case: str, args) -> dict:
     """What :func:`bench.train_step_measure.measure_memory` needs for one case (JSON-able)."""
     sequences, seq_len = batch_shape(args)
     return {"model": model.name, "case": case, "device": args.device, "dtype": args.dtype,
-            "autocast": args.autocast, "sequences": sequences, "seq_len": seq_len, "seed": SEED, "threads": args.threads}
+            "autocast": args.autocast, "sequences": sequences, "seq_len": seq_len, "seed": SEED,
+            "threads": args.threads}
 
 
 def timing_spec(model: StepModel, cases: list, args) -> dict:

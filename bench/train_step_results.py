@@ -22,8 +22,8 @@ def case_record(spec: dict, status: str = "ok", reason: Optional[str] = None) ->
     memory has no time (yet)."""
     r = {k: spec[k] for k in ("model", "case", "device", "dtype", "sequences", "seq_len")}
     r.update(autocast=spec.get("autocast"), status=status, reason=reason, times_s=None,
-             median_s=None, time_reason=None, mem_bytes=None, mem_method=None, breakdown=None, first_loss=None, setup_s=None,
-             cache_build_s=None, phases_s=None)
+             median_s=None, time_reason=None, mem_bytes=None, mem_method=None, breakdown=None,
+             first_loss=None, setup_s=None, cache_build_s=None, phases_s=None)
     return r
 
 

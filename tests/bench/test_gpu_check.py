@@ -205,7 +205,8 @@ def test_the_selections_pick_every_implementation_in_bf16_at_the_llama3_head(
     assert len(ids) == CORRECTNESS.expected, ids
     for impl in ("triton", "triton_chunked", "torch"):
         for divergence in ("forward_kl", "reverse_kl", "jsd"):
-            assert f"test_matches_truth_no_worse_than_plain_torch[bfloat16-{divergence}-V128256-{impl}]" in ids
+            test = "test_matches_truth_no_worse_than_plain_torch"
+            assert f"{test}[bfloat16-{divergence}-V128256-{impl}]" in ids
     assert r["status"] == "skipped" and "needs a CUDA GPU" in r["reason"]
     assert "-n" in r["command"] and "--timeout=90" in r["command"]
 
@@ -341,7 +342,8 @@ def _wheel(folder: Path, name: str) -> Path:
     with zipfile.ZipFile(path, "w") as z:
         z.writestr(f"{name}.py", "VALUE = 42\n")
         z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
-        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\n"
+                                    "Root-Is-Purelib: true\nTag: py3-none-any\n")
         z.writestr(f"{info}/RECORD", "")
     return path
 
