@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import shutil
 import signal
@@ -51,7 +50,7 @@ import traceback
 from dataclasses import dataclass
 from importlib import util
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from .gpu_check_setup import PROBE_MARKER, install_wheels, nvidia_smi, probe_lines
 from .gpu_check_tests import BEHAVIOUR, CORRECTNESS, run_selection, workers_for

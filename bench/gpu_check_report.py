@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from .contenders import CONTENDERS
-from .report import case_table, fmt_bytes, fmt_time, target_lines
+from .report import case_table, fmt_bytes, target_lines
 from .shapes import CE_FWD_BWD, FWD_BWD
 
 
