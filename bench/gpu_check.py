@@ -210,6 +210,9 @@ class Check:
             except Exception as e:  # noqa: BLE001 - one part's crash must not stop the check
                 data = {"status": "error", "reason": f"{type(e).__name__}: {e}"[:500],
                         "traceback": traceback.format_exc(limit=8)}
+            if data.get("status") not in PASSING + ("failed", "error", "timed_out"):
+                data = dict(data, status="error", reason=f"the part returned status "
+                            f"{data.get('status')!r}: {data.get('reason')}")
             rec.update(data)
             rec["elapsed_s"] = round(time.monotonic() - t0, 1)
             self.save()
@@ -228,7 +231,7 @@ class Check:
         if part.needs_cuda and self.device == "cuda" and not self.cuda:
             return ("no CUDA device: " + (self.probe.get("torch_error") or
                     f"torch {self.probe.get('torch', '?')} reports torch.cuda.is_available() False"
-                    if self.probe else "the set-up did not report one"))
+                    if self.probe else "the set-up did not run or did not report one"))
         if self.left() < part.min_s:
             return (f"not enough time left: {max(0.0, self.left()):.0f} s of the "
                     f"{self.deadline_s:.0f} s deadline, the part needs at least {part.min_s:.0f} s")
@@ -261,7 +264,7 @@ def run_setup(check: Check, budget: float) -> dict:
               f"{' (uncommitted changes)' if meta['dirty'] else ''}: {meta['command']}")
     smi = nvidia_smi()
     setup_log(smi)
-    wheels = install_wheels(check.wheels, check.site, setup_log)
+    wheels = install_wheels(check.wheels, check.site, setup_log, timeout_s=budget / 2)
     check.env = check.environment(check.site if wheels["installed"] else None)
     setup_log(f"PYTHONPATH={check.env['PYTHONPATH']}")
     probe, why = in_fresh_process("bench.gpu_check_setup", [], PROBE_MARKER,

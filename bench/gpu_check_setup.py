@@ -101,10 +101,11 @@ def wheel_dist(path: Path) -> str:
     return path.name.split("-")[0].replace("_", "-").lower()
 
 
-def install_wheels(wheel_dir: Path, site: Path, log) -> dict:
+def install_wheels(wheel_dir: Path, site: Path, log, timeout_s: float = 120.0) -> dict:
     """Install the wheels of ``wheel_dir`` whose distribution is missing here into ``site``
-    (emptied first), offline and without dependencies: pip where it runs, else by unpacking
-    (wheels of pure-Python packages, which these are). ``log(line)`` gets what happened."""
+    (emptied first), offline and without dependencies: pip (given ``timeout_s``) where it
+    runs, else by unpacking (wheels of pure-Python packages, which these are). ``log(line)``
+    gets what happened."""
     wheels = sorted(Path(wheel_dir).glob("*.whl"))
     out = {"wheel_dir": str(wheel_dir), "site": str(site), "installed": [], "present": {},
            "failed": None}
@@ -124,15 +125,21 @@ def install_wheels(wheel_dir: Path, site: Path, log) -> dict:
     site.mkdir(parents=True)
     if not missing:
         return out
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
-                           "--no-compile", "--no-cache-dir", "--disable-pip-version-check",
-                           "--quiet", "--target", str(site), *map(str, missing)],
-                          capture_output=True, text=True)
-    if proc.returncode == 0:
-        out["installed"] = [w.name for w in missing]
-        log(f"installed into {site} with pip: " + ", ".join(out["installed"]))
-        return out
-    log(f"pip install failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-600:]}")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
+                               "--no-compile", "--no-cache-dir", "--disable-pip-version-check",
+                               "--quiet", "--target", str(site), *map(str, missing)],
+                              capture_output=True, text=True, timeout=timeout_s)
+        pip = f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-600:]}"
+        if proc.returncode == 0:
+            out["installed"] = [w.name for w in missing]
+            log(f"installed into {site} with pip: " + ", ".join(out["installed"]))
+            return out
+    except subprocess.TimeoutExpired:
+        pip = f"no answer in {timeout_s:.0f} s"
+    log(f"pip install failed ({pip})")
+    shutil.rmtree(site, ignore_errors=True)
+    site.mkdir(parents=True)
     try:  # a wheel is a zip of its files and its .dist-info: what pip --target lays out
         for w in missing:
             with zipfile.ZipFile(w) as z:
@@ -140,7 +147,7 @@ def install_wheels(wheel_dir: Path, site: Path, log) -> dict:
             out["installed"].append(w.name)
         log(f"unpacked into {site} instead: " + ", ".join(out["installed"]))
     except (OSError, zipfile.BadZipFile) as e:
-        out["failed"] = f"pip: exit {proc.returncode}; unpacking: {_error(e)}"
+        out["failed"] = f"pip: {pip}; unpacking: {_error(e)}"
         log(f"unpacking failed too: {_error(e)}")
     return out
 

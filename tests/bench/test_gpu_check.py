@@ -348,6 +348,13 @@ def _wheel(folder: Path, name: str) -> Path:
     return path
 
 
+def _imports_probe_pkg(site: Path) -> str:
+    out = subprocess.run([sys.executable, "-c", "import sdft_check_probe_pkg as m; print(m.VALUE)"],
+                         env=dict(os.environ, PYTHONPATH=str(site)), capture_output=True,
+                         text=True, timeout=60)
+    return out.stdout.strip() or out.stderr
+
+
 def test_carried_wheels_are_installed_only_where_missing(tmp_path):
     wheels = tmp_path / "whl"
     wheels.mkdir()
@@ -357,10 +364,20 @@ def test_carried_wheels_are_installed_only_where_missing(tmp_path):
     r = install_wheels(wheels, tmp_path / "site", lines.append)
     assert r["installed"] == ["sdft_check_probe_pkg-1.0-py3-none-any.whl"], (r, lines)
     assert "pytest" in r["present"] and r["failed"] is None
-    out = subprocess.run([sys.executable, "-c", "import sdft_check_probe_pkg as m; print(m.VALUE)"],
-                         env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")),
-                         capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip() == "42", out.stderr
+    assert _imports_probe_pkg(tmp_path / "site") == "42"
+
+
+def test_carried_wheels_are_unpacked_where_pip_does_not_run(tmp_path, monkeypatch):
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    _wheel(wheels, "sdft_check_probe_pkg")
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # a Python without a working pip
+    lines = []
+    r = install_wheels(wheels, tmp_path / "site", lines.append)
+    monkeypatch.undo()
+    assert r["installed"] == ["sdft_check_probe_pkg-1.0-py3-none-any.whl"] and r["failed"] is None
+    assert any(line.startswith("pip install failed") for line in lines)
+    assert _imports_probe_pkg(tmp_path / "site") == "42"
 
 
 def test_report_renders_a_check_stopped_part_way(tmp_path):
