@@ -28,8 +28,10 @@ PRECISION_TITLES = {"bf16": "bf16 weights",
                     "bf16_mixed": "float32 weights, forward autocast to bf16 (bf16=True)"}
 MODEL = "qwen-vocab"
 CASES = ("sft_hf", "sft_ours", "sdft_frozen", "sdft_cached")
-MIN_RUN_S = 25        # no run starts with less than this left
-TIMING_RESERVE_S = 15  # of a run's share, kept for its timing pass after the last case starts
+MIN_RUN_S = 35         # no run starts with a smaller share than this
+# Of a run's share, what its --budget-s leaves for the rest: the start (imports: its budget
+# counts from after them), the last case started, and the timing pass of the cases measured.
+TIMING_RESERVE_S = 25
 FSDP_TIMEOUT_S = 120
 
 

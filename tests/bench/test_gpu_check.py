@@ -131,6 +131,9 @@ def test_a_part_that_crashes_or_times_out_is_recorded_and_the_next_part_runs(tmp
         seen.append(_strict_json(check.paths["json"]))
         return {"status": "ok", "reason": None, "numbers": [1.5]}
 
+    def out_of_time(check, budget):  # the last part, run if time remains: does not fail it
+        return {"status": "timed_out", "reason": "stopped at its share"}
+
     check = _check(tmp_path)
     t0 = time.monotonic()
     code = check.run({"setup": _pretend_cuda, "correctness": crash,
@@ -153,6 +156,11 @@ def test_a_part_that_crashes_or_times_out_is_recorded_and_the_next_part_runs(tmp
     md = check.paths["md"].read_text()
     assert "illegal memory access" in md and "FSDP shards the LM head" in md
     assert len(list((tmp_path / "out").iterdir())) <= MAX_FILES
+
+    seen.clear()
+    again = _check(tmp_path / "again")
+    assert again.run({"setup": _pretend_cuda, "train_step": out_of_time,
+                      **{p.name: fine for p in PARTS[1:-1]}}) == 0
 
 
 def test_a_part_starts_only_with_its_minimum_time_left_and_a_skip_for_time_passes(tmp_path):
