@@ -98,6 +98,12 @@ def causal_lm_loss(
     gradients of a forward that runs through it, so the student's forward then runs through
     the wrapper, its LM head on the last position only, and the decoder's output is taken from
     it (:func:`sdft.model_head.forward_through`).
+
+    Mixed precision: the student's and the teacher's decoders run under whatever autocast is
+    active. accelerate applies its autocast by wrapping the prepared model's ``forward``, which
+    this function does not call (it runs the decoder), so in a loop of your own call it inside
+    ``accelerator.autocast()``; the trainers here (:class:`sdft.SDFTTrainer`, the TRL classes)
+    do that themselves.
     """
     loss = SDFTLoss() if loss is None else loss
     ignore = loss.options.ignore_index

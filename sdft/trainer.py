@@ -83,21 +83,30 @@ class SDFTTrainer(Trainer):
         mask = inputs.get("attention_mask")
         self._tokens_seen = self._tokens_seen + (mask.sum() if mask is not None else inputs["input_ids"].numel())
         inner = self.accelerator.unwrap_model(model)
-        if isinstance(inner, SDFTModel):
-            out = model(num_items_in_batch=num_items_in_batch, **inputs)
-        elif is_fsdp(model):
+        if is_fsdp(model) and not isinstance(inner, SDFTModel):
             # FSDP gathers the parameters only inside its forward: the fused loss would read a
             # shard of the LM head.
             raise RuntimeError(
                 f"SDFTTrainer under {type(model).__name__}: pass model=SDFTModel(student, teacher, loss) so that "
                 "the whole loss runs inside the wrapper's forward (sdft train does this)"
             )
-        else:
-            # Under DDP the student's forward runs through the wrapper, which synchronises the
-            # gradients of what runs inside it (causal_lm_loss's wrapper).
-            ddp = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
-            out = causal_lm_loss(inner, inputs, self.teacher, self.sdft_loss, num_items_in_batch,
-                                 check_head=self.check_head, wrapper=ddp)
+        # Mixed precision (bf16=True / fp16=True): accelerate applies its autocast by wrapping the
+        # prepared model's own forward, but the fused path calls the student's decoder (and the
+        # teacher's) directly, so the wrapper never runs for them. The Trainer's
+        # autocast_smart_context_manager() is a no-op in transformers 5 (it leaves autocast to
+        # accelerate), so the context comes from accelerator.autocast(): built from the same
+        # settings (native_amp, the autocast handler) as the wrapped forward in every accelerate
+        # release this package supports, and a no-op where the wrapper applies none (fp32, fp16 on CPU). Nested inside
+        # the wrapped forward (an SDFTModel, a DDP-wrapped student), it changes nothing.
+        with self.accelerator.autocast():
+            if isinstance(inner, SDFTModel):
+                out = model(num_items_in_batch=num_items_in_batch, **inputs)
+            else:
+                # Under DDP the student's forward runs through the wrapper, which synchronises the
+                # gradients of what runs inside it (causal_lm_loss's wrapper).
+                ddp = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+                out = causal_lm_loss(inner, inputs, self.teacher, self.sdft_loss, num_items_in_batch,
+                                     check_head=self.check_head, wrapper=ddp)
         loss = out.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's tokens, and DDP averages gradients.

@@ -162,6 +162,14 @@ class FusedJSDDistillationTrainer(DistillationTrainer):
             weight_hard_loss=0.0, weight_soft_loss=1.0, beta=self.beta, temperature=self.temperature)
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        # The parent reaches the student's and the teacher's backbones directly (and reroutes the
+        # student wrapper's forward), so accelerate's autocast, which wraps the prepared models'
+        # own forward, never runs for them: under bf16=True / fp16=True both would run in
+        # float32. accelerator.autocast() is that same context (see SDFTTrainer.compute_loss).
+        with self.accelerator.autocast():
+            return self._fused_loss(unwrapped_student, inputs, num_items_in_batch)
+
+    def _fused_loss(self, unwrapped_student, inputs, num_items_in_batch):
         # The batch as TRL 1.16's DistillationTrainer._compute_loss reads it: prompt + completion,
         # the loss on completion tokens (minus tool outputs, in multi-turn rollouts).
         completion_ids = inputs["completion_ids"]

@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from sdft import SDFTLoss, SDFTModel, SDFTTrainer, causal_lm_loss
 from sdft.teacher import FrozenCopy
 from sdft.trainer import count_loss_targets
+from tests.sdft.decoder_activity import DecoderActivity
 from tests.sdft.tiny_models import perturbed_copy, tiny_model
 from tests.sdft.train_fixtures import free_port
 
@@ -102,6 +103,45 @@ def test_accumulated_step_equals_the_full_batch_objective(tmp_path, wrap):
                                    msg=lambda m: f"{wrap} {name}: {m}")
 
 
+def _bf16_args(tmp_path, **extra) -> TrainingArguments:
+    """bf16 mixed precision (autocast) on CPU, or on the GPU if there is one."""
+    settings = dict(output_dir=str(tmp_path), bf16=True, use_cpu=not torch.cuda.is_available(),
+                    per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2, learning_rate=0.1,
+                    optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, logging_steps=1,
+                    report_to=[], seed=0, save_strategy="no", remove_unused_columns=False)
+    return TrainingArguments(**{**settings, **extra})
+
+
+@pytest.mark.parametrize("wrap", ["plain", "SDFTModel"])
+def test_bf16_reaches_the_decoder_as_in_the_trainer(tmp_path, wrap):
+    """TrainingArguments(bf16=True): HF's Trainer runs the model's own forward under accelerate's
+    autocast; SDFTTrainer, which runs the decoder itself, must run it under the same autocast:
+    its linear layers return bfloat16, its states on the first micro-batch are the Trainer's,
+    and each step's logged loss is the Trainer's to bfloat16 resolution."""
+    rows = [{"input_ids": list(range(3, 3 + n))} for n in (4, 7, 9, 5, 6, 8, 5, 7)]
+    runs = {}
+    for name in ("Trainer", "SDFTTrainer"):
+        student = tiny_model("llama")
+        activity = DecoderActivity(student)
+        if name == "Trainer":
+            trainer = Trainer(model=student, args=_bf16_args(tmp_path / name), train_dataset=Dataset.from_list(rows),
+                              data_collator=_collate)
+        else:
+            model = student if wrap == "plain" else SDFTModel(student, check_head=False)
+            trainer = SDFTTrainer(model=model, args=_bf16_args(tmp_path / name), data_collator=_collate,
+                                  train_dataset=Dataset.from_list(rows), check_head=False)
+        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(rows)
+        trainer.train()
+        runs[name] = activity, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    (theirs, their_losses), (ours, our_losses) = runs["Trainer"], runs["SDFTTrainer"]
+    assert theirs.dtypes[True] == ours.dtypes[True] == {torch.bfloat16}
+    first = theirs.states[True][0]
+    torch.testing.assert_close(ours.states[True][0], first, rtol=1e-6, atol=1e-6 * float(first.abs().max()))
+    assert len(our_losses) == len(their_losses) == 2
+    for our_loss, their_loss in zip(our_losses, their_losses):
+        assert our_loss == pytest.approx(their_loss, rel=2.0**-8)
+
+
 def test_count_loss_targets_counts_what_the_loss_counts():
     batch = _labels_are_inputs([{"input_ids": [5, 6, 7]}, {"input_ids": [5, 6, 7, 8, 9]}])
     batch["labels"][1, 2] = -100
@@ -148,5 +188,13 @@ def test_plain_model_under_ddp_runs_its_forward_through_the_wrapper(tmp_path, mo
 
         with pytest.raises(RuntimeError, match="pass model=SDFTModel"):
             trainer.compute_loss(FullyShardedDataParallel(), batch)
+
+        # bf16=True: the autocast reaches the student's and the teacher's decoders through the
+        # wrapper as well (the Trainer's autocast is not on this wrapper's module).
+        bf16 = SDFTTrainer(model=model, args=_bf16_args(tmp_path / "bf16"), data_collator=_collate,
+                           train_dataset=Dataset.from_list([{"input_ids": [3, 4, 5]}]), teacher=teacher)
+        student_activity, teacher_activity = DecoderActivity(model), DecoderActivity(teacher.model)
+        bf16.compute_loss(wrapped, batch).backward()
+        assert student_activity.dtypes[True] == teacher_activity.dtypes[False] == {torch.bfloat16}
     finally:
         dist.destroy_process_group()

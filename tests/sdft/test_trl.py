@@ -25,6 +25,7 @@ from sdft import SDFTLoss  # noqa: E402
 from sdft.teacher import AdapterDisabled, FrozenCopy  # noqa: E402
 from sdft.trl import SDFTSFTTrainer  # noqa: E402
 from tests.sdft import trl_fixtures as fx  # noqa: E402
+from tests.sdft.decoder_activity import HALF, DecoderActivity, WatchDecoder  # noqa: E402
 from tests.sdft.train_fixtures import free_port  # noqa: E402
 
 datasets.disable_progress_bars()
@@ -65,11 +66,11 @@ def recording(trainer_class):
 def sgd_config(tmp_path, steps: int = 3, accumulation: int = 2, **extra) -> "trl.SFTConfig":
     """Plain SGD, constant rate, no clipping: the update is exactly -lr * gradient. float32
     (SFTConfig turns bf16 autocast on by default, on CPU too)."""
-    return trl.SFTConfig(output_dir=str(tmp_path), bf16=False, per_device_train_batch_size=3,
-                         gradient_accumulation_steps=accumulation,
-                         max_steps=steps, learning_rate=0.1, optim="sgd", lr_scheduler_type="constant",
-                         max_grad_norm=0.0, weight_decay=0.0, warmup_steps=0, logging_steps=1, report_to=[],
-                         use_cpu=True, seed=0, save_strategy="no", **extra)
+    settings = dict(output_dir=str(tmp_path), bf16=False, per_device_train_batch_size=3,
+                    gradient_accumulation_steps=accumulation, max_steps=steps, learning_rate=0.1, optim="sgd",
+                    lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, warmup_steps=0, logging_steps=1,
+                    report_to=[], use_cpu=True, seed=0, save_strategy="no")
+    return trl.SFTConfig(**{**settings, **extra})
 
 
 def _train(trainer_class, tmp_path, dataset, config_extra, model=None, callbacks=(), **kwargs):
@@ -123,6 +124,59 @@ def test_without_the_divergence_it_is_sfttrainer(tmp_path, case):
         for name, grad in reference.items():
             error = float((mine[name] - grad).norm() / grad.norm())
             assert error <= (1e-6 if step == 0 else 1e-5), f"step {step} {name}: {error:.2e} of its norm"
+
+
+def mixed_precision(precision: str) -> dict:
+    """SFTConfig / TrainingArguments settings for ``precision`` ("bf16" or "fp16") here: on the
+    GPU if there is one; fp16 is skipped on CPU, where accelerate applies no fp16 autocast."""
+    on_gpu = torch.cuda.is_available()
+    if precision == "fp16" and not on_gpu:
+        pytest.skip("accelerate applies no fp16 autocast on CPU (fp16=True trains in float32 there): "
+                    "nothing for the decoder to follow")
+    return {precision: True, "use_cpu": not on_gpu}
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_reaches_the_decoder_as_in_sfttrainer(tmp_path, precision):
+    """bf16=True / fp16=True: SFTTrainer's autocast wraps the model's forward, which the fused
+    path does not call; the student's decoder must run under it all the same. kl_weight=0: its
+    linear layers return the half dtype, its states on the first micro-batch are SFTTrainer's,
+    and each micro-batch's loss is SFTTrainer's to the half dtype's resolution."""
+    extra = dict(mixed_precision(precision), steps=2)
+    watch = {name: WatchDecoder() for name in ("sft", "sdft")}
+    theirs, _ = _train(trl.SFTTrainer, tmp_path / "sft", fx.prompt_completion(), extra, callbacks=[watch["sft"]])
+    ours, _ = _train(SDFTSFTTrainer, tmp_path / "sdft", fx.prompt_completion(), extra, callbacks=[watch["sdft"]],
+                     teacher=FrozenCopy, sdft_loss=SDFTLoss(kl_weight=0.0))
+    their_run, our_run = watch["sft"].activity, watch["sdft"].activity
+    assert their_run.dtypes[True] == {HALF[precision]}  # what the oracle runs in
+    assert our_run.dtypes[True] == {HALF[precision]}
+    first = their_run.states[True][0]
+    torch.testing.assert_close(our_run.states[True][0], first, rtol=1e-6, atol=1e-6 * float(first.abs().max()))
+    assert len(ours.recorded) == len(theirs.recorded) == 4
+    resolution = {"bf16": 2.0**-8, "fp16": 2.0**-11}[precision]
+    for (_, _, our_loss), (_, _, their_loss) in zip(ours.recorded, theirs.recorded):
+        torch.testing.assert_close(our_loss.float(), their_loss.float(), rtol=resolution, atol=0)
+
+
+@pytest.mark.parametrize("teacher", ["FrozenCopy", "AdapterDisabled"])
+def test_the_teachers_decoder_runs_under_the_trainers_autocast(tmp_path, teacher):
+    """The teacher's forward (no gradients) runs in bf16 under bf16=True as the student's does:
+    a frozen copy, and the base model inside a LoRA student with its adapters off."""
+    peft = pytest.importorskip("peft")
+    tok = fx.tokenizer()
+    extra = {}
+    if teacher == "AdapterDisabled":
+        extra["peft_config"] = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                               init_lora_weights=False)
+    trainer = SDFTSFTTrainer(model=fx.model(len(tok)), args=sgd_config(tmp_path, steps=1, **mixed_precision("bf16")),
+                             train_dataset=fx.prompt_completion(), processing_class=tok,
+                             teacher={"FrozenCopy": FrozenCopy, "AdapterDisabled": AdapterDisabled}[teacher],
+                             sdft_loss=SDFTLoss(kl_weight=0.5), check_head=False, **extra)
+    watched = trainer.teacher.model if teacher == "FrozenCopy" else trainer.teacher.peft_model
+    activity = DecoderActivity(watched)
+    trainer.train()
+    assert len(activity.states[False]) == 2  # one teacher forward per micro-batch
+    assert activity.dtypes[False] == {torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,16 +368,17 @@ def test_other_sft_losses_are_refused(tmp_path):
 # TRL's DistillationTrainer with a Liger-signature fused loss
 # ----------------------------------------------------------------------------------------------
 
-def _distillation_trainer(trainer_class, tmp_path, student, teacher, beta, temperature, **kwargs):
+def _distillation_trainer(trainer_class, tmp_path, student, teacher, beta, temperature, config=None, **kwargs):
     from sdft.trl import FusedJSDDistillationTrainer  # noqa: F401 (the module under test imports TRL's)
 
     tok = fx.tokenizer()
     tok.padding_side = "left"  # DistillationTrainer generates from left-padded prompts
     prompts = datasets.Dataset.from_list([{"prompt": row["prompt"]} for row in fx.prompt_completion(8)])
-    args = trl.DistillationConfig(output_dir=str(tmp_path), bf16=False, per_device_train_batch_size=4, max_steps=1,
-                                  max_completion_length=6, beta=beta, temperature=temperature, learning_rate=0.1,
-                                  optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, report_to=[],
-                                  use_cpu=True, seed=0, save_strategy="no", logging_steps=1)
+    settings = dict(output_dir=str(tmp_path), bf16=False, per_device_train_batch_size=4, max_steps=1,
+                    max_completion_length=6, beta=beta, temperature=temperature, learning_rate=0.1, optim="sgd",
+                    lr_scheduler_type="constant", max_grad_norm=0.0, report_to=[], use_cpu=True, seed=0,
+                    save_strategy="no", logging_steps=1)
+    args = trl.DistillationConfig(**{**settings, **(config or {})})
     return trainer_class(model=student, teacher_model=teacher, args=args, train_dataset=prompts, processing_class=tok,
                          **kwargs)
 
@@ -368,6 +423,30 @@ def test_distillation_trainer_step_equals_trls_own_divergence(tmp_path, beta, te
         for param, grad in expected_grads.items():
             error = float((step[param] - grad).norm() / grad.norm())
             assert error <= 2e-6, f"{name}, {param}: gradients differ by {error:.2e} of their norm"
+
+
+def test_distillation_trainer_runs_both_decoders_under_the_trainers_autocast(tmp_path):
+    """bf16=True: the parent reaches the student's and the teacher's backbones past the forward
+    that accelerate's autocast wraps; the loss pass must run both in bfloat16 all the same."""
+    from sdft.trl import FusedJSDDistillationTrainer
+
+    class Watched(FusedJSDDistillationTrainer):
+        def _compute_loss(self, *args, **kwargs):  # decoder calls in the loss pass only, not in generation
+            self.activity = DecoderActivity(args[0]), DecoderActivity(self.accelerator.unwrap_model(self.teacher_model))
+            try:
+                return super()._compute_loss(*args, **kwargs)
+            finally:
+                for activity in self.activity:
+                    activity.remove()
+
+    tok_size = len(fx.tokenizer())
+    trainer = _distillation_trainer(Watched, tmp_path, fx.model(tok_size), fx.model(tok_size, seed=1), 0.5, 1.0,
+                                    config=mixed_precision("bf16"))
+    trainer.train()
+    student, teacher = trainer.activity
+    assert len(student.states[True]) == len(teacher.states[False]) == 1
+    assert student.dtypes[True] == teacher.dtypes[False] == {torch.bfloat16}
+    assert 0 < trainer.state.log_history[0]["loss"] < float("inf")
 
 
 @pytest.mark.parametrize("packing", [False, True])
