@@ -24,18 +24,22 @@ from .teacher import TeacherSource
 
 class CausalLMLossOutput(SDFTLossOutput):
     """``(loss, ce, kl, n_tokens)``, as :class:`SDFTLossOutput` (it unpacks to those four), plus
-    ``aux``: the MoE load-balancing term the model's own forward adds to its loss, already
-    included in ``loss`` here (None when the model adds none)."""
+    ``aux``: the MoE load-balancing term added to the loss, already included in ``loss`` here
+    (the model's own forward adds it with its coefficient), and ``aux_loss``: the unweighted
+    load-balancing loss, what the model's own output calls ``aux_loss``. Both detached scalars,
+    None when the model adds no such term."""
 
-    aux: Optional[Tensor] = None  # the class default also covers copies made by _replace()
+    aux: Optional[Tensor] = None  # the class defaults also cover copies made by _replace()
+    aux_loss: Optional[Tensor] = None
 
-    def __new__(cls, loss: Tensor, ce: Tensor, kl: Tensor, n_tokens: Tensor, aux: Optional[Tensor] = None):
+    def __new__(cls, loss: Tensor, ce: Tensor, kl: Tensor, n_tokens: Tensor, aux: Optional[Tensor] = None,
+                aux_loss: Optional[Tensor] = None):
         self = super().__new__(cls, loss, ce, kl, n_tokens)
-        self.aux = aux
+        self.aux, self.aux_loss = aux, aux_loss
         return self
 
     def __repr__(self) -> str:
-        return f"{super().__repr__()[:-1]}, aux={self.aux!r})"
+        return f"{super().__repr__()[:-1]}, aux={self.aux!r}, aux_loss={self.aux_loss!r})"
 
 
 def shifted_targets(batch: Mapping[str, Tensor], ignore_index: int = -100) -> tuple[Tensor, Optional[Tensor]]:
@@ -75,6 +79,7 @@ def causal_lm_loss(
     *,
     check_head: bool = True,
     wrapper: Optional[nn.Module] = None,
+    aux_weight: Optional[float] = None,
 ) -> CausalLMLossOutput:
     """SDFT loss of ``model`` on ``batch`` (``input_ids`` ``[B, T]``, optional ``attention_mask``
     and ``labels`` ``[B, T]`` aligned with the inputs, -100 on prompt tokens), against
@@ -86,7 +91,8 @@ def causal_lm_loss(
     Runs the decoder for final hidden states, shifts labels, masks padding, and calls the fused
     loss with the output embedding and the architecture's logit transforms (``sdft.architectures``).
     If the model's own forward adds an MoE load-balancing loss (``output_router_logits``), the
-    same term is added here and reported as ``aux``. ``num_items_in_batch`` is the normaliser of
+    same term is added here and reported as ``aux`` (weighted) and ``aux_loss`` (unweighted);
+    ``aux_weight`` replaces the model's own coefficient (``router_aux_loss_coef``) if given. ``num_items_in_batch`` is the normaliser of
     the mean over a whole accumulated batch, as the HF Trainer passes it.
 
     The first call per model instance compares this path with the model's own forward on a
@@ -144,8 +150,10 @@ def causal_lm_loss(
     if aux_loss is None:
         return CausalLMLossOutput(*out)
     # Added per call to the (micro-)batch's loss, as the model's own forward adds it.
-    aux = aux_loss(decoded.router_logits, batch.get("attention_mask")).to(out.loss.dtype)
-    return CausalLMLossOutput(out.loss + aux, out.ce, out.kl, out.n_tokens, aux.detach())
+    balance = aux_loss.balance(decoded.router_logits, batch.get("attention_mask"))
+    aux = ((aux_loss.coef if aux_weight is None else aux_weight) * balance).to(out.loss.dtype)
+    return CausalLMLossOutput(out.loss + aux, out.ce, out.kl, out.n_tokens, aux.detach(),
+                              balance.detach().to(out.loss.dtype))
 
 
 def is_fsdp(model: nn.Module) -> bool:
@@ -166,6 +174,7 @@ class SDFTModel(nn.Module):
 
     The student is a registered submodule (so wrappers see and synchronise its parameters);
     the teacher is deliberately not, so it is neither trained, saved nor broadcast.
+    ``last_parts``: the last forward's output, detached, with its ``aux`` and ``aux_loss``.
     """
 
     def __init__(self, student: nn.Module, teacher: Optional[TeacherSource] = None, loss: Optional[SDFTLoss] = None,
@@ -177,5 +186,9 @@ class SDFTModel(nn.Module):
         self.__dict__["teacher"] = teacher  # plain attribute on purpose: not a submodule
 
     def forward(self, num_items_in_batch: Union[None, int, Tensor] = None, **batch: Tensor) -> CausalLMLossOutput:
-        return causal_lm_loss(self.student, batch, self.teacher, self.loss, num_items_in_batch,
-                              check_head=self.check_head)
+        out = causal_lm_loss(self.student, batch, self.teacher, self.loss, num_items_in_batch,
+                             check_head=self.check_head)
+        # A wrapper may rebuild the returned tuple from its four fields (accelerate's mixed
+        # precision does), which drops aux and aux_loss: the parts stay readable here, detached.
+        self.__dict__["last_parts"] = CausalLMLossOutput(out.loss.detach(), *out[1:], out.aux, out.aux_loss)
+        return out

@@ -106,15 +106,29 @@ class SDFTTrainer(Trainer):
                 # gradients of what runs inside it (causal_lm_loss's wrapper).
                 ddp = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
                 out = causal_lm_loss(inner, inputs, self.teacher, self.sdft_loss, num_items_in_batch,
-                                     check_head=self.check_head, wrapper=ddp)
+                                     check_head=self.check_head, wrapper=ddp,
+                                     aux_weight=self._aux_weight(num_items_in_batch))
         loss = out.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's tokens, and DDP averages gradients.
             loss = loss * self.accelerator.num_processes
-        self._last_components = {"ce": out.ce, "kl": out.kl}
-        if getattr(out, "aux", None) is not None:  # an MoE model's load-balancing term, inside the loss
-            self._last_components["aux"] = out.aux
+        # From an SDFTModel, its own record: a mixed-precision wrapper rebuilds what it returns
+        # without the MoE parts.
+        self._record_components(inner.last_parts if isinstance(inner, SDFTModel) else out)
         return (loss, out) if return_outputs else loss
+
+    def _aux_weight(self, num_items_in_batch) -> Optional[float]:
+        """The weight of an MoE model's load-balancing loss in a micro-batch's loss. None: the
+        model's own coefficient, added to each micro-batch's loss as the model's own forward
+        adds it under the Trainer."""
+        return None
+
+    def _record_components(self, out) -> None:
+        """Keeps what :meth:`log` reports beside the loss: ``ce`` and ``kl`` of the micro-batch, and
+        ``aux``, an MoE model's weighted load-balancing term inside its loss."""
+        self._last_components = {"ce": out.ce, "kl": out.kl}
+        if getattr(out, "aux", None) is not None:
+            self._last_components["aux"] = out.aux
 
     def _save(self, output_dir=None, state_dict=None):
         # An SDFTModel is saved as its state dict; safetensors refuses tensors that share memory

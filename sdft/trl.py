@@ -61,7 +61,10 @@ class SDFTSFTTrainer(SDFTTrainer, SFTTrainer):
 
     The Trainer's ``num_items_in_batch`` is the count the fused loss uses
     (:func:`sdft.trainer.count_loss_targets`), so gradient accumulation equals one large batch.
-    Logged beside ``loss``: ``ce`` and ``kl`` of the last micro-batch and ``num_tokens``;
+    Logged beside ``loss``: ``ce`` and ``kl`` of the last micro-batch and ``num_tokens``; for an
+    MoE model, SFTTrainer's ``aux_loss`` (the unweighted load-balancing loss, averaged since
+    the last log), whose term enters the loss as in ``SFTTrainer`` (``router_aux_loss_coef``
+    times it, averaged over the accumulated micro-batches);
     ``SFTTrainer``'s ``entropy`` and ``mean_token_accuracy`` need the logits and are not
     computed. Evaluation reports the same loss; ``compute_metrics`` gets logits from an extra
     forward, as in ``SFTTrainer``. Under DDP (``torchrun``, ``accelerate launch``) the
@@ -103,10 +106,31 @@ class SDFTSFTTrainer(SDFTTrainer, SFTTrainer):
             logits = model(**{key: value for key, value in inputs.items() if key != "labels"}).logits
         return loss, logits, inputs.get("labels")
 
+    def _aux_weight(self, num_items_in_batch) -> float:
+        # SFTTrainer's MoE objective: router_aux_loss_coef (its argument, else the model config's)
+        # times the unweighted load-balancing loss, divided by the number of accumulated
+        # micro-batches when the loss is normalised by the whole batch's count (a mean over
+        # them); nothing when SFTTrainer disabled the term.
+        if not self.aux_loss_enabled:
+            return 0.0
+        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        return self.router_aux_loss_coef / (steps if num_items_in_batch is not None else 1)
+
+    def _record_components(self, out) -> None:
+        self._last_components = {"ce": out.ce, "kl": out.kl}
+        if self.aux_loss_enabled and getattr(out, "aux_loss", None) is not None:
+            # SFTTrainer's aux_loss: the unweighted load-balancing loss, averaged over processes
+            # and over the micro-batches since the last log; a tensor until log() (no host sync).
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(out.aux_loss.reshape(1)).mean())
+
     def log(self, logs: dict, *args, **kwargs) -> None:
-        if self.model.training:
+        mode = "train" if self.model.training else "eval"
+        if mode == "train":
             # SFTTrainer's token counter, from the count the SDFT step keeps without a host sync.
             self._metrics["train"]["num_tokens"] = [self.tokens_seen]
+        for values in self._metrics[mode].values():  # SFTTrainer.log averages them as numbers
+            values[:] = [float(value) for value in values]
         super().log(logs, *args, **kwargs)
 
 

@@ -142,6 +142,29 @@ def test_bf16_reaches_the_decoder_as_in_the_trainer(tmp_path, wrap):
         assert our_loss == pytest.approx(their_loss, rel=2.0**-8)
 
 
+def test_moe_auxiliary_term_is_logged_under_bf16(tmp_path):
+    """An MoE student's load-balancing term (aux) is logged from an SDFTModel as from the plain
+    student, under bf16 too, where accelerate rebuilds the model's returned tuple."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.sdft.tiny_models import VOCAB, tiny_config
+
+    rows = [{"input_ids": list(range(3, 3 + n))} for n in (4, 7, 9, 5)]
+    logged = {}
+    for wrap in ("plain", "SDFTModel"):
+        torch.manual_seed(0)
+        student = AutoModelForCausalLM.from_config(tiny_config("mixtral", vocab_size=VOCAB, output_router_logits=True,
+                                                               router_aux_loss_coef=0.5))
+        trainer = SDFTTrainer(model=student if wrap == "plain" else SDFTModel(student),
+                              args=_bf16_args(tmp_path / wrap), train_dataset=Dataset.from_list(rows),
+                              data_collator=_collate)
+        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(rows)
+        trainer.train()
+        logged[wrap] = [entry["aux"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged["plain"]) == 2 and min(logged["plain"]) > 0
+    assert logged["SDFTModel"] == pytest.approx(logged["plain"], rel=1e-6)
+
+
 def test_count_loss_targets_counts_what_the_loss_counts():
     batch = _labels_are_inputs([{"input_ids": [5, 6, 7]}, {"input_ids": [5, 6, 7, 8, 9]}])
     batch["labels"][1, 2] = -100

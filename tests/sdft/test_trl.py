@@ -179,6 +179,38 @@ def test_the_teachers_decoder_runs_under_the_trainers_autocast(tmp_path, teacher
     assert activity.dtypes[False] == {torch.bfloat16}
 
 
+def test_moe_auxiliary_loss_is_sfttrainers(tmp_path):
+    """An MoE student (Qwen3-MoE): SFTTrainer adds router_aux_loss_coef (its own argument here,
+    not the model's coefficient) times the load-balancing loss, averaged over the accumulated
+    micro-batches, and logs the unweighted loss as aux_loss, also in the final log entry when
+    steps are left unlogged. kl_weight=0: the same losses, gradients and log entries."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.sdft.tiny_models import tiny_config
+
+    tok = fx.tokenizer()
+
+    def moe():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(tiny_config("qwen3_moe", vocab_size=len(tok),
+                                                            router_aux_loss_coef=0.3))
+
+    extra = dict(steps=3, logging_steps=2, router_aux_loss_coef=0.5)
+    theirs, their_grads = _train(trl.SFTTrainer, tmp_path / "sft", fx.prompt_completion(), extra, model=moe())
+    ours, our_grads = _train(SDFTSFTTrainer, tmp_path / "sdft", fx.prompt_completion(), extra, model=moe(),
+                             teacher=FrozenCopy, sdft_loss=SDFTLoss(kl_weight=0.0))
+    assert theirs.aux_loss_enabled and ours.aux_loss_enabled
+    for (_, _, our_loss), (_, _, their_loss) in zip(ours.recorded, theirs.recorded, strict=True):
+        torch.testing.assert_close(our_loss, their_loss, rtol=1e-6, atol=0)
+    for mine, reference in zip(our_grads, their_grads, strict=True):
+        total = sum(float((mine[n] - g).norm()) ** 2 for n, g in reference.items()) ** 0.5
+        assert total <= 1e-5 * sum(float(g.norm()) ** 2 for g in reference.values()) ** 0.5
+    their_logs, our_logs = theirs.state.log_history, ours.state.log_history
+    assert len(our_logs) == len(their_logs) == 2 and all("aux_loss" in entry for entry in their_logs)  # step 2, final
+    for our_entry, their_entry in zip(our_logs, their_logs):
+        assert our_entry["aux_loss"] == pytest.approx(their_entry["aux_loss"], rel=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # With a teacher: one step against the materialised objective
 # ----------------------------------------------------------------------------------------------
