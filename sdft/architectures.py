@@ -99,7 +99,35 @@ def refusal_reason(model: nn.Module) -> Optional[str]:
     reason = _entry(_NOT_CAUSAL_DECODERS, model)
     if reason is not None:
         return f"{architecture_name(model)} {reason}."
+    peft_type = prompt_learning_type(model)
+    if peft_type is not None and peft_type not in _THROUGH_PEFT_FORWARD:
+        return (f"{architecture_name(model)} with the PEFT adapter {peft_type}: prompt learning of this kind prepends "
+                "virtual tokens to the input sequence inside the PEFT model's forward, which moves every position "
+                "and adds a prediction of the first token from the last virtual one; the fused path does not "
+                "reproduce that objective. Use prefix tuning (PrefixTuningConfig) or a weight adapter such as LoRA.")
     return None
+
+
+# PEFT prompt learning acts inside the PEFT model's forward, which the decoder path does not call.
+# Prefix tuning adds its virtual tokens to the attention's keys and values only, so the decoder's
+# output stays aligned with the input ids: the PEFT model's own forward runs and the decoder's
+# output is read from it (sdft.model_head). The other kinds are refused (refusal_reason).
+_THROUGH_PEFT_FORWARD = ("PREFIX_TUNING",)
+
+
+def prompt_learning_type(model: nn.Module) -> Optional[str]:
+    """The PEFT type (``"PREFIX_TUNING"``, ``"PROMPT_TUNING"``, ``"P_TUNING"``, ...) of the active
+    adapter of a PEFT model if it is prompt learning, else None."""
+    config = getattr(getattr(model, "_orig_mod", model), "active_peft_config", None)
+    if not getattr(config, "is_prompt_learning", False):
+        return None
+    peft_type = config.peft_type
+    return str(getattr(peft_type, "value", peft_type))
+
+
+def runs_through_peft_forward(model: nn.Module) -> bool:
+    """Whether the decoder's output must come from the PEFT model's own forward (prefix tuning)."""
+    return prompt_learning_type(model) in _THROUGH_PEFT_FORWARD
 
 
 def check_supported(model: nn.Module) -> None:

@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .architectures import UnsupportedModel, architecture_name, check_supported, head_transform, pre_head, unwrap
+from .architectures import (UnsupportedModel, architecture_name, check_supported, head_transform, pre_head,
+                            runs_through_peft_forward, unwrap)
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,15 @@ class DecoderOutput:
 
 def decoder_forward(model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                     output_router_logits: bool = False, **kwargs) -> DecoderOutput:
-    """Run the decoder (and a pre-head module, if the class has one); never the LM head."""
+    """Run the decoder (and a pre-head module, if the class has one); never the LM head.
+
+    A PEFT model with prefix tuning runs its own forward, which puts the virtual tokens in the
+    attention's keys and values, and the decoder's output is read from it
+    (:func:`forward_through` with the model as its own wrapper).
+    """
     check_supported(model)
+    if runs_through_peft_forward(model):
+        return forward_through(model, model, input_ids, attention_mask, output_router_logits, **kwargs)
     if output_router_logits:
         kwargs["output_router_logits"] = True
     out = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)

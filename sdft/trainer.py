@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 
+from .architectures import check_supported
 from .freezing import FreezeReport, masked_optimizer, param_groups
 from .integration import SDFTModel, causal_lm_loss, is_fsdp, shifted_targets
 from .loss import SDFTLoss
@@ -45,6 +46,9 @@ class SDFTTrainer(Trainer):
             sdft_loss = inner.loss if sdft_loss is None else sdft_loss
         self.teacher = teacher
         self.sdft_loss = SDFTLoss() if sdft_loss is None else sdft_loss
+        # What the fused path refuses (a model it cannot reproduce, a PEFT prompt-learning kind it
+        # does not support) is refused now, not at the first step.
+        check_supported(inner.student if isinstance(inner, SDFTModel) else inner)
         if self.args.n_gpu > 1:
             raise ValueError(
                 f"SDFTTrainer sees {self.args.n_gpu} GPUs in one process (torch.nn.DataParallel); launch one "

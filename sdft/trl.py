@@ -81,6 +81,10 @@ class SDFTSFTTrainer(SDFTTrainer, SFTTrainer):
                                 processing_class=tok, teacher=FrozenCopy)
         stage2.train()
 
+    PEFT prompt learning: prefix tuning runs through the PEFT model's forward, so its virtual
+    tokens reach student and teacher (with ``gradient_checkpointing=False``, which ``SFTTrainer``
+    needs for it as well); prompt tuning and P-tuning are refused when the trainer is built.
+
     With LoRA, merge the stage-1 adapters (``stage1.model.merge_and_unload()``) and pass
     ``peft_config`` and ``teacher=AdapterDisabled`` to stage 2: the teacher is then the stage-1
     model, held once.

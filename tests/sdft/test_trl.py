@@ -318,6 +318,37 @@ def test_lora_student_with_the_adapters_off_teacher(tmp_path):
                                    msg=lambda m: f"{name}: {m}")
 
 
+def test_prefix_tuning_is_sfttrainers_and_prompt_tuning_is_refused(tmp_path):
+    """peft_config=PrefixTuningConfig: the prefix reaches the decoder as in SFTTrainer (kl_weight=0,
+    the base model as teacher): the same losses and prompt-encoder gradients. Prompt tuning and
+    P-tuning, which prepend virtual tokens to the sequence, are refused when the trainer is built."""
+    peft = pytest.importorskip("peft")
+    from sdft.architectures import UnsupportedModel
+
+    prefix = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    # Without gradient checkpointing: SFTTrainer's own forward fails with a prefix under it.
+    extra = {"steps": 2, "gradient_checkpointing": False}
+    theirs, their_grads = _train(trl.SFTTrainer, tmp_path / "sft", fx.prompt_completion(), extra,
+                                 peft_config=copy.deepcopy(prefix))
+    ours, our_grads = _train(SDFTSFTTrainer, tmp_path / "sdft", fx.prompt_completion(), extra,
+                             peft_config=copy.deepcopy(prefix), teacher=AdapterDisabled,
+                             sdft_loss=SDFTLoss(kl_weight=0.0))
+    for (_, _, our_loss), (_, _, their_loss) in zip(ours.recorded, theirs.recorded, strict=True):
+        torch.testing.assert_close(our_loss, their_loss, rtol=1e-6, atol=0)
+    for mine, reference in zip(our_grads, their_grads, strict=True):
+        assert mine.keys() == reference.keys() and all("prompt_encoder" in name for name in reference)
+        for name, grad in reference.items():
+            assert float(grad.norm()) > 0
+            assert float((mine[name] - grad).norm() / grad.norm()) <= 1e-5, name
+
+    tok = fx.tokenizer()
+    for config in (peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+                   peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=16)):
+        with pytest.raises(UnsupportedModel, match=f"PEFT adapter {config.peft_type.value}"):
+            SDFTSFTTrainer(model=fx.model(len(tok)), args=sgd_config(tmp_path / "refused"),
+                           train_dataset=fx.prompt_completion(), processing_class=tok, peft_config=config)
+
+
 # ----------------------------------------------------------------------------------------------
 # The paper's recipe, evaluation, refusals
 # ----------------------------------------------------------------------------------------------
