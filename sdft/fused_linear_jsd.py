@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from sdft_kernels import LossOptions
 from sdft_kernels.fused_loss import sdft_loss
-from sdft_kernels.options import DEFAULT_IMPL, check_impl
+from sdft_kernels.options import DEFAULT_IMPL, REDUCTIONS, check_impl
 
 
 class FusedLinearJSDLoss(nn.Module):
@@ -45,6 +45,12 @@ class FusedLinearJSDLoss(nn.Module):
         chunk_size: rows per chunk; None (default) picks it from a memory budget. Liger's
             default is 1024.
         return_soft_hard_loss: return ``(loss, soft, hard)``, the unweighted means, detached.
+        reduction: ``"mean"`` (default, Liger's: the sums over the counted positions divided by
+            their number, TRL's ``"batchmean"``), ``"sum"``, or ``"none"``: ``[N]`` per-position
+            values, 0 where the label is ignored. TRL's ``generalized_jsd_loss(reduction="none")``
+            returns the divergence per position and vocabulary entry, ``[n_counted, V]``, which a
+            fused loss never forms; its sum over the vocabulary is this ``"none"`` at the counted
+            positions.
         impl: the kernel (:func:`sdft_kernels.fused_linear_sdft_loss`); ``"auto"`` per device.
 
     Unlike Liger, the student's and teacher's vocabularies must have the same size (Liger pads
@@ -62,6 +68,7 @@ class FusedLinearJSDLoss(nn.Module):
         chunk_size: Optional[int] = None,
         return_soft_hard_loss: bool = False,
         *,
+        reduction: str = "mean",
         impl: str = DEFAULT_IMPL,
     ) -> None:
         super().__init__()
@@ -77,10 +84,13 @@ class FusedLinearJSDLoss(nn.Module):
         self.beta, self.ignore_index, self.temperature = beta, ignore_index, temperature
         self.compiled, self.chunk_size, self.return_soft_hard_loss = compiled, chunk_size, return_soft_hard_loss
         self.impl = check_impl(impl)
+        if reduction not in REDUCTIONS:  # named here: "batchmean" is TRL's name for "mean"
+            raise ValueError(f"reduction must be one of {REDUCTIONS} ('mean' is TRL's 'batchmean'), got {reduction!r}")
+        self.reduction = reduction
         # Liger's soft weight carries no T**2; ours does, so it is divided out here.
         self.options = LossOptions(ce_weight=weight_hard_loss, kl_weight=weight_soft_loss / temperature**2,
                                    temperature=temperature, divergence="jsd", jsd_beta=beta,
-                                   ignore_index=ignore_index)
+                                   ignore_index=ignore_index, reduction=reduction)
         self._with_softcap: dict[float, LossOptions] = {}
 
     def forward(
@@ -102,9 +112,13 @@ class FusedLinearJSDLoss(nn.Module):
         the local label count (the count of a whole accumulated batch), and ``softcap`` is the
         heads' logit softcap (Gemma 2), applied to both models' logits before the temperature.
 
-        Returns the loss (a float32 scalar; float64 for float64 inputs), or ``(loss, soft,
-        hard)`` with ``return_soft_hard_loss``. The teacher gets no gradient.
+        Returns the loss (a float32 scalar; float64 for float64 inputs; ``[N]`` for
+        ``reduction="none"``), or ``(loss, soft, hard)`` with ``return_soft_hard_loss``, reduced
+        alike. The teacher gets no gradient.
         """
+        if num_items is not None and self.reduction != "mean":
+            raise ValueError(f"num_items={num_items!r} is the divisor of reduction='mean'; this loss has "
+                             f"reduction={self.reduction!r}")
         out = sdft_loss(self._options(softcap), student_input, student_weight, true_labels, teacher_input,
                         teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias, num_items=num_items,
                         impl=self.impl, return_components=True, chunk_size=self.chunk_size)
@@ -122,4 +136,4 @@ class FusedLinearJSDLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"weight_hard_loss={self.weight_hard_loss}, weight_soft_loss={self.weight_soft_loss}, "
                 f"beta={self.beta}, temperature={self.temperature}, ignore_index={self.ignore_index}, "
-                f"impl={self.impl!r}")
+                f"reduction={self.reduction!r}, impl={self.impl!r}")

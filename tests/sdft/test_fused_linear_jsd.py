@@ -36,6 +36,51 @@ def test_soft_loss_equals_trls_generalized_jsd(beta, temperature):
         assert_close(g, e, rtol=1e-9, atol=1e-13, what=f"grad {i} vs TRL")
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_reduction_none_and_sum_are_trls(beta):
+    """reduction="none": one value per position, [N]. TRL's generalized_jsd_loss(reduction="none")
+    gives the divergence per position and vocabulary entry of the counted positions; summed over
+    the vocabulary it is our soft part there, and ignored positions are 0. With a hard loss the
+    value adds the position's cross-entropy; gradients under a random [N] upstream gradient.
+    reduction="sum" is TRL's "sum"."""
+    gkd = pytest.importorskip("trl.experimental.gkd")
+    p = make_problem(N=53, D=16, V=97, Dt=24, bias=True, teacher_bias=True, ignore_frac=0.3, seed=int(10 * beta))
+    z_s, z_t = F.linear(p.h, p.W, p.b).unsqueeze(0), F.linear(p.ht, p.Wt, p.bt).unsqueeze(0)
+    settings = dict(beta=beta, temperature=0.7)
+    per_entry = gkd.GKDTrainer.generalized_jsd_loss(z_s, z_t, labels=p.labels[None], reduction="none", **settings)
+    counted = p.labels != -100
+    assert per_entry.shape == (int(counted.sum()), 97)
+    soft = per_entry.new_zeros(53).masked_scatter(counted, per_entry.sum(-1))
+    hard = F.cross_entropy(z_s[0], p.labels, ignore_index=-100, reduction="none")
+    expected = 0.4 * hard + 1.3 * soft
+
+    ours = FusedLinearJSDLoss(weight_hard_loss=0.4, weight_soft_loss=1.3, reduction="none",
+                              return_soft_hard_loss=True, **settings)
+    got, got_soft, got_hard = ours(p.h, p.W, p.ht, p.Wt, p.labels, p.b, p.bt)
+    assert got.shape == got_soft.shape == got_hard.shape == (53,) and float(soft.max()) > 1e-3
+    assert_close(got, expected, rtol=1e-10, atol=1e-13, what="per-position loss vs TRL")
+    assert_close(got_soft, soft, rtol=1e-10, atol=1e-13, what="per-position soft loss vs TRL")
+    assert_close(got_hard, hard, rtol=1e-10, atol=1e-13, what="per-position hard loss")
+    upstream = torch.rand(53, dtype=torch.float64) + 0.5
+    for i, (g, e) in enumerate(zip(_grads((got * upstream).sum(), p, bias=True),
+                                   _grads((expected * upstream).sum(), p, bias=True))):
+        assert_close(g, e, rtol=1e-9, atol=1e-13, what=f"grad {i} vs TRL")
+
+    summed = gkd.GKDTrainer.generalized_jsd_loss(z_s, z_t, labels=p.labels[None], reduction="sum", **settings)
+    got_sum = FusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, reduction="sum", **settings)(
+        p.h, p.W, p.ht, p.Wt, p.labels, p.b, p.bt)
+    assert_close(got_sum, summed, rtol=1e-10, atol=1e-13, what="sum vs TRL")
+
+
+def test_reduction_none_refuses_a_normaliser():
+    p = make_problem(N=8, D=8, V=40)
+    with pytest.raises(ValueError, match="num_items=5 is the divisor of reduction='mean'; this loss has "
+                                         "reduction='none'"):
+        FusedLinearJSDLoss(reduction="none")(p.h, p.W, p.ht, p.Wt, p.labels, num_items=5)
+    with pytest.raises(ValueError, match="reduction must be one of .* got 'batchmean'"):
+        FusedLinearJSDLoss(reduction="batchmean")
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("weights", [(0.5, 0.5), (1.0, 0.0), (0.2, 1.3)])
 def test_equals_ligers_fused_linear_jsd(beta, weights):
