@@ -79,11 +79,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("usage: sdft {" + ",".join(COMMANDS) + "} ...", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     from .config import ConfigError
+    from .data import DataError
 
     try:
         return COMMANDS[argv[0]](argv[1:])
     except ConfigError as err:
         print(f"sdft {argv[0]}: config error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:  # the data as configured cannot be used: the message says why, no traceback
+        print(f"sdft {argv[0]}: data error: {err}", file=sys.stderr)
         return 2
 
 

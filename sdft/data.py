@@ -16,7 +16,7 @@ import torch
 
 from .config import DataConfig
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the default label of unsupervised tokens; a run uses its loss.ignore_index
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -125,12 +125,19 @@ def _prompt_and_response(row: dict, cfg: DataConfig, tokenizer) -> tuple[Optiona
     return prompt_ids, response_ids, ""
 
 
-def tokenize_rows(rows, tokenizer, cfg: DataConfig) -> tuple[list[dict[str, Any]], DataReport]:
-    """Examples ``{id, input_ids, labels, length, known}`` with -100 on prompt tokens.
+def tokenize_rows(rows, tokenizer, cfg: DataConfig,
+                  ignore_index: int = IGNORE_INDEX) -> tuple[list[dict[str, Any]], DataReport]:
+    """Examples ``{id, input_ids, labels, length, known}`` with ``ignore_index`` (the loss's,
+    ``loss.ignore_index``) on prompt tokens.
 
     A response longer than the room left by its prompt is truncated (counted); a prompt that
-    leaves no room for one response token makes the row bad (counted).
+    leaves no room for one response token makes the row bad (counted). An ``ignore_index``
+    that is a token id of the tokenizer is refused: response tokens with that id would go
+    unsupervised.
     """
+    if 0 <= ignore_index < len(tokenizer):
+        raise DataError(f"loss.ignore_index {ignore_index} is a token id of the tokenizer (ids 0..{len(tokenizer) - 1}): "
+                        "response tokens with that id would be ignored; use a negative value such as -100")
     report = DataReport()
     examples = []
     for i, row in enumerate(rows):
@@ -161,7 +168,7 @@ def tokenize_rows(rows, tokenizer, cfg: DataConfig) -> tuple[list[dict[str, Any]
         examples.append({
             "id": str(row[cfg.id_field]) if cfg.id_field else str(i),
             "input_ids": ids,
-            "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+            "labels": [ignore_index] * len(prompt_ids) + response_ids,
             "length": len(ids),
             "known": bool(known) if known is not None else False,
         })
@@ -177,15 +184,16 @@ def tokenize_rows(rows, tokenizer, cfg: DataConfig) -> tuple[list[dict[str, Any]
 
 
 class PadCollator:
-    """Right-pads ``input_ids``/``labels`` into a batch with an attention mask; keeps ``id``."""
+    """Right-pads ``input_ids``/``labels`` into a batch with an attention mask; keeps ``id``.
+    Padded labels are ``ignore_index`` (the loss's)."""
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int, ignore_index: int = IGNORE_INDEX):
+        self.pad_token_id, self.ignore_index = pad_token_id, ignore_index
 
     def __call__(self, rows: list[dict]) -> dict:
         width = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        labels = torch.full((len(rows), width), self.ignore_index, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             n = len(r["input_ids"])

@@ -138,7 +138,7 @@ def _run_stage(cfg, name, student, teacher, loss, examples, tokenizer, metrics_p
     out = Path(cfg.output_dir) / name
     tokens_per_s = _TokensPerSecond()
     trainer = build_trainer(student, training_arguments(cfg, out, epochs), Dataset.from_list(examples),
-                            PadCollator(tokenizer.pad_token_id), teacher=teacher, loss=loss,
+                            PadCollator(tokenizer.pad_token_id, cfg.loss.ignore_index), teacher=teacher, loss=loss,
                             freeze_report=freeze_report, callbacks=[tokens_per_s, MetricsJsonl(metrics_path, name)],
                             check_head=cfg.check_head)
     tokens_per_s.trainer = trainer
@@ -242,7 +242,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     tokenizer = load_tokenizer(cfg)
-    examples, data_report = tokenize_rows(load_rows(cfg.data), tokenizer, cfg.data)
+    examples, data_report = tokenize_rows(load_rows(cfg.data), tokenizer, cfg.data, cfg.loss.ignore_index)
     _write_data_report(out, data_report)
     if cfg.stage1_epochs > 0 and not any(ex["known"] for ex in examples):
         raise DataError(f"stage 1 needs known rows, but no row has {cfg.data.known_field}=true")

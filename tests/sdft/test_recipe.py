@@ -379,6 +379,37 @@ def test_data_errors_come_before_the_model_loads(tmp_path):
             train(cfg)
 
 
+def test_the_cli_reports_a_data_error_in_one_line(tmp_path, capsys):
+    """As for a config error: one line on stderr naming the problem, exit status 2, no traceback."""
+    ws = workspace(tmp_path)
+    bad = tmp_path / "all_bad.jsonl"
+    bad.write_text('{"prompt": "what color is kara ?"}\n{"q": 1}\n')
+    capsys.readouterr()  # what building the workspace printed
+    assert main(["train", *_overrides(ws, tmp_path / "run", max_steps=1, **{"data.train_file": str(bad)})]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sdft train: data error: no usable row: 2 rows") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+
+
+def test_loss_ignore_index_reaches_the_data(tmp_path):
+    """loss.ignore_index labels the prompt and padding tokens: a run with -1 trains exactly as one
+    with -100 (the value is only the label of what is not supervised). A value that is a token
+    id is refused: responses containing it would lose supervision."""
+    ws = workspace(tmp_path)
+    finals = {}
+    for ignore_index in (-100, -1):
+        out = tmp_path / f"run{ignore_index}"
+        assert main(["train", *_overrides(ws, out, max_steps=2, **{"loss.ignore_index": ignore_index})]) == 0
+        finals[ignore_index] = _weights(out / "final")
+        assert json.loads((out / "config.json").read_text())["loss"]["ignore_index"] == ignore_index
+    start = _weights(ws["model"])
+    assert any(not torch.equal(finals[-1][n], start[n]) for n in start)  # it trained
+    for name, param in finals[-100].items():
+        assert torch.equal(finals[-1][name], param), name
+    with pytest.raises(DataError, match="loss.ignore_index 5 is a token id of the tokenizer"):
+        train(load_config(None, _overrides(ws, tmp_path / "run5", max_steps=1, **{"loss.ignore_index": 5})))
+
+
 def test_a_malformed_line_is_named_and_counted_as_a_bad_row(tmp_path):
     ws = workspace(tmp_path)
     data = Path(ws["data"])
