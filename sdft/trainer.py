@@ -33,7 +33,8 @@ class SDFTTrainer(Trainer):
     an :class:`SDFTModel` (then ``teacher``/``sdft_loss`` come from it); that form runs the step
     through the model's ``forward``, which FSDP needs. A plain student under DDP runs its
     forward through the wrapper (:func:`causal_lm_loss`'s ``wrapper``); under FSDP it is
-    refused.
+    refused. With ``bf16=True`` / ``fp16=True`` the loss, the student's and the teacher's
+    decoders included, runs under the Trainer's autocast.
     """
 
     def __init__(self, *args, teacher: Optional[TeacherSource] = None, sdft_loss: Optional[SDFTLoss] = None,
@@ -100,8 +101,9 @@ class SDFTTrainer(Trainer):
         # autocast_smart_context_manager() is a no-op in transformers 5 (it leaves autocast to
         # accelerate), so the context comes from accelerator.autocast(): built from the same
         # settings (native_amp, the autocast handler) as the wrapped forward in every accelerate
-        # release this package supports, and a no-op where the wrapper applies none (fp32, fp16 on CPU). Nested inside
-        # the wrapped forward (an SDFTModel, a DDP-wrapped student), it changes nothing.
+        # release this package supports, and a no-op where the wrapper applies none (fp32, fp16
+        # on CPU). Nested inside the wrapped forward (an SDFTModel, a DDP-wrapped student), it
+        # changes nothing.
         with self.accelerator.autocast():
             if isinstance(inner, SDFTModel):
                 out = model(num_items_in_batch=num_items_in_batch, **inputs)
@@ -118,7 +120,7 @@ class SDFTTrainer(Trainer):
             loss = loss * self.accelerator.num_processes
         # From an SDFTModel, its own record: a mixed-precision wrapper rebuilds what it returns
         # without the MoE parts.
-        self._record_components(inner.last_parts if isinstance(inner, SDFTModel) else out)
+        self._record_components(getattr(inner, "last_parts", out) if isinstance(inner, SDFTModel) else out)
         return (loss, out) if return_outputs else loss
 
     def _aux_weight(self, num_items_in_batch) -> Optional[float]:
