@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from sdft_kernels import fused_linear_sdft_loss
+from sdft_kernels import LossOptions, fused_linear_sdft_loss
+from sdft_kernels.reduction import counted_masks, normaliser, row_scales
+from tests.kernels import rounding
 
 
 @dataclass
@@ -122,6 +125,83 @@ def assert_close(actual: Tensor, expected: Tensor, rtol: float, atol: float, wha
             f"{what}: worst element {idx}: got {actual.flatten()[i]:.10g}, expected {expected.flatten()[i]:.10g} "
             f"(abs err {err.flatten()[i]:.3g} > {bound.flatten()[i]:.3g})"
         )
+
+
+def loss_options(**kw) -> LossOptions:
+    """The :class:`LossOptions` among :func:`run`'s keyword arguments (the rest: impl,
+    chunk_size, num_items...)."""
+    names = {f.name for f in dataclasses.fields(LossOptions)}
+    return LossOptions(**{k: v for k, v in kw.items() if k in names})
+
+
+def rounding_bounds(problem: Problem, upstream: Optional[Tensor] = None, num_items=None, partial_sums: int = 1,
+                    **kw) -> tuple[dict[str, Tensor], list[Tensor]]:
+    """Bounds on how far :func:`run` on ``problem`` (in its own dtypes) may be from the float64
+    truth on the same inputs: ``({"loss", "ce", "kl"}, [one per leaf])``, from the worst-case
+    rounding analysis of :mod:`tests.kernels.rounding`. ``partial_sums``: how often a chunked
+    path may round the weight gradient's running sum to a half-precision dtype (its chunk
+    count); ``kw``: the loss options given to :func:`run`."""
+    o = loss_options(**kw)
+    p = problem
+    logits = rounding.Logits.of(p.h, p.W, p.b, p.ht, p.Wt, p.bt, o)
+    label_mask, kl_rows = counted_masks(p.labels, p.kl_mask, o.ignore_index)
+    if p.ht is None:
+        kl_rows = torch.zeros_like(label_mask)
+    denom = normaliser(label_mask, num_items, torch.float64)
+    values = rounding.loss_bounds(logits, p.labels, kl_rows, denom)
+    leaves = p.leaves()
+    if not leaves:
+        return values, []
+    g = torch.ones((), dtype=torch.float64) if upstream is None else upstream.double()
+    ce_scale, kl_scale = row_scales(g.to(denom.device), denom, label_mask, kl_rows, o)
+    G, A = rounding.logit_gradient_error(logits, p.labels, kl_rows, ce_scale, kl_scale, p.h.dtype)
+    dh, dW, db = rounding.gradient_bounds(G, A, p.h, p.W, p.b is not None, logits.acc, partial_sums)
+    by_leaf = {id(p.h): dh, id(p.W): dW}
+    if p.b is not None:
+        by_leaf[id(p.b)] = db
+    return values, [by_leaf[id(t)] for t in leaves]
+
+
+def assert_within_rounding(truth, fast, bounds, what: str) -> None:
+    """``fast`` (``(SDFTLossOutput, grads)`` from :func:`run`) within ``bounds``
+    (:func:`rounding_bounds`) of ``truth`` (the same from the float64 problem): loss, ce, kl and
+    every gradient, entry by entry."""
+    (t_out, t_grads), (f_out, f_grads), (b_values, b_grads) = truth, fast, bounds
+    for name in ("loss", "ce", "kl"):
+        rounding.assert_within(f"{what} {name}", getattr(f_out, name), getattr(t_out, name), b_values[name])
+    assert len(f_grads) == len(t_grads) == len(b_grads)
+    for i, (g, t, b) in enumerate(zip(f_grads, t_grads, b_grads)):
+        rounding.assert_within(f"{what} grad {i}", g, t, b)
+
+
+def assert_within_scale(low: Problem, truth, got, what: str, truth_dtype: torch.dtype = torch.float64, **kw) -> None:
+    """:func:`assert_within_rounding` for vocabularies too large for per-entry gradient bounds
+    (the GPU tests): ``loss``, ``ce`` and ``kl`` within their rounding bounds, every gradient
+    within :func:`tests.kernels.rounding.gradient_rtol` of the truth relative to its scale
+    (norm-wise, per row, exact zeros kept; :func:`tests.kernels.rounding.assert_relative`).
+
+    ``truth`` and ``got`` as from :func:`run`: ``truth`` on the same inputs as ``low``, in
+    ``truth_dtype`` (float32 where float64 ``[N, V]`` matrices are too large: its own rounding
+    is then added to the bounds)."""
+    o = loss_options(**kw)
+    work = torch.float64 if truth_dtype == torch.float64 else torch.float32
+    label_mask, kl_rows = counted_masks(low.labels, low.kl_mask, o.ignore_index)
+    if low.ht is None:
+        kl_rows = torch.zeros_like(label_mask)
+    denom = normaliser(label_mask, None, work)
+    values, rtol = {k: 0.0 for k in ("loss", "ce", "kl")}, 0.0
+    for p in (low,) if truth_dtype == torch.float64 else (low, low.cast(truth_dtype)):
+        logits = rounding.Logits.of(p.h, p.W, p.b, p.ht, p.Wt, p.bt, o, work=work)
+        for name, bound in rounding.loss_bounds(logits, p.labels, kl_rows, denom).items():
+            values[name] = values[name] + bound
+        rtol += rounding.gradient_rtol(logits, p.h.dtype)
+        del logits
+    (t_out, t_grads), (g_out, g_grads) = truth, got
+    for name in ("loss", "ce", "kl"):
+        rounding.assert_within(f"{what} {name}", getattr(g_out, name), getattr(t_out, name), values[name])
+    assert len(g_grads) == len(t_grads)
+    for i, (g, t) in enumerate(zip(g_grads, t_grads)):
+        rounding.assert_relative(f"{what} grad {i}", g, t, rtol)
 
 
 # The slack of "no worse than plain torch", relative to 1 + the largest true value.
