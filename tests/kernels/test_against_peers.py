@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from sdft_kernels import fused_linear_sdft_loss
-from tests.kernels.helpers import assert_close, make_problem
+from tests.kernels.helpers import assert_close, make_problem, rounding_bounds
+from tests.kernels.rounding import assert_within
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 IMPLS = ["reference", "torch"] + (["triton", "triton_chunked"] if INTERPRETER else [])
@@ -61,7 +62,11 @@ def test_hard_and_soft_loss_equal_ligers_fused_linear_jsd(impl, beta, tau):
                                            temperature=tau, compiled=False)
     expected = oracle(p.h, p.W, p.ht, p.Wt, p.labels)
     expected_grads = torch.autograd.grad(expected, (p.h, p.W))
-    got, grads = _ours(p, impl, kl_weight=lam, temperature=tau, divergence="jsd", jsd_beta=beta)
-    assert_close(got, expected, rtol=1e-5, atol=1e-6, what=f"{impl} loss vs Liger")
-    for i, (g, e) in enumerate(zip(grads, expected_grads)):
-        assert_close(g, e, rtol=1e-4, atol=1e-6, what=f"{impl} grad {i} vs Liger")
+    options = dict(kl_weight=lam, temperature=tau, divergence="jsd", jsd_beta=beta)
+    got, grads = _ours(p, impl, **options)
+    # Two float32 computations of the same value: each within its rounding bound of the exact
+    # value on these inputs, so within twice that of each other.
+    bounds, grad_bounds = rounding_bounds(p, **options)
+    assert_within(f"{impl} loss vs Liger", got, expected, 2 * bounds["loss"])
+    for i, (g, e, b) in enumerate(zip(grads, expected_grads, grad_bounds)):
+        assert_within(f"{impl} grad {i} vs Liger", g, e, 2 * b)
