@@ -156,11 +156,8 @@ def test_tensors_on_another_gpu_than_the_current_one(impl):
     p = make_problem(N=300, D=64, V=5003, kl_mask=True, device="cuda:1").cast(torch.float32)
     with torch.cuda.device(0):
         out, grads = run(p, impl=impl, chunk_size=128)
-    ref, ref_grads = run(p, impl="reference")
-    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
-    for g, r in zip(grads, ref_grads):
-        assert g.device == torch.device("cuda", 1)
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    assert all(g.device == torch.device("cuda", 1) for g in grads)
+    assert_within_scale(p, run(p.cast(torch.float64), impl="reference"), (out, grads), f"{impl} on cuda:1")
 
 
 @pytest.mark.parametrize("impl", ["triton", "triton_chunked"])
