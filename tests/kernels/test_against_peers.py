@@ -13,6 +13,7 @@ chunked ``LigerFusedLinearJSDLoss``. Their conventions differ from ours, mapped 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -51,22 +52,29 @@ def test_divergence_equals_trls_generalized_jsd(impl, beta, tau, reduction):
         assert_close(g, e, what=f"{impl} grad {i} vs TRL", **tol)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("tau", [0.5, 2.0])
-def test_hard_and_soft_loss_equal_ligers_fused_linear_jsd(impl, beta, tau):
+@functools.lru_cache(maxsize=None)
+def _liger_case(beta: float, tau: float, lam: float = 0.8):
+    """``(problem, options, loss, grads, bounds)``: Liger's ``LigerFusedLinearJSDLoss`` on a float32
+    problem, the same loss in our options, and its rounding bounds (once per case: they cost a
+    Hessian per row)."""
     liger = pytest.importorskip("liger_kernel.chunked_loss")
-    lam = 0.8
     p = make_problem(N=45, D=32, V=130, dtype=torch.float32, seed=int(beta * 10 + tau))
     oracle = liger.LigerFusedLinearJSDLoss(weight_hard_loss=1.0, weight_soft_loss=lam * tau**2, beta=beta,
                                            temperature=tau, compiled=False)
     expected = oracle(p.h, p.W, p.ht, p.Wt, p.labels)
     expected_grads = torch.autograd.grad(expected, (p.h, p.W))
     options = dict(kl_weight=lam, temperature=tau, divergence="jsd", jsd_beta=beta)
+    return p, options, expected.detach(), expected_grads, rounding_bounds(p, **options)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("tau", [0.5, 2.0])
+def test_hard_and_soft_loss_equal_ligers_fused_linear_jsd(impl, beta, tau):
+    p, options, expected, expected_grads, (bounds, grad_bounds) = _liger_case(beta, tau)
     got, grads = _ours(p, impl, **options)
     # Two float32 computations of the same value: each within its rounding bound of the exact
     # value on these inputs, so within twice that of each other.
-    bounds, grad_bounds = rounding_bounds(p, **options)
     assert_within(f"{impl} loss vs Liger", got, expected, 2 * bounds["loss"])
     for i, (g, e, b) in enumerate(zip(grads, expected_grads, grad_bounds)):
         assert_within(f"{impl} grad {i} vs Liger", g, e, 2 * b)

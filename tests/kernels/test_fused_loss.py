@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -106,52 +107,53 @@ def test_components_add_up():
     assert not out.ce.requires_grad and not out.kl.requires_grad
 
 
-def _within_rounding(low, impl, upstream=None, chunk_size=8, **kw):
-    """``impl`` and plain torch (the reference at the same dtype, which checks that the bounds
-    admit a correct computation) on the low-precision problem ``low``, each within its
-    rounding bounds of the float64 truth on the same inputs. Returns ``(truth, fast, bounds)``."""
-    truth = run(low.cast(torch.float64), upstream, impl="reference", **kw)
-    partial_sums = math.ceil(low.h.shape[0] / chunk_size)  # the chunked paths' weight-gradient sums
-    bounds = rounding_bounds(low, upstream, partial_sums=partial_sums, **kw)
-    fast = run(low, upstream, impl=impl, chunk_size=chunk_size, **kw)
-    assert_within_rounding(truth, run(low, upstream, impl="reference", **kw), bounds, f"plain torch {low.h.dtype}")
-    assert_within_rounding(truth, fast, bounds, f"{impl} {low.h.dtype}")
-    return truth, fast, bounds
+LOW_PRECISION = {  # make_problem settings, dtype, upstream gradient (a loss scale), chunk size
+    "float32": (dict(N=37, D=24, V=203, kl_mask=True), torch.float32, None, 8),
+    "float16": (dict(N=37, D=24, V=203, kl_mask=True), torch.float16, None, 8),
+    # Gradients in the thousands; then logits spread wide enough that most softmax tails are ~1e-9.
+    "float16 x 65536": (dict(N=64, D=24, V=203, bias=True, kl_mask=True, scale=3.0), torch.float16, 65536.0, 16),
+    "float16 x 65536, wide logits": (dict(N=64, D=24, V=203, bias=True, kl_mask=True, scale=7.0), torch.float16,
+                                     65536.0, 16),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _low_precision(case: str):
+    """``(low, upstream, chunk_size, truth, bounds)`` of a LOW_PRECISION case: the problem in
+    its dtype, the float64 truth on the same inputs and the rounding bounds (which cost a
+    Hessian per row, hence once per case), plain torch at the dtype checked against them (the
+    bounds admit a correct computation)."""
+    settings, dtype, scale, chunk = LOW_PRECISION[case]
+    low = make_problem(**settings).cast(dtype)
+    upstream = None if scale is None else torch.tensor(scale, dtype=torch.float64)
+    truth = run(low.cast(torch.float64), upstream, impl="reference")
+    # partial_sums: the chunked paths may round the weight gradient's sums once per chunk.
+    bounds = rounding_bounds(low, upstream, partial_sums=math.ceil(low.h.shape[0] / chunk))
+    assert_within_rounding(truth, run(low, upstream, impl="reference"), bounds, f"plain torch, {case}")
+    return low, upstream, chunk, truth, bounds
+
+
+def _fast(case: str, impl: str):
+    """``impl`` on a LOW_PRECISION case: ``(out, grads)``, and the case's truth and bounds."""
+    low, upstream, chunk, truth, bounds = _low_precision(case)
+    return run(low, upstream, impl=impl, chunk_size=chunk), truth, bounds
+
+
+def _needs_half_matmul(case: str, impl: str) -> None:
+    if LOW_PRECISION[case][1] == torch.float16 and impl in CHUNKED_IMPLS and not _cpu_half_matmul_ok():
+        pytest.skip("this torch build has no float16 matmul on CPU")
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_low_precision_within_rounding_bounds(impl, dtype):
+@pytest.mark.parametrize("case", ["float32", "float16", "float16 x 65536"])
+def test_low_precision_within_rounding_bounds(impl, case):
     """Loss, components and gradients within the worst-case rounding of the computation at
-    the dtype, against the float64 truth on the same (rounded) inputs."""
-    if dtype == torch.float16 and impl in CHUNKED_IMPLS and not _cpu_half_matmul_ok():
-        pytest.skip("this torch build has no float16 matmul on CPU")
-    low = make_problem(N=37, D=24, V=203, kl_mask=True).cast(dtype)
-    _within_rounding(low, impl)
-
-
-@pytest.mark.parametrize("impl", FAST_IMPLS)
-def test_float16_under_a_loss_scale(impl):
-    """A GradScaler-sized upstream gradient (65536) through float16: no overflow to inf/NaN,
-    and every value within its float16 rounding bounds (gradients in the thousands)."""
-    if impl in CHUNKED_IMPLS and not _cpu_half_matmul_ok():
-        pytest.skip("this torch build has no float16 matmul on CPU")
-    low = make_problem(N=64, D=24, V=203, bias=True, kl_mask=True, scale=3.0).cast(torch.float16)
-    _, fast, _ = _within_rounding(low, impl, torch.tensor(65536.0, dtype=torch.float64), chunk_size=16)
+    the dtype, against the float64 truth on the same (rounded) inputs; under a GradScaler-sized
+    loss scale too, with no overflow to inf/NaN."""
+    _needs_half_matmul(case, impl)
+    fast, truth, bounds = _fast(case, impl)
     assert all(bool(torch.isfinite(g).all()) for g in fast[1]), "non-finite gradients"
-
-
-def _small_weight_gradient_rows(impl):
-    """``(got, want, bound)`` of the 20 weight-gradient rows of smallest norm, float16 under a
-    loss scale of 65536, logits spread wide enough that most softmax tails are ~1e-9."""
-    low = make_problem(N=64, D=24, V=203, bias=True, kl_mask=True, scale=7.0).cast(torch.float16)
-    scale = torch.tensor(65536.0, dtype=torch.float64)
-    truth = run(low.cast(torch.float64), scale, impl="reference")
-    _, bounds = rounding_bounds(low, scale, partial_sums=4)
-    got = run(low, scale, impl=impl, chunk_size=16)[1][1]
-    want = truth[1][1]
-    small = want.norm(dim=1).argsort()[:20]
-    return got[small], want[small], bounds[1][small]
+    assert_within_rounding(truth, fast, bounds, f"{impl}, {case}")
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
@@ -161,11 +163,14 @@ def test_float16_small_logit_gradients_survive_a_loss_scale(impl):
     gradient formed for an upstream gradient of 1 and scaled afterwards flushes them to zero;
     tests/kernels/test_rounding.py shows that these bounds reject that.) Judged entry by entry
     on the 20 weight-gradient rows of smallest norm, where those tails are all there is."""
-    if impl in CHUNKED_IMPLS and not _cpu_half_matmul_ok():
-        pytest.skip("this torch build has no float16 matmul on CPU")
-    got, want, bound = _small_weight_gradient_rows(impl)
-    assert bool((bound < 0.5 * want.abs().amax(1, keepdim=True)).all()), "the bound must tell a flushed row"
-    assert_within(f"{impl}: small weight-gradient rows", got, want, bound)
+    case = "float16 x 65536, wide logits"
+    _needs_half_matmul(case, impl)
+    fast, truth, bounds = _fast(case, impl)
+    want = truth[1][1]
+    small = want.norm(dim=1).argsort()[:20]
+    bound = bounds[1][1][small]
+    assert bool((bound < 0.5 * want[small].abs().amax(1, keepdim=True)).all()), "the bound must tell a flushed row"
+    assert_within(f"{impl}: small weight-gradient rows", fast[1][1][small], want[small], bound)
 
 
 def _cpu_half_matmul_ok() -> bool:
