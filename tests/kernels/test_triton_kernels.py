@@ -133,6 +133,9 @@ def rounding_bounds(p: Problem, o: LossOptions):
     bounds = {}
     for field in ForwardStats._fields:
         value = getattr(stats, field)
+        if not value.requires_grad:  # a constant 0 (aux of the forward KL): exactly 0 it must be
+            bounds[field] = torch.zeros_like(value)
+            continue
         if field in ("m", "m_t"):  # the maximum moves by at most the largest logit error
             err = logits.err_s if field == "m" else logits.err_t
             bounds[field] = torch.zeros_like(value) if err is None else err.amax(-1)
