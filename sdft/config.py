@@ -100,6 +100,10 @@ class TrainConfig:
     sampling: str = "group_by_length"  # group_by_length (less padding) | random | sequential
     gradient_checkpointing: bool = False
     check_head: bool = True  # compare the fused loss with the model's own forward once; off: trust the tables
+    # Sharded training (README, "Scale out"), passed to the Trainer as its arguments of these names:
+    fsdp: bool = False  # FSDP (FSDP2 unless fsdp_config says version 1): a unit per decoder layer and the root
+    fsdp_config: Optional[str] = None  # JSON file, e.g. {"cpu_offload": true, "state_dict_type": "SHARDED_STATE_DICT"}
+    deepspeed: Optional[str] = None  # DeepSpeed JSON config file, e.g. ZeRO-3
     logging_steps: int = 10
     save_steps: int = 500
     save_total_limit: Optional[int] = 2
@@ -137,6 +141,14 @@ class TrainConfig:
             raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if self.sampling not in ("group_by_length", "random", "sequential"):
             raise ConfigError(f"sampling: one of group_by_length, random, sequential, got {self.sampling!r}")
+        for name in ("fsdp_config", "deepspeed"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{name}: no such file {path!r}")
+        if self.fsdp and self.deepspeed:
+            raise ConfigError("fsdp and deepspeed: choose one")
+        if self.fsdp_config and not self.fsdp:
+            raise ConfigError("fsdp_config: set fsdp: true as well (the config alone turns nothing on)")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype: one of float32, bfloat16, float16, got {self.dtype!r}")
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .architectures import architecture_name, auxiliary_loss
 from .model_head import HeadSpec, decoder_forward, head_spec
+from .sharding import check_whole, head_owner, is_zero3_param, run_inside, wrapper_kind
 
 PROBE_TOKENS = 8
 
@@ -59,41 +60,52 @@ class HeadCheck:
     tolerance: float
 
 
-def ensure_checked(model: nn.Module, batch: Mapping[str, Tensor]) -> None:
+def ensure_checked(model: nn.Module, batch: Mapping[str, Tensor], wrapper: Optional[nn.Module] = None) -> None:
     """Run :func:`check_model_head` until it has checked ``model`` (this instance) once."""
     if model in _checked:
         return
-    if check_model_head(model, batch) is not None:
+    if check_model_head(model, batch, wrapper) is not None:
         _checked.add(model)
 
 
 @torch.no_grad()
-def check_model_head(model: nn.Module, batch: Mapping[str, Tensor]) -> Optional[HeadCheck]:
+def check_model_head(model: nn.Module, batch: Mapping[str, Tensor],
+                     wrapper: Optional[nn.Module] = None) -> Optional[HeadCheck]:
     """Compare the fused path with ``model``'s own forward on a probe row of ``batch``.
 
     Raises :class:`ModelHeadMismatch` if logits, loss or causality disagree beyond tolerance;
     returns the measured disagreements otherwise, or None if no row of ``batch`` has two
     tokens to probe.
+
+    ``wrapper``: as :func:`sdft.causal_lm_loss`'s. The model's own forward then runs through
+    it, and the fused path's passes inside its forward; the head is read where the loss reads
+    it (inside the forward that gathers it, :func:`sdft.sharding.head_owner`), after the
+    model's own forward, which under ZeRO-3 gives the head's gathered weight back. Under a
+    wrapper that shards, every process runs the same passes (they gather parameters
+    together): a batch without a row of two real tokens is probed on its first two columns.
     """
     ids = probe_row(batch)
     if ids is None:
-        return None
-    head = head_spec(model)
-    tolerance = TOLERANCE.get(head.weight.dtype, 5e-2)
+        if not runs_collectives(model, wrapper) or batch["input_ids"].shape[1] < 2:
+            return None
+        ids = batch["input_ids"][:1, :PROBE_TOKENS]
     aux = auxiliary_loss(model)
     mask = torch.ones_like(ids)
     with _eval_mode(model):
-        theirs = model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False)
-        ours = decoder_forward(model, ids, mask, output_router_logits=aux is not None)
-        changed = ids.clone()
-        changed[0, -1] = (changed[0, -1] + 1) % head.weight.shape[0]
-        later = decoder_forward(model, changed, mask).hidden
+        theirs = (model if wrapper is None else wrapper)(input_ids=ids, attention_mask=mask, labels=ids,
+                                                         use_cache=False)
+        probe = _FusedProbe(model, ids, mask, aux is not None)
+        if wrapper is None:
+            _inside_head_owner(model, probe)
+        else:
+            run_inside(wrapper, lambda: _inside_head_owner(model, probe))
+    ours, our_logits, later, head = probe.hidden, probe.logits, probe.later, probe.head
+    tolerance = TOLERANCE.get(head.dtype, 5e-2)
 
     name = architecture_name(model)
     advice = ("; if you know the fused objective is the one you want, pass check_head=False to "
               "causal_lm_loss / SDFTModel")
     their_logits = theirs.logits.double()
-    our_logits = _our_logits(head, ours.hidden)  # [1, t, V] in float64
     if their_logits.shape != our_logits.shape:
         raise ModelHeadMismatch(f"{name}: its own forward returns logits of shape {tuple(their_logits.shape)}, the "
                                 f"fused path's head gives {tuple(our_logits.shape)}{advice}")
@@ -108,12 +120,12 @@ def check_model_head(model: nn.Module, batch: Mapping[str, Tensor]) -> Optional[
     # float32, as transformers computes it) plus the auxiliary term.
     next_token_loss = F.cross_entropy(theirs.logits[0, :-1].float(), ids[0, 1:]).double()
     if aux is not None:
-        next_token_loss = next_token_loss + aux(ours.router_logits, mask).double()
+        next_token_loss = next_token_loss + aux(probe.router_logits, mask).double()
     loss_error = float((next_token_loss - their_loss.double()).abs()) / max(1.0, float(their_loss.abs()))
 
-    hidden_scale = max(float(ours.hidden[0, :-1].abs().max()), 1e-30)
-    causality_error = float((later[0, :-1] - ours.hidden[0, :-1]).abs().max()) / hidden_scale
-    dtype = str(head.weight.dtype).replace("torch.", "")
+    hidden_scale = max(float(ours[0, :-1].abs().max()), 1e-30)
+    causality_error = float((later[0, :-1] - ours[0, :-1]).abs().max()) / hidden_scale
+    dtype = str(head.dtype).replace("torch.", "")
     if causality_error > tolerance:
         raise ModelHeadMismatch(
             f"{name} is not causal as configured: changing the last of {ids.shape[1]} tokens moved the hidden states "
@@ -135,6 +147,50 @@ def check_model_head(model: nn.Module, batch: Mapping[str, Tensor]) -> Optional[
             f"{float(next_token_loss):.6g} (relative {loss_error:.2e}, tolerance {LOSS_TOLERANCE:.0e}). It shifts "
             f"labels otherwise or adds a term that sdft.architectures does not know{advice}")
     return HeadCheck(logits_error, loss_error, causality_error, tolerance)
+
+
+class _FusedProbe:
+    """The fused path's passes on the probe row: hidden states, their logits through the head
+    spec (float64), the hidden states with the last token changed. Called where the loss reads
+    the head, so that a gathered head is read while it is whole."""
+
+    def __init__(self, model: nn.Module, ids: Tensor, mask: Tensor, router_logits: bool):
+        self.model, self.ids, self.mask, self.with_router_logits = model, ids, mask, router_logits
+
+    def __call__(self) -> None:
+        decoded = decoder_forward(self.model, self.ids, self.mask, output_router_logits=self.with_router_logits)
+        head = head_spec(self.model)
+        check_whole(head.weight)
+        self.hidden, self.router_logits = decoded.hidden, decoded.router_logits
+        self.logits = _our_logits(head, decoded.hidden)  # [1, t, V] in float64
+        self.head = _HeadFacts(head.weight.dtype, head.weight.shape[0])
+        changed = self.ids.clone()
+        changed[0, -1] = (changed[0, -1] + 1) % self.head.vocab
+        self.later = decoder_forward(self.model, changed, self.mask).hidden
+
+
+@dataclass(frozen=True)
+class _HeadFacts:
+    dtype: torch.dtype
+    vocab: int
+
+
+def _inside_head_owner(model: nn.Module, fn) -> None:
+    """``fn()``, inside the forward of the module that gathers the head, if it has its own."""
+    owner = head_owner(model)
+    if owner is None:
+        fn()
+    else:
+        run_inside(owner, fn)
+
+
+def runs_collectives(model: nn.Module, wrapper: Optional[nn.Module]) -> bool:
+    """Whether a forward of ``model`` gathers parameters across processes (FSDP, ZeRO-3), so
+    that every process must run the same passes."""
+    if wrapper is not None and wrapper_kind(wrapper) in ("fsdp1", "fsdp2", "deepspeed"):
+        return True
+    return any(wrapper_kind(module) in ("fsdp1", "fsdp2") for module in model.modules()) or any(
+        is_zero3_param(param) for param in model.parameters())
 
 
 def _our_logits(head: HeadSpec, hidden: Tensor) -> Tensor:

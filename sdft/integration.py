@@ -1,12 +1,12 @@
 """The SDFT loss on a transformers causal LM, computed from hidden states: the LM head never runs.
 
 ``causal_lm_loss`` is the function; ``SDFTModel`` wraps student, teacher and loss into one module
-whose ``forward`` returns the loss, so that DDP, FSDP or accelerate can wrap the whole step.
+whose ``forward`` returns the loss, so that DDP, FSDP, DeepSpeed or accelerate can wrap the whole
+step (:mod:`sdft.sharding` says how the loss runs inside a wrapper's forward).
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Mapping, Optional, Union
 
 import torch
@@ -17,8 +17,9 @@ from sdft_kernels import SDFTLossOutput
 from .architectures import auxiliary_loss
 from .head_check import ensure_checked
 from .loss import SDFTLoss
-from .model_head import decoder_forward, forward_through, head_spec
+from .model_head import decoder_forward, head_spec
 from .packing import document_starts, sequence_kwargs
+from .sharding import check_whole, head_owner, run_inside
 from .teacher import TeacherSource
 
 
@@ -99,11 +100,17 @@ def causal_lm_loss(
     short probe row and raises if they disagree (``sdft.head_check``); ``check_head=False``
     skips that. Returns ``(loss, ce, kl, n_tokens)`` with ``aux`` as an attribute.
 
-    ``wrapper``: a ``DistributedDataParallel`` around ``model``, for a training loop that holds
-    one (``causal_lm_loss(ddp.module, batch, teacher, wrapper=ddp)``). DDP synchronises the
-    gradients of a forward that runs through it, so the student's forward then runs through
-    the wrapper, its LM head on the last position only, and the decoder's output is taken from
-    it (:func:`sdft.model_head.forward_through`).
+    ``wrapper``: the DDP, FSDP1 (``FullyShardedDataParallel``) or DeepSpeed wrapper around
+    ``model``, or ``model`` itself under FSDP2's ``fully_shard``, for a training loop that holds
+    one (``causal_lm_loss(ddp.module, batch, teacher, wrapper=ddp)``). The whole loss then runs
+    inside the wrapper's forward (:func:`sdft.sharding.run_inside`), where DDP synchronises the
+    gradients and FSDP / ZeRO-3 have gathered the parameters; backpropagate from the returned
+    loss. Without a wrapper, a head that a forward of ``model`` or of the head gathers (``model``
+    itself under ``fully_shard``, the head in an FSDP unit of its own, any module under ZeRO-3)
+    is handled too: the loss runs inside that forward (:func:`sdft.sharding.head_owner`); a
+    head that is a shard outside any forward that gathers it (``model`` inside a sharded
+    :class:`SDFTModel` but called outside its forward) is refused
+    (:class:`sdft.sharding.ShardedHeadError`).
 
     Mixed precision: the student's and the teacher's decoders run under whatever autocast is
     active. accelerate applies its autocast by wrapping the prepared model's ``forward``, which
@@ -114,53 +121,97 @@ def causal_lm_loss(
     loss = SDFTLoss() if loss is None else loss
     ignore = loss.options.ignore_index
     labels, target_mask = shifted_targets(batch, ignore)  # checks the labels' shape first
+    if wrapper is None and head_owner(model) is None:
+        check_whole(head_spec(model).weight)  # a shard here is not gathered by any forward we run
     if check_head:
-        ensure_checked(model, batch)
+        ensure_checked(model, batch, wrapper)
     aux_loss = auxiliary_loss(model)
     if aux_loss is not None and loss.options.reduction != "mean":
         raise ValueError(f"{type(model).__name__} adds an MoE auxiliary loss to its mean loss; "
                          f"reduction={loss.options.reduction!r} has no such term (use reduction='mean')")
-    if wrapper is not None and is_fsdp(wrapper):
-        raise ValueError(f"wrapper {type(wrapper).__name__}: the fused loss reads the whole LM head, which FSDP "
-                         "shards outside its forward; use DDP, or SDFTModel under FSDP's shard_grad_op")
-    run = decoder_forward if wrapper is None else partial(forward_through, wrapper)
-    decoded = run(model, batch["input_ids"], batch.get("attention_mask"),
-                  output_router_logits=aux_loss is not None, **sequence_kwargs(batch))
-    hidden = decoded.hidden
-    head = head_spec(model)
+    step = _LossStep(model, teacher, loss, num_items_in_batch, labels, target_mask, aux_loss, aux_weight)
+    if wrapper is None:
+        return step(batch)
+    # The decoder's inputs pass through the wrapper (which may move or cast them); the rest of
+    # the batch (labels, example ids for a cache) stays as given.
+    inner = []
 
-    kl_mask = None
-    if loss.kl_positions == "all":
-        kl_mask = torch.ones_like(labels, dtype=torch.bool) if target_mask is None else target_mask
+    def inside(**passed: Tensor) -> CausalLMLossOutput:
+        inner.append(step({**batch, **passed}))
+        return inner[0]
 
-    teacher_hidden = teacher_weight = teacher_bias = None
-    if teacher is not None:
-        out = teacher(batch)
-        if out.head.softcap != head.softcap:
-            raise ValueError(f"teacher softcap {out.head.softcap} != student softcap {head.softcap}")
-        teacher_hidden = _flatten(out.hidden, out.head.hidden_scale)
-        teacher_weight, teacher_bias = out.head.weight, out.head.bias
-
-    out = loss(
-        _flatten(hidden, head.hidden_scale), head.weight, labels.reshape(-1), teacher_hidden, teacher_weight,
-        student_bias=head.bias, teacher_bias=teacher_bias,
-        kl_mask=None if kl_mask is None else kl_mask.reshape(-1),
-        num_items=num_items_in_batch, softcap=head.softcap,
-    )
-    if aux_loss is None:
-        return CausalLMLossOutput(*out)
-    # Added per call to the (micro-)batch's loss, as the model's own forward adds it.
-    balance = aux_loss.balance(decoded.router_logits, batch.get("attention_mask"))
-    aux = ((aux_loss.coef if aux_weight is None else aux_weight) * balance).to(out.loss.dtype)
-    return CausalLMLossOutput(out.loss + aux, out.ce, out.kl, out.n_tokens, aux.detach(),
-                              balance.detach().to(out.loss.dtype))
+    returned = run_inside(wrapper, inside, **decoder_inputs(batch))
+    # A wrapper may rebuild the output from its four fields (DDP, FSDP, DeepSpeed put hooks on
+    # them): its tensors are the ones to backpropagate from; aux and aux_loss come from ours.
+    return CausalLMLossOutput(*returned[:4], inner[0].aux, inner[0].aux_loss)
 
 
-def is_fsdp(model: nn.Module) -> bool:
-    """FSDP's wrapper (``FullyShardedDataParallel``) or a module that FSDP2's ``fully_shard``
-    turned into an ``FSDP<Class>``: either holds shards of the LM head outside its forward."""
-    name = type(model).__name__
-    return "FullyShardedDataParallel" in name or name.startswith("FSDP")
+def decoder_inputs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """What the student's decoder reads from ``batch``: ``input_ids``, ``attention_mask`` when
+    present and the packed-sequence keys (:func:`sdft.packing.sequence_kwargs`)."""
+    inputs = {"input_ids": batch["input_ids"], **sequence_kwargs(batch)}
+    if batch.get("attention_mask") is not None:
+        inputs["attention_mask"] = batch["attention_mask"]
+    return inputs
+
+
+class _LossStep:
+    """The loss of one batch once the checks are done: decoder, teacher, fused loss. Runs inside
+    the forward of the module that gathers the LM head when that is the head's own
+    (:func:`sdft.sharding.head_owner`), so that the head is whole there and its gradient is
+    reduced as for any layer."""
+
+    def __init__(self, model, teacher, loss, num_items, labels, target_mask, aux_loss, aux_weight):
+        self.model, self.teacher, self.loss, self.num_items = model, teacher, loss, num_items
+        self.labels, self.target_mask, self.aux_loss, self.aux_weight = labels, target_mask, aux_loss, aux_weight
+
+    def __call__(self, batch: Mapping[str, Tensor]) -> CausalLMLossOutput:
+        owner = head_owner(self.model)
+        if owner is None:
+            return self._loss(batch)
+        result = []
+
+        def inside() -> CausalLMLossOutput:
+            result.append(self._loss(batch))
+            return result[0]
+
+        returned = run_inside(owner, inside)
+        return CausalLMLossOutput(*returned[:4], result[0].aux, result[0].aux_loss)
+
+    def _loss(self, batch: Mapping[str, Tensor]) -> CausalLMLossOutput:
+        model, loss, labels, target_mask, aux_loss = self.model, self.loss, self.labels, self.target_mask, self.aux_loss
+        decoded = decoder_forward(model, batch["input_ids"], batch.get("attention_mask"),
+                                  output_router_logits=aux_loss is not None, **sequence_kwargs(batch))
+        hidden = decoded.hidden
+        head = head_spec(model)
+        check_whole(head.weight)
+
+        kl_mask = None
+        if loss.kl_positions == "all":
+            kl_mask = torch.ones_like(labels, dtype=torch.bool) if target_mask is None else target_mask
+
+        teacher_hidden = teacher_weight = teacher_bias = None
+        if self.teacher is not None:
+            out = self.teacher(batch)
+            if out.head.softcap != head.softcap:
+                raise ValueError(f"teacher softcap {out.head.softcap} != student softcap {head.softcap}")
+            check_whole(out.head.weight, "the teacher's LM head")
+            teacher_hidden = _flatten(out.hidden, out.head.hidden_scale)
+            teacher_weight, teacher_bias = out.head.weight, out.head.bias
+
+        out = loss(
+            _flatten(hidden, head.hidden_scale), head.weight, labels.reshape(-1), teacher_hidden, teacher_weight,
+            student_bias=head.bias, teacher_bias=teacher_bias,
+            kl_mask=None if kl_mask is None else kl_mask.reshape(-1),
+            num_items=self.num_items, softcap=head.softcap,
+        )
+        if aux_loss is None:
+            return CausalLMLossOutput(*out)
+        # Added per call to the (micro-)batch's loss, as the model's own forward adds it.
+        balance = aux_loss.balance(decoded.router_logits, batch.get("attention_mask"))
+        aux = ((aux_loss.coef if self.aux_weight is None else self.aux_weight) * balance).to(out.loss.dtype)
+        return CausalLMLossOutput(out.loss + aux, out.ce, out.kl, out.n_tokens, aux.detach(),
+                                  balance.detach().to(out.loss.dtype))
 
 
 def _flatten(hidden: Tensor, scale: float) -> Tensor:
@@ -175,6 +226,13 @@ class SDFTModel(nn.Module):
     The student is a registered submodule (so wrappers see and synchronise its parameters);
     the teacher is deliberately not, so it is neither trained, saved nor broadcast.
     ``last_parts``: the last forward's output, detached, with its ``aux`` and ``aux_loss``.
+
+    The loss is this module's forward, so a wrapper around it (DDP; FSDP1 ``FULL_SHARD`` or
+    FSDP2 ``fully_shard`` of the decoder layers and then of this module; a DeepSpeed engine,
+    ZeRO-3 included) has gathered every parameter of its root unit, the LM head among them,
+    while the loss reads them, and reduces their gradients. A head in a unit of its own is
+    handled too (:func:`causal_lm_loss`). Shard the teacher as well, or each process holds all
+    of it: :func:`sdft.sharding.fully_shard_teacher`, :func:`sdft.sharding.deepspeed_teacher`.
     """
 
     def __init__(self, student: nn.Module, teacher: Optional[TeacherSource] = None, loss: Optional[SDFTLoss] = None,

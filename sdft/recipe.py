@@ -7,15 +7,18 @@ One process::
     sdft train config.yaml --loss.kl_weight 0.5 --output_dir runs/x
     python -m sdft train config.yaml
 
-Several GPUs (DDP; FSDP and DeepSpeed through accelerate's own config)::
+Several GPUs::
 
-    torchrun --nproc_per_node 4 -m sdft train config.yaml
-    accelerate launch -m sdft train config.yaml
+    torchrun --nproc_per_node 4 -m sdft train config.yaml                          # DDP
+    torchrun --nproc_per_node 4 -m sdft train config.yaml --fsdp true              # FSDP2
+    torchrun --nproc_per_node 4 -m sdft train config.yaml --deepspeed zero3.json   # ZeRO-3
+    accelerate launch --config_file fsdp.yaml -m sdft train config.yaml           # accelerate's config
 
-The fused loss needs the whole LM head weight on every process. Under DDP it is replicated,
-so everything works; with a sharded head (FSDP FULL_SHARD/HYBRID_SHARD, DeepSpeed ZeRO-3) the
-run stops before training with an error that names the alternative (DDP, FSDP SHARD_GRAD_OP,
-ZeRO-2).
+Under FSDP (FSDP2 or FSDP1, any sharding strategy) and DeepSpeed (ZeRO-2 or ZeRO-3) the loss
+runs inside the wrapper's forward, where the LM head is whole (:mod:`sdft.sharding`); a
+``frozen_copy`` teacher is sharded as the student. Partial freezing masks are refused there
+(whole-tensor freezing works). The results (``stage1/final``, ``final``) are whole models,
+gathered from every process and written by the first.
 
 With ``stage1_epochs > 0`` this runs the paper's recipe: stage 1 trains on the known rows with
 plain cross-entropy; the teacher is then snapshotted from the stage-1 model; stage 2 trains on
@@ -41,6 +44,7 @@ from .config import TrainConfig, to_dict
 from .data import DataError, DataReport, PadCollator, load_rows, tokenize_rows
 from .freezing import freeze
 from .loss import SDFTLoss
+from .sharding import full_state_dict
 from .teacher import AdapterDisabled, FrozenCopy, HiddenStateCache
 from .trainer import SDFTTrainer, build_trainer
 
@@ -81,35 +85,6 @@ class _TokensPerSecond(TrainerCallback):
         self.last = (now, seen)
 
 
-def check_head_not_sharded(args: TrainingArguments, env: Optional[dict] = None) -> None:
-    """Refuse setups that shard the LM head: the fused loss needs the whole weight per process.
-
-    Covers the Trainer's own ``fsdp``/``deepspeed`` arguments and ``accelerate launch`` configs
-    (which reach the process as ``ACCELERATE_*`` / ``FSDP_*`` environment variables).
-    """
-    env = os.environ if env is None else env
-    fsdp = getattr(args, "fsdp", None) or ""
-    fsdp = " ".join(map(str, fsdp)) if isinstance(fsdp, (list, tuple)) else str(fsdp)
-    strategy = env.get("FSDP_SHARDING_STRATEGY", "").upper()
-    if ("full_shard" in fsdp.lower() or "hybrid_shard" in fsdp.lower()
-            or (env.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-                and strategy in ("FULL_SHARD", "HYBRID_SHARD", "1", "4"))):
-        raise ValueError(
-            "the fused SDFT loss needs the whole LM head on every process, but FSDP FULL_SHARD/HYBRID_SHARD "
-            "shards it; use DDP (plain torchrun), or FSDP SHARD_GRAD_OP"
-        )
-    zero3 = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
-    ds = getattr(args, "deepspeed", None)
-    if ds:
-        config = ds if isinstance(ds, dict) else json.loads(Path(ds).read_text())
-        zero3 = zero3 or int(config.get("zero_optimization", {}).get("stage", 0)) == 3
-    if zero3:
-        raise ValueError(
-            "the fused SDFT loss needs the whole LM head on every process, but DeepSpeed ZeRO-3 partitions it; "
-            "use ZeRO-2 (or DDP)"
-        )
-
-
 def training_arguments(cfg: TrainConfig, output_dir: Path, epochs: float) -> TrainingArguments:
     """The ``TrainingArguments`` of one stage. Every field of :class:`TrainConfig` that is a
     training argument is passed here, and the optimizer is built from these arguments
@@ -126,13 +101,13 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, epochs: float) -> Tra
         train_sampling_strategy=cfg.sampling,
         use_cpu=not torch.cuda.is_available(), bf16=cfg.dtype == "bfloat16" and torch.cuda.is_available(),
         save_only_model=False, logging_first_step=True, disable_tqdm=False,
+        fsdp=cfg.fsdp or None, fsdp_config=cfg.fsdp_config, deepspeed=cfg.deepspeed,  # README, "Scale out"
     )
-    check_head_not_sharded(args)
     return args
 
 
 def _run_stage(cfg, name, student, teacher, loss, examples, tokenizer, metrics_path, resume, epochs, freeze_report):
-    """Train ``student`` in place on ``examples``; returns the stage's output dir."""
+    """Train ``student`` in place on ``examples``; returns the trainer."""
     from datasets import Dataset
 
     out = Path(cfg.output_dir) / name
@@ -144,7 +119,21 @@ def _run_stage(cfg, name, student, teacher, loss, examples, tokenizer, metrics_p
     tokens_per_s.trainer = trainer
     checkpoint = newest_complete_checkpoint(out) if resume else None
     trainer.train(resume_from_checkpoint=checkpoint)
-    return out
+    return trainer
+
+
+def _sharded(trainer: SDFTTrainer) -> bool:
+    return bool(trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
+
+
+def save_result(trainer: SDFTTrainer, student, tokenizer, folder: Path) -> None:
+    """:func:`save_final` of the trained student, whole: gathered from every process under
+    FSDP or ZeRO-3 (every process calls this) and written by the first; the others wait for
+    it."""
+    state = full_state_dict(student, trainer.model_wrapped) if _sharded(trainer) else None
+    if trainer.args.process_index == 0:
+        save_final(student, tokenizer, folder, state)
+    trainer.accelerator.wait_for_everyone()
 
 
 def newest_complete_checkpoint(folder: Path) -> Optional[str]:
@@ -172,15 +161,16 @@ def newest_complete_checkpoint(folder: Path) -> Optional[str]:
     return None
 
 
-def save_final(model, tokenizer, folder: Path) -> None:
-    """Write ``folder`` (model and tokenizer) so that it exists only once complete.
+def save_final(model, tokenizer, folder: Path, state_dict: Optional[dict] = None) -> None:
+    """Write ``folder`` (model and tokenizer) so that it exists only once complete;
+    ``state_dict``: the model's weights when ``model`` itself holds shards of them.
 
     Everything goes to ``<folder>.partial`` first and is renamed into place: a run stopped
     during the save leaves no folder that looks finished but does not load.
     """
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
+    model.save_pretrained(partial, state_dict=state_dict)
     tokenizer.save_pretrained(partial)
     if folder.exists():  # a rerun into the same output_dir replaces the old result
         shutil.rmtree(folder)
@@ -225,9 +215,11 @@ def _make_teacher(cfg: TrainConfig, student, examples, tokenizer):
     if source == "adapter_disabled":
         return AdapterDisabled(student)
     cache_dir = Path(cfg.teacher.cache_dir or Path(cfg.output_dir) / "teacher_cache")
-    if not (cache_dir / "meta.json").exists():
+    if not (cache_dir / "meta.json").exists() and int(os.environ.get("RANK", "0")) == 0:
         HiddenStateCache.build(student, examples, cache_dir, dtype=_DTYPES[cfg.teacher.cache_dtype],
                                pad_token_id=tokenizer.pad_token_id, batch_size=cfg.batch_size)
+    if torch.distributed.is_initialized():  # the other processes wait for the first's cache
+        torch.distributed.barrier()
     cache = HiddenStateCache(cache_dir)
     cache.check_matches(examples, student)  # another dataset or teacher: refused, never reused
     return cache
@@ -264,16 +256,21 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             freeze_report = _freeze(cfg, student)
         else:
             known = [ex for ex in examples if ex["known"]]
-            _run_stage(cfg, "stage1", student, None, loss, known, tokenizer, metrics,  # no teacher: CE
-                       resume, cfg.stage1_epochs, freeze_report)
-            save_final(student, tokenizer, stage1_final)
+            stage1 = _run_stage(cfg, "stage1", student, None, loss, known, tokenizer, metrics,  # no teacher: CE
+                                resume, cfg.stage1_epochs, freeze_report)
+            save_result(stage1, student, tokenizer, stage1_final)
+            if _sharded(stage1):  # the wrapper sharded the student in place: stage 2 starts from the saved result
+                if cfg.lora.r > 0:
+                    raise ValueError("a LoRA two-stage run under FSDP or DeepSpeed is not supported: stage 1 saved "
+                                     "the adapters only, and the sharded student cannot be snapshotted in place")
+                student = load_student(cfg, stage1_final)
+                freeze_report = _freeze(cfg, student)
 
     teacher = _make_teacher(cfg, student, examples, tokenizer)
-    _run_stage(cfg, "stage2" if cfg.stage1_epochs > 0 else "train", student, teacher, loss, examples, tokenizer,
-               metrics, resume, cfg.epochs, freeze_report)
+    trainer = _run_stage(cfg, "stage2" if cfg.stage1_epochs > 0 else "train", student, teacher, loss, examples,
+                         tokenizer, metrics, resume, cfg.epochs, freeze_report)
     final = out / "final"
-    if int(os.environ.get("RANK", "0")) == 0:
-        save_final(student, tokenizer, final)
+    save_result(trainer, student, tokenizer, final)
     return final
 
 

@@ -15,6 +15,7 @@ import copy
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Protocol, Sequence, Union
 
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from .model_head import HeadSpec, final_hidden_states, head_spec
 from .packing import document_spans, sequence_kwargs
+from .sharding import run_inside
 
 
 @dataclass
@@ -60,6 +62,12 @@ class FrozenCopy:
         model: the transformers causal LM to snapshot.
         dtype: optional dtype for the copy (e.g. ``torch.bfloat16`` for an fp32 student): half
             the memory, at the cost of teacher logits rounded at that precision.
+
+    Under a wrapper that shards the student, shard the copy too, or every process holds all of
+    it: :func:`sdft.sharding.fully_shard_teacher` (FSDP2) or
+    :func:`sdft.sharding.deepspeed_teacher` (ZeRO-3) set ``wrapper``, the module whose forward
+    gathers the copy's weights (its passes then run inside it), and ``head``, its LM head
+    gathered once (None: read from ``model`` at each call).
     """
 
     def __init__(self, model: nn.Module, dtype: Optional[torch.dtype] = None):
@@ -68,16 +76,24 @@ class FrozenCopy:
         self.model.eval()
         if dtype is not None:
             self.model.to(dtype)
+        self.wrapper: Optional[nn.Module] = None
+        self.head: Optional[HeadSpec] = None
 
     def to(self, *args, **kwargs) -> "FrozenCopy":
+        if self.wrapper is not None:
+            raise ValueError("a sharded FrozenCopy stays where its wrapper put it")
         self.model.to(*args, **kwargs)
         return self
 
     @torch.no_grad()
     def __call__(self, batch: Mapping[str, Tensor]) -> TeacherOutput:
-        hidden = final_hidden_states(self.model, batch["input_ids"], batch.get("attention_mask"),
-                                     **sequence_kwargs(batch))
-        return TeacherOutput(hidden, _frozen_head(head_spec(self.model)))
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"),
+                  **sequence_kwargs(batch)}
+        if self.wrapper is None:
+            hidden = final_hidden_states(self.model, **inputs)
+        else:
+            hidden = run_inside(self.wrapper, partial(final_hidden_states, self.model), **inputs)
+        return TeacherOutput(hidden, self.head if self.head is not None else _frozen_head(head_spec(self.model)))
 
 
 class AdapterDisabled:

@@ -4,17 +4,18 @@ where ``sdft train`` and the demo put a student, its teacher, the loss and an op
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 
 from .architectures import check_supported
-from .freezing import FreezeReport, masked_optimizer, param_groups
-from .integration import SDFTModel, causal_lm_loss, is_fsdp, shifted_targets
+from .freezing import FreezeReport, masked_optimizer
+from .integration import SDFTModel, causal_lm_loss, shifted_targets
 from .loss import SDFTLoss
-from .teacher import TeacherSource
+from .sharding import deepspeed_teacher, fully_shard_teacher, wrapper_kind
+from .teacher import FrozenCopy, TeacherSource
 
 
 class SDFTTrainer(Trainer):
@@ -31,21 +32,32 @@ class SDFTTrainer(Trainer):
     masked, the loss's ``ignore_index``), whether the model is the plain student or an
     :class:`SDFTModel`, which the Trainer would not recognise as a causal LM. ``model`` may be
     an :class:`SDFTModel` (then ``teacher``/``sdft_loss`` come from it); that form runs the step
-    through the model's ``forward``, which FSDP needs. A plain student under DDP runs its
-    forward through the wrapper (:func:`causal_lm_loss`'s ``wrapper``); under FSDP it is
-    refused. With ``bf16=True`` / ``fp16=True`` the loss, the student's and the teacher's
-    decoders included, runs under the Trainer's autocast.
+    through the model's ``forward``. A plain student under DDP, FSDP or DeepSpeed runs the loss
+    inside the wrapper's forward (:func:`causal_lm_loss`'s ``wrapper``). With ``bf16=True`` /
+    ``fp16=True`` the loss, the student's and the teacher's decoders included, runs under the
+    Trainer's autocast.
+
+    Under FSDP (``fsdp=`` / ``fsdp_config=``, or an accelerate config) or DeepSpeed ZeRO-3, a
+    :class:`~sdft.teacher.FrozenCopy` teacher is sharded as the student is when the trainer is
+    built (:func:`sdft.sharding.fully_shard_teacher`; ZeRO-3: an inference engine of its own,
+    :func:`sdft.sharding.deepspeed_teacher`); otherwise it is moved to the training device.
+    ``optimizer_factory``: builds the optimizer from the model as the Trainer holds it when it
+    creates its optimizer (after FSDP has wrapped it), in place of the Trainer's default; it is
+    how :func:`build_trainer` gives its optimizer under FSDP, where the Trainer takes none.
     """
 
     def __init__(self, *args, teacher: Optional[TeacherSource] = None, sdft_loss: Optional[SDFTLoss] = None,
-                 check_head: bool = True, **kwargs):
+                 check_head: bool = True,
+                 optimizer_factory: Optional[Callable[[nn.Module], torch.optim.Optimizer]] = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self._optimizer_factory = optimizer_factory
         self.check_head = check_head  # for a plain student; an SDFTModel carries its own (causal_lm_loss)
         inner = self.accelerator.unwrap_model(self.model)
         if isinstance(inner, SDFTModel):
             teacher = inner.teacher if teacher is None else teacher
             sdft_loss = inner.loss if sdft_loss is None else sdft_loss
         self.teacher = teacher
+        self._place_teacher()
         self.sdft_loss = SDFTLoss() if sdft_loss is None else sdft_loss
         # What the fused path refuses (a model it cannot reproduce, a PEFT prompt-learning kind it
         # does not support) is refused now, not at the first step.
@@ -60,6 +72,29 @@ class SDFTTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self._last_components: dict[str, float] = {}
         self._tokens_seen = 0  # a tensor after the first step: summed without a host sync
+
+    def _place_teacher(self) -> None:
+        """A FrozenCopy teacher sharded as the student will be, or on the training device."""
+        teacher = self.teacher
+        if not isinstance(teacher, FrozenCopy) or teacher.wrapper is not None:
+            return
+        if self.is_deepspeed_enabled:
+            config = dict(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+            if int(config.get("zero_optimization", {}).get("stage", 0)) == 3:
+                # bf16 / fp16 may still read "auto" here: the training arguments decide them.
+                config.update(bf16={"enabled": bool(self.args.bf16)}, fp16={"enabled": bool(self.args.fp16)})
+                deepspeed_teacher(teacher, config)
+                return
+        elif self.is_fsdp_enabled:
+            fully_shard_teacher(teacher, **_fsdp2_teacher_settings(self.accelerator.state.fsdp_plugin))
+            return
+        teacher.to(self.args.device)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self._optimizer_factory is not None:
+            self.optimizer = self._optimizer_factory(self.model if model is None else model)
+            return self.optimizer
+        return super().create_optimizer(model) if model is not None else super().create_optimizer()
 
     @property
     def tokens_seen(self) -> int:
@@ -88,13 +123,6 @@ class SDFTTrainer(Trainer):
         mask = inputs.get("attention_mask")
         self._tokens_seen = self._tokens_seen + (mask.sum() if mask is not None else inputs["input_ids"].numel())
         inner = self.accelerator.unwrap_model(model)
-        if is_fsdp(model) and not isinstance(inner, SDFTModel):
-            # FSDP gathers the parameters only inside its forward: the fused loss would read a
-            # shard of the LM head.
-            raise RuntimeError(
-                f"SDFTTrainer under {type(model).__name__}: pass model=SDFTModel(student, teacher, loss) so that "
-                "the whole loss runs inside the wrapper's forward (sdft train does this)"
-            )
         # Mixed precision (bf16=True / fp16=True): accelerate applies its autocast by wrapping the
         # prepared model's own forward, but the fused path calls the student's decoder (and the
         # teacher's) directly, so the wrapper never runs for them. The Trainer's
@@ -108,11 +136,11 @@ class SDFTTrainer(Trainer):
             if isinstance(inner, SDFTModel):
                 out = model(num_items_in_batch=num_items_in_batch, **inputs)
             else:
-                # Under DDP the student's forward runs through the wrapper, which synchronises the
-                # gradients of what runs inside it (causal_lm_loss's wrapper).
-                ddp = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+                # Under DDP, FSDP or DeepSpeed the loss runs inside the wrapper's forward, which
+                # synchronises the gradients and gathers sharded parameters (causal_lm_loss's wrapper).
+                wrapper = model if wrapper_kind(model) is not None else None
                 out = causal_lm_loss(inner, inputs, self.teacher, self.sdft_loss, num_items_in_batch,
-                                     check_head=self.check_head, wrapper=ddp,
+                                     check_head=self.check_head, wrapper=wrapper,
                                      aux_weight=self._aux_weight(num_items_in_batch))
         loss = out.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -176,22 +204,70 @@ def build_trainer(
 
     The optimizer is AdamW with ``args``' learning rate, betas, epsilon and weight decay (so a
     training argument cannot miss the optimizer): matrices and embeddings decay, 1-D tensors
-    (biases, norm scales) do not, and only parameters with ``requires_grad`` get state. With a
+    (biases, norm scales) do not, and only parameters with ``requires_grad`` get state. It is
+    built when the Trainer creates its optimizer (``trainer.create_optimizer()``), from the
+    model as the Trainer then holds it: under FSDP, the sharded parameters. With a
     ``freeze_report`` holding partial masks, the frozen entries stay bit-identical under
-    AdamW's decay and momentum (:func:`sdft.freezing.masked_optimizer`). The Trainer builds the
-    learning-rate schedule from ``args``. ``check_head``: compare the fused path with the
-    model's own forward once (:func:`sdft.causal_lm_loss`).
+    AdamW's decay and momentum (:func:`sdft.freezing.masked_optimizer`); such masks need whole
+    parameters and are refused under FSDP and DeepSpeed (freeze whole tensors there: a
+    group spec such as ``"ffn"`` or ``"layers[:4]"``). The Trainer builds the learning-rate
+    schedule from ``args``. ``check_head``: compare the fused path with the model's own
+    forward once (:func:`sdft.causal_lm_loss`).
     """
-    optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay), lr=args.learning_rate,
-                                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    if freeze_report is not None:
-        optimizer = masked_optimizer(optimizer, freeze_report)
+    # Which tensors decay, by their names in the student: under FSDP1 and ZeRO-3 the wrapped
+    # parameters no longer have their shapes.
+    decays = {name: len(getattr(p, "ds_shape", p.shape)) >= 2 for name, p in student.named_parameters()}
+
+    def optimizer_factory(model: nn.Module) -> torch.optim.Optimizer:
+        optimizer = torch.optim.AdamW(_param_groups_by_name(model, decays, args.weight_decay), lr=args.learning_rate,
+                                      betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        return masked_optimizer(optimizer, freeze_report) if freeze_report is not None else optimizer
+
     trainer = SDFTTrainer(model=SDFTModel(student, teacher, loss, check_head=check_head), args=args,
-                          train_dataset=train_dataset,
-                          data_collator=data_collator, optimizers=(optimizer, None))
+                          train_dataset=train_dataset, data_collator=data_collator,
+                          optimizer_factory=optimizer_factory)
+    if freeze_report is not None and freeze_report.partial and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        raise ValueError(
+            f"partial freezing masks ({', '.join(e.name for e in freeze_report.partial)}) keep entries of a parameter "
+            f"fixed by index into the whole tensor; under {'FSDP' if trainer.is_fsdp_enabled else 'DeepSpeed'} each "
+            "process holds a shard of it. Freeze whole tensors instead (a group such as 'ffn' or 'layers[:4]'), "
+            "or train without sharding (DDP)")
     for callback in callbacks:
         trainer.add_callback(callback)
     return trainer
+
+
+def _param_groups_by_name(model: nn.Module, decays: dict[str, bool], weight_decay: float) -> list[dict]:
+    """AdamW groups of ``model``'s trainable parameters (an SDFTModel, perhaps wrapped), decay
+    decided by the student's parameter of the same name (wrapper prefixes removed)."""
+    groups: dict[bool, list] = {True: [], False: []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        clean = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+        for prefix in ("module.", "student."):
+            clean = clean.removeprefix(prefix)
+        if clean not in decays:
+            raise ValueError(f"parameter {name!r} is not one of the student's (its parameters are flattened: FSDP1 "
+                             "needs use_orig_params=True)")
+        groups[decays[clean]].append(param)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0}
+            for decay, params in ((True, groups[True]), (False, groups[False])) if params]
+
+
+def _fsdp2_teacher_settings(plugin) -> dict:
+    """``fully_shard`` settings for the teacher from accelerate's FSDP plugin: its CPU offload
+    and its mixed precision's parameter dtype."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    settings = {}
+    offload = getattr(plugin, "cpu_offload", None)
+    if isinstance(offload, CPUOffloadPolicy) or getattr(offload, "offload_params", False):
+        settings["offload_policy"] = CPUOffloadPolicy()
+    dtype = getattr(getattr(plugin, "mixed_precision_policy", None), "param_dtype", None)
+    if isinstance(dtype, torch.dtype):
+        settings["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype)
+    return settings
 
 
 def _one_name_per_tensor(state_dict: dict) -> dict:

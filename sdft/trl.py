@@ -34,6 +34,7 @@ from .architectures import pre_head
 from .fused_linear_jsd import FusedLinearJSDLoss
 from .loss import SDFTLoss
 from .model_head import head_spec
+from .sharding import check_whole
 from .teacher import TeacherSource
 from .trainer import SDFTTrainer
 
@@ -67,10 +68,10 @@ class SDFTSFTTrainer(SDFTTrainer, SFTTrainer):
     times it, averaged over the accumulated micro-batches);
     ``SFTTrainer``'s ``entropy`` and ``mean_token_accuracy`` need the logits and are not
     computed. Evaluation reports the same loss; ``compute_metrics`` gets logits from an extra
-    forward, as in ``SFTTrainer``. Under DDP (``torchrun``, ``accelerate launch``) the
-    student's forward runs through the wrapper, which synchronises the gradients
-    (:func:`sdft.causal_lm_loss`'s ``wrapper``); FSDP, which shards the LM head outside its
-    forward, is refused.
+    forward, as in ``SFTTrainer``. Under DDP, FSDP or DeepSpeed (``torchrun``, ``accelerate
+    launch``) the loss runs inside the wrapper's forward, which synchronises the gradients and
+    gathers sharded parameters, and a ``FrozenCopy`` teacher is sharded as the student
+    (:class:`sdft.SDFTTrainer`).
 
     The paper's recipe (stage 1: cross-entropy on the rows the model already knows; snapshot;
     stage 2: SDFT on all rows against the snapshot)::
@@ -181,7 +182,9 @@ class FusedJSDDistillationTrainer(DistillationTrainer):
     DDP/FSDP routing and the normaliser (the accumulated batch's count of completion tokens).
     Not computed: the per-token student entropy the parent logs (logged as None). A logit
     softcap (Gemma 2) needs :class:`FusedLinearJSDLoss`, whose call takes it; a logit scale
-    is folded into the hidden states.
+    is folded into the hidden states. The loss reads the heads outside the models' forwards,
+    so under FSDP or ZeRO-3, which shard them there, it is refused
+    (:class:`sdft.sharding.ShardedHeadError`).
     """
 
     def __init__(self, *args, fused_jsd_loss: Optional[nn.Module] = None, **kwargs):
@@ -219,6 +222,8 @@ class FusedJSDDistillationTrainer(DistillationTrainer):
                                                        self._get_last_hidden_state, unwrapped_teacher, input_ids,
                                                        attention_mask, logits_to_keep, **extra)
         student_head, teacher_head = head_spec(unwrapped_student), head_spec(unwrapped_teacher)
+        check_whole(student_head.weight)  # this loss runs outside the student's forward: FSDP/ZeRO-3 refused
+        check_whole(teacher_head.weight, "the teacher's LM head")
         if student_head.softcap != teacher_head.softcap:
             raise ValueError(f"student softcap {student_head.softcap} != teacher softcap {teacher_head.softcap}: "
                              "one fused loss applies one softcap to both")

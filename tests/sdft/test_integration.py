@@ -201,9 +201,10 @@ def _lora_student():
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS) + ["mixtral, aux loss", "llama, LoRA"])
 def test_through_a_wrapper_equals_running_the_decoder(arch):
-    """``wrapper=``: the model's own forward runs (through the wrapper, as DDP needs), its head
-    on the last position only, and the decoder's output is taken from it: the same loss,
-    auxiliary term and gradients as running the decoder alone."""
+    """``wrapper=``: the whole loss runs inside the wrapper's forward (a forward redirection: the
+    wrapper's forward and its hooks run, the model's own forward does not, nor its head): the
+    same loss, auxiliary term and gradients as running the decoder alone, and the model's
+    forward is its own again afterwards."""
     if arch.startswith("mixtral"):
         student = _moe_with_aux()
     else:
@@ -215,15 +216,17 @@ def test_through_a_wrapper_equals_running_the_decoder(arch):
     expected = _grads(student)
     student.zero_grad()
 
-    heads = []
-    hook = student.get_output_embeddings().register_forward_pre_hook(lambda _, args: heads.append(args[0].shape))
+    forwards = []
+    hook = student.register_forward_hook(lambda module, args, kwargs, out: forwards.append(sorted(kwargs)),
+                                         with_kwargs=True)
     try:
-        through = causal_lm_loss(student, batch, teacher, SDFTLoss(kl_weight=0.7), wrapper=student)
+        with head_forward_forbidden(student):
+            through = causal_lm_loss(student, batch, teacher, SDFTLoss(kl_weight=0.7), wrapper=student)
     finally:
         hook.remove()
     through.loss.backward()
-    B = batch["input_ids"].shape[0]
-    assert [tuple(shape[:-1]) for shape in heads] == [(B, 1)]  # the model's head ran, on one position
+    assert forwards == [["attention_mask", "input_ids"]]  # once through the wrapper, with the decoder's inputs
+    assert "forward" not in student.__dict__  # the redirection is undone
     torch.testing.assert_close(through.loss, direct.loss, rtol=1e-6, atol=0)
     if arch.startswith("mixtral"):
         assert float(through.aux) > 0
@@ -232,11 +235,3 @@ def test_through_a_wrapper_equals_running_the_decoder(arch):
     assert grads.keys() == expected.keys()
     for name, grad in expected.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
-
-
-def test_a_sharded_wrapper_is_refused():
-    class FullyShardedDataParallel(torch.nn.Module):  # the name is what FSDP's wrapper is known by
-        pass
-
-    with pytest.raises(ValueError, match="FSDP shards"):
-        causal_lm_loss(tiny_model("llama"), make_batch(), None, wrapper=FullyShardedDataParallel())

@@ -214,23 +214,26 @@ def test_torchrun_two_processes_equal_one(tmp_path):
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
 
 
-def test_sharded_head_setups_are_refused():
-    from types import SimpleNamespace
+def test_sharding_keys_reach_the_training_arguments(tmp_path, monkeypatch):
+    """fsdp / fsdp_config / deepspeed go to the Trainer's arguments of those names (a CPU cannot
+    set FSDP up, so the arguments are captured, not built); bad combinations fail at load."""
+    import sdft.recipe as recipe
 
-    from sdft.recipe import check_head_not_sharded
-
-    plain = SimpleNamespace(fsdp="", deepspeed=None)
-    check_head_not_sharded(plain, env={})  # DDP: fine
-    check_head_not_sharded(SimpleNamespace(fsdp="shard_grad_op", deepspeed=None), env={})
-    with pytest.raises(ValueError, match="FSDP FULL_SHARD.*use DDP"):
-        check_head_not_sharded(SimpleNamespace(fsdp="full_shard auto_wrap", deepspeed=None), env={})
-    with pytest.raises(ValueError, match="FSDP"):
-        check_head_not_sharded(plain, env={"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "FULL_SHARD"})
-    with pytest.raises(ValueError, match="ZeRO-3.*ZeRO-2"):
-        check_head_not_sharded(SimpleNamespace(fsdp="", deepspeed={"zero_optimization": {"stage": 3}}), env={})
-    with pytest.raises(ValueError, match="ZeRO-3"):
-        check_head_not_sharded(plain, env={"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
-    check_head_not_sharded(SimpleNamespace(fsdp="", deepspeed={"zero_optimization": {"stage": 2}}), env={})
+    fsdp_json = tmp_path / "fsdp.json"
+    fsdp_json.write_text('{"cpu_offload": true}')
+    captured = {}
+    monkeypatch.setattr(recipe, "TrainingArguments", lambda **kwargs: captured.update(kwargs) or kwargs)
+    base = ["--model=m", "--data.train_file=d.jsonl", f"--output_dir={tmp_path}"]
+    recipe.training_arguments(load_config(None, base + ["--fsdp=true", f"--fsdp_config={fsdp_json}"]), tmp_path, 1.0)
+    assert (captured["fsdp"], captured["fsdp_config"], captured["deepspeed"]) == (True, str(fsdp_json), None)
+    recipe.training_arguments(load_config(None, base + [f"--deepspeed={fsdp_json}"]), tmp_path, 1.0)
+    assert (captured["fsdp"], captured["deepspeed"]) == (None, str(fsdp_json))
+    with pytest.raises(ConfigError, match="fsdp and deepspeed: choose one"):
+        load_config(None, base + ["--fsdp=true", f"--deepspeed={fsdp_json}"])
+    with pytest.raises(ConfigError, match="deepspeed: no such file"):
+        load_config(None, base + ["--deepspeed=missing.json"])
+    with pytest.raises(ConfigError, match="fsdp_config: set fsdp: true"):
+        load_config(None, base + [f"--fsdp_config={fsdp_json}"])
 
 
 def test_chat_rows_mask_everything_but_the_reply(tmp_path):
@@ -308,6 +311,7 @@ NOT_TRAINING_ARGUMENTS = {
     "check_head",  # SDFTModel's one-time comparison with the model's own forward
     "data", "loss", "teacher", "lora", "freeze", "train_only",  # their own sections and steps
     "stage1_epochs",  # the epochs of stage 1's TrainingArguments
+    "fsdp", "fsdp_config", "deepspeed",  # training arguments: test_sharding_keys_reach_the_training_arguments
 }
 
 
@@ -334,7 +338,7 @@ def test_every_training_setting_reaches_the_trainer_and_its_optimizer(tmp_path):
         assert str(getattr(got, "value", got)) == str(expected), f"{name} -> {attr}: {got!r}"
 
     trainer = build_trainer(tiny_model("llama"), args, Dataset.from_list([{"input_ids": [3, 4, 5]}]), PadCollator(0))
-    groups = trainer.optimizer.param_groups
+    groups = trainer.create_optimizer().param_groups  # built when the Trainer builds its optimizer
     assert {g["lr"] for g in groups} == {0.0123}
     assert max(g["weight_decay"] for g in groups) == 0.37  # matrices decay, 1-D tensors do not
     assert all(g["betas"] == (args.adam_beta1, args.adam_beta2) and g["eps"] == args.adam_epsilon for g in groups)

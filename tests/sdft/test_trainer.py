@@ -176,9 +176,9 @@ def test_count_loss_targets_counts_what_the_loss_counts():
 
 
 def test_plain_model_under_ddp_runs_its_forward_through_the_wrapper(tmp_path, monkeypatch):
-    """A plain model under DDP (one gloo process here; two in test_trl): the loss runs the
-    student's forward through the wrapper, which DDP needs to synchronise the gradients, and
-    gives the loss and gradients of the model alone. FSDP is refused."""
+    """A plain model under DDP (one gloo process here; two in test_trl): the loss runs inside
+    the wrapper's forward, which DDP needs to synchronise the gradients, and gives the loss and
+    gradients of the model alone (FSDP and DeepSpeed: test_sharding)."""
     import torch.distributed as dist
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
@@ -205,12 +205,6 @@ def test_plain_model_under_ddp_runs_its_forward_through_the_wrapper(tmp_path, mo
         torch.testing.assert_close(loss, expected.loss, rtol=1e-6, atol=0)
         for name, param in model.named_parameters():
             torch.testing.assert_close(param.grad, expected_grads[name], rtol=1e-5, atol=1e-7)
-
-        class FullyShardedDataParallel(torch.nn.Module):  # the name is what FSDP's wrapper is known by
-            pass
-
-        with pytest.raises(RuntimeError, match="pass model=SDFTModel"):
-            trainer.compute_loss(FullyShardedDataParallel(), batch)
 
         # bf16=True: the autocast reaches the student's and the teacher's decoders through the
         # wrapper as well (the Trainer's autocast is not on this wrapper's module).
