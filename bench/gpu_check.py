@@ -15,7 +15,8 @@ Parts, in order (seconds: default budget; a part starts only when its minimum is
    GEMM floor, ours and its implementations, Liger, cut-cross-entropy and orda, each in a
    process of its own (:mod:`bench.gpu_check_headline`);
 4. ``behaviour`` (40): the memory, host-synchronisation, determinism and autocast tests;
-5. ``fsdp`` (30, if time remains): one FSDP2 step in a world of one (:mod:`bench.fsdp_step`);
+5. ``fsdp`` (60, if time remains): FSDP2 steps in a world of one (:mod:`bench.fsdp_step`):
+   SDFTModel, a plain student through its forward, SDFTTrainer with accelerate's FSDP2;
 6. ``train_step`` (80, if time remains): SFT against SDFT, bf16 and bf16 mixed precision
    (:mod:`bench.gpu_check_training`).
 
@@ -79,7 +80,8 @@ PARTS = (
     Part("correctness", "Correctness of every implementation, bf16 at a real head", 75, 20, True),
     Part("headline", "Headline shape: Llama-3-8B head, N=8192, forward + backward", 130, 25, True),
     Part("behaviour", "Memory, host synchronisation, determinism, autocast", 40, 15, True),
-    Part("fsdp", "One FSDP2 step in a world of one", 30, 15, True, if_time_remains=True),
+    Part("fsdp", "FSDP2 steps in a world of one: SDFTModel, a plain student, SDFTTrainer", 60, 20, True,
+         if_time_remains=True),
     Part("train_step", "Training step, SFT against SDFT, bf16 and bf16 mixed precision", 80, 35,
          True, if_time_remains=True),
 )
@@ -355,8 +357,10 @@ def dry_run_lines(args) -> list:
         "correctness": describe_tests(CORRECTNESS, xdist, timeout),
         "headline": describe_headline(),
         "behaviour": describe_tests(BEHAVIOUR, xdist, timeout),
-        "fsdp": ["python -m bench.fsdp_step --device cuda: fully_shard over every decoder layer "
-                 "and an SDFTModel, one step against the same step unsharded"],
+        "fsdp": ["python -m bench.fsdp_step --device cuda: fully_shard over every decoder layer and an "
+                 "SDFTModel, then over a plain student (the loss through its forward), each with a sharded "
+                 "teacher, and SDFTTrainer with accelerate's FSDP2 (bf16), each step against the same step "
+                 "unsharded"],
         "train_step": describe_train_step(),
     }
     budgets = _budgets(args.budget)

@@ -117,12 +117,17 @@ def _headline_section(p: dict) -> list:
 
 
 def _fsdp_section(p: dict) -> list:
-    if p.get("loss") is None:
-        return []
-    return [f"{p.get('model')} ({p.get('dtype')}, {p.get('sequences')} x {p.get('seq_len')} "
-            f"tokens) wrapped as {p.get('wrapped_as')}: loss {p['loss']:.6g} against "
-            f"{p['oracle_loss']:.6g} unsharded (rel. err {p['loss_rel_err']:.1e}), LM head "
-            f"gradient rel. err {p['grad_rel_err']:.1e}."]
+    variants = p.get("variants") or {"sdft_model": p}
+    out = []
+    for way, v in variants.items():
+        if v.get("loss") is None:
+            out.append(f"- {way}: {v.get('status')}: {v.get('reason')}")
+            continue
+        grad = f", LM head gradient rel. err {v['grad_rel_err']:.1e}" if "grad_rel_err" in v else ""
+        out.append(f"- {way}: {p.get('model')} ({v.get('dtype')}, {p.get('sequences')} x {p.get('seq_len')} "
+                   f"tokens) wrapped as {v.get('wrapped_as')}: loss {v['loss']:.6g} against "
+                   f"{v['oracle_loss']:.6g} unsharded (rel. err {v['loss_rel_err']:.1e}){grad}: {v.get('status')}.")
+    return out
 
 
 def _train_step_section(p: dict) -> list:

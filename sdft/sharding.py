@@ -292,23 +292,36 @@ def _gathered_head(model: nn.Module, gather: Callable[[Tensor], Tensor]):
 def fully_shard_teacher(teacher, **fsdp_kwargs: Any):
     """Shard a :class:`sdft.teacher.FrozenCopy` with FSDP2, in place; returns it.
 
-    Its decoder layers and then its model go under ``fully_shard`` (:func:`fully_shard_layers`,
-    ``fsdp_kwargs`` as there: ``mesh``, ``offload_policy=CPUOffloadPolicy()``, ``mp_policy``),
-    so each process holds ``1/world`` of its weights, and its passes run through its own
-    forward (:func:`run_inside`), which gathers them a layer at a time. Its LM head is gathered
-    once, now (FSDP2's ``unshard()``, then ``reshard()``), and kept whole on every process
-    (``V x D``: the fused loss reads it for every chunk of rows); it is frozen, so no gradient
-    needs reducing.
+    Its LM head and input embeddings (when untied), its decoder layers and then its model go
+    under ``fully_shard`` (:func:`fully_shard_layers`; ``fsdp_kwargs`` as there: ``mesh``,
+    ``offload_policy=CPUOffloadPolicy()``, ``mp_policy``), so each process holds ``1/world`` of
+    its weights, and its passes run through its own forward (:func:`run_inside`), which gathers
+    them a unit at a time. Its LM head is gathered once, now (FSDP2's ``unshard()``, then
+    ``reshard()``), and kept whole on every process (``V x D``: the fused loss reads it for
+    every chunk of rows); it is frozen, so no gradient needs reducing.
     """
     model = teacher.model
     if wrapper_kind(model) is not None or teacher.wrapper is not None:
         raise ValueError(f"the teacher's model is already wrapped ({type(teacher.wrapper or model).__name__})")
+    from .architectures import unwrap
+
+    inner = unwrap(model)
+    head, embed = inner.get_output_embeddings(), inner.get_input_embeddings()
+    # Untied, the head and the embeddings are units of their own: the head's is never gathered
+    # by a pass (the loss reads the copy below), the embeddings' only while they run.
+    separate = (isinstance(head, nn.Module) and isinstance(embed, nn.Module)
+                and getattr(head, "weight", None) is not getattr(embed, "weight", None))
+    if separate:
+        fully_shard = _fully_shard()
+        fully_shard(head, **fsdp_kwargs)
+        fully_shard(embed, **fsdp_kwargs)
     fully_shard_layers(model, **fsdp_kwargs)
-    model.unshard()  # the root unit (embeddings, norm, head) whole, on the compute device
+    unit = head if separate else model
+    unit.unshard()  # the head whole, on the compute device
     try:
         teacher.head = _gathered_head(model, lambda tensor: tensor.detach().clone())
     finally:
-        model.reshard()
+        unit.reshard()
     # FSDP2 keeps a root unit whole after its forward, for the backward that follows; the
     # teacher has none, so its root reshards at once (else every process would keep its
     # embeddings and head whole from the first batch on).
