@@ -215,3 +215,35 @@ def test_plain_model_under_ddp_runs_its_forward_through_the_wrapper(tmp_path, mo
         assert student_activity.dtypes[True] == teacher_activity.dtypes[False] == {torch.bfloat16}
     finally:
         dist.destroy_process_group()
+
+
+def test_build_trainers_optimizer_from_the_wrapped_model_decays_by_the_students_names(tmp_path):
+    """build_trainer's AdamW is built from the model as the Trainer holds it when it creates its
+    optimizer, here under FSDP1 (its parameter names carry the wrapper's prefixes), and weight
+    decay goes to the student's matrices by their names: with more than one process FSDP1's
+    parameters are flat 1-D shards, whose shapes no longer tell."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from sdft.trainer import build_trainer
+
+    student = tiny_model("llama")
+    expected = {name for name, p in student.named_parameters() if p.dim() >= 2}
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no",
+                             weight_decay=0.1)
+    trainer = build_trainer(student, args, Dataset.from_list([{"input_ids": [3, 4, 5]}]), _collate)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        wrapped = FullyShardedDataParallel(trainer.model, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+                                           device_id=torch.device("cpu"), use_orig_params=True)
+        names = {id(p): n.replace("_fsdp_wrapped_module.", "").removeprefix("student.")
+                 for n, p in wrapped.named_parameters()}
+        assert any("_fsdp_wrapped_module" in n for n, _ in wrapped.named_parameters())
+        optimizer = trainer.create_optimizer(wrapped)
+        decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+        undecayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+        assert decayed == expected and undecayed == set(names.values()) - expected
+    finally:
+        dist.destroy_process_group()
