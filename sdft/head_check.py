@@ -81,8 +81,8 @@ def check_model_head(model: nn.Module, batch: Mapping[str, Tensor],
     it, and the fused path's passes inside its forward; the head is read where the loss reads
     it (inside the forward that gathers it, :func:`sdft.sharding.head_owner`), after the
     model's own forward, which under ZeRO-3 gives the head's gathered weight back. Under a
-    wrapper that shards, every process runs the same passes (they gather parameters
-    together): a batch without a row of two real tokens is probed on its first two columns.
+    wrapper, or a model sharded itself, every process runs the same passes (their forwards
+    communicate): a batch without a row of two real tokens is probed on its first columns.
     """
     ids = probe_row(batch)
     if ids is None:
@@ -185,9 +185,10 @@ def _inside_head_owner(model: nn.Module, fn) -> None:
 
 
 def runs_collectives(model: nn.Module, wrapper: Optional[nn.Module]) -> bool:
-    """Whether a forward of ``model`` gathers parameters across processes (FSDP, ZeRO-3), so
-    that every process must run the same passes."""
-    if wrapper is not None and wrapper_kind(wrapper) in ("fsdp1", "fsdp2", "deepspeed"):
+    """Whether a forward of ``model`` or of its wrapper communicates across processes (DDP
+    broadcasts buffers, FSDP and ZeRO-3 gather parameters), so that every process must run the
+    same passes."""
+    if wrapper is not None and wrapper_kind(wrapper) is not None:
         return True
     return any(wrapper_kind(module) in ("fsdp1", "fsdp2") for module in model.modules()) or any(
         is_zero3_param(param) for param in model.parameters())

@@ -297,3 +297,17 @@ def test_fsdp2_in_one_process_through_its_forward_and_refused_outside(world_of_o
     fully_shard_layers(SDFTModel(inside, teacher), mesh=mesh)
     with pytest.raises(ShardedHeadError, match="FSDP2 shard.*SDFTModel"):
         causal_lm_loss(inside, batch, teacher)
+
+
+def test_under_a_wrapper_every_process_probes_the_head(world_of_one):
+    """The head check's forwards through a wrapper communicate (DDP broadcasts buffers, FSDP
+    gathers), so a process whose batch has no row of two real tokens probes its first columns
+    instead of skipping the check while the others run it (which would hang them)."""
+    from sdft.head_check import check_model_head
+    from tests.sdft.tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    batch = {"input_ids": torch.tensor([[5, 6, 7], [8, 9, 10]]), "attention_mask": torch.tensor([[1, 0, 0], [0, 0, 0]])}
+    assert check_model_head(model, batch) is None  # alone: nothing to probe, nothing run
+    checked = check_model_head(model, batch, wrapper=torch.nn.parallel.DistributedDataParallel(model))
+    assert checked is not None and checked.logits < checked.tolerance
