@@ -19,7 +19,7 @@ from .head_check import ensure_checked
 from .loss import SDFTLoss
 from .model_head import decoder_forward, head_spec
 from .packing import document_starts, sequence_kwargs
-from .sharding import check_whole, head_owner, run_inside
+from .sharding import check_head_reachable, check_whole, head_owner, run_inside
 from .teacher import TeacherSource
 
 
@@ -121,8 +121,8 @@ def causal_lm_loss(
     loss = SDFTLoss() if loss is None else loss
     ignore = loss.options.ignore_index
     labels, target_mask = shifted_targets(batch, ignore)  # checks the labels' shape first
-    if wrapper is None and head_owner(model) is None:
-        check_whole(head_spec(model).weight)  # a shard here is not gathered by any forward we run
+    if wrapper is None:
+        check_head_reachable(model)  # a shard here is not gathered by any forward we run
     if check_head:
         ensure_checked(model, batch, wrapper)
     aux_loss = auxiliary_loss(model)

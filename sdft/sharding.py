@@ -183,11 +183,8 @@ def head_owner(model: nn.Module) -> Optional[nn.Module]:
     that module's forward). None: the head is an ordinary parameter, a unit above ``model``
     holds it (FSDP around an :class:`sdft.SDFTModel`, whose forward is the loss), or the loss
     already runs inside that forward."""
-    from .architectures import unwrap
-
-    get = getattr(unwrap(model), "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    if not isinstance(head, nn.Module):
+    head = _head_module(model)
+    if head is None:
         return None
     owner = None
     for module in _path(model, head):
@@ -200,6 +197,24 @@ def head_owner(model: nn.Module) -> Optional[nn.Module]:
     if owner is None or any(owner is running for running in _RUNNING):
         return None
     return owner
+
+
+def _head_module(model: nn.Module) -> Optional[nn.Module]:
+    from .architectures import unwrap
+
+    get = getattr(unwrap(model), "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Module) else None
+
+
+def check_head_reachable(model: nn.Module) -> None:
+    """Raise :class:`ShardedHeadError` if ``model``'s LM head is a shard that no forward the
+    loss runs inside would gather (:func:`head_owner` is None and the weight is a shard)."""
+    if head_owner(model) is not None:
+        return
+    weight = getattr(_head_module(model), "weight", None)
+    if isinstance(weight, Tensor):
+        check_whole(weight)
 
 
 def _path(model: nn.Module, target: nn.Module) -> list[nn.Module]:
