@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .architectures import architecture_name, auxiliary_loss
+from .architectures import architecture_name, auxiliary_loss, check_supported
 from .model_head import HeadSpec, decoder_forward, head_spec
 from .sharding import check_whole, head_owner, is_zero3_param, run_inside, wrapper_kind
 
@@ -84,6 +84,7 @@ def check_model_head(model: nn.Module, batch: Mapping[str, Tensor],
     wrapper, or a model sharded itself, every process runs the same passes (their forwards
     communicate): a batch without a row of two real tokens is probed on its first columns.
     """
+    check_supported(model)  # what is refused is refused first, with its reason
     ids = probe_row(batch)
     if ids is None:
         if not runs_collectives(model, wrapper) or batch["input_ids"].shape[1] < 2:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from sdft_kernels import SDFTLossOutput
 
-from .architectures import auxiliary_loss
+from .architectures import auxiliary_loss, check_supported
 from .head_check import ensure_checked
 from .loss import SDFTLoss
 from .model_head import decoder_forward, head_spec
@@ -122,6 +122,7 @@ def causal_lm_loss(
     ignore = loss.options.ignore_index
     labels, target_mask = shifted_targets(batch, ignore)  # checks the labels' shape first
     if wrapper is None:
+        check_supported(model)  # what is refused is refused first, with its reason
         check_head_reachable(model)  # a shard here is not gathered by any forward we run
     if check_head:
         ensure_checked(model, batch, wrapper)
