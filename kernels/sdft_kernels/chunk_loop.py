@@ -4,8 +4,8 @@ Tokens are processed in chunks of ``chunk_size`` rows, so the transient memory i
 ``[chunk, V]`` buffers instead of whole ``[N, V]`` logits. What happens between a chunk's
 logit GEMMs and its gradient GEMMs is the *epilogue*, passed in:
 :class:`sdft_kernels.torch_epilogue.TorchEpilogue` (element-wise torch ops on float32 buffers)
-or :class:`sdft_kernels.triton_chunked.TritonEpilogue` (one Triton kernel on logits kept in
-the inputs' dtype). What differs between them is an attribute of the epilogue: its memory
+or :class:`sdft_kernels.triton_chunked.TritonEpilogue` (one Triton kernel on float32 logits
+from cuBLAS). What differs between them is an attribute of the epilogue: its memory
 budget and bytes per row, the dtype of the gradient GEMMs, and the chunk computation itself.
 
 When gradients are needed and the upstream gradient is a scalar (``reduction`` "mean" or
@@ -44,6 +44,7 @@ class Workspace:
     def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
         self.rows, self.vocab, self.dtype, self.device = rows, vocab, dtype, device
         self._buffers: dict[str, Tensor] = {}
+        self._upcast: dict[tuple, Tensor] = {}
 
     def get(self, name: str, rows: int, dtype: Optional[torch.dtype] = None) -> Tensor:
         """Rows ``[:rows]`` of buffer ``name`` (``dtype`` defaults to the workspace's)."""
@@ -52,6 +53,17 @@ class Workspace:
             buf = self._buffers[name] = torch.empty(self.rows, self.vocab, dtype=dtype or self.dtype,
                                                     device=self.device)
         return buf[:rows]
+
+    def upcast(self, t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """``t`` in ``dtype`` (default the workspace's), converted once per call: the head that
+        a GEMM without float32 output for half-precision factors needs in float32."""
+        dtype = dtype or self.dtype
+        if t.dtype == dtype:
+            return t
+        key = (t.data_ptr(), tuple(t.shape), t.stride(), dtype)
+        if key not in self._upcast:
+            self._upcast[key] = t.to(dtype)
+        return self._upcast[key]
 
 
 class Epilogue(Protocol):
@@ -167,10 +179,13 @@ def chunked_sdft(
         if dz.dtype != gemm_dtype:  # into a reused buffer: no fresh [chunk, V] per chunk
             dz = ws.get("dz_gemm", dz.shape[0], gemm_dtype).copy_(dz)
         if d_h is not None:
+            # A float32 dz of half-precision inputs (CPU) meets the head in float32: the copy
+            # the logit GEMM made, not a rounding of dz.
+            W_g = ws.upcast(W, dz.dtype)
             if dz.dtype == h.dtype and index is None:
-                torch.mm(dz, W, out=d_h[s:e])
+                torch.mm(dz, W_g, out=d_h[s:e])
             else:
-                d_h[rows_ix] = (dz.to(h.dtype) @ W) if dz.dtype != h.dtype else dz @ W
+                d_h[rows_ix] = (dz @ W_g).to(h.dtype)
         if d_w is not None:
             accumulate_weight_grad(d_w, dz, h_c, first=s == 0)
         del dz

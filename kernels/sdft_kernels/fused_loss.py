@@ -44,6 +44,7 @@ def fused_linear_sdft_loss(
     return_components: bool = False,
     validate_labels: bool = _DEFAULTS.validate_labels,
     chunk_size: Optional[int] = None,
+    logits_dtype: str = _DEFAULTS.logits_dtype,
 ) -> Union[Tensor, SDFTLossOutput]:
     """LM-head matmul + cross-entropy + teacher divergence, without materialising the logits.
 
@@ -92,13 +93,18 @@ def fused_linear_sdft_loss(
             turn off to avoid the sync.
         chunk_size: rows per chunk of the chunked paths (default: from a budget of ~256 MiB
             for ``"torch"``, 1 GiB of logits for ``"triton_chunked"``).
+        logits_dtype: ``"float32"`` (default): every logit is the GEMM's float32 sum (float64
+            for float64 inputs), never rounded to bfloat16/float16 before the softmax;
+            ``"input"``: rounded to the inputs' dtype, bias included, as an ``nn.Linear`` head
+            in that dtype returns them (bit-level parity with a materialised bf16/fp16 forward).
 
     Returns:
         The loss (float32, float64 for float64 inputs): a scalar, or ``[N]`` for
         ``reduction="none"``; or :class:`SDFTLossOutput` with ``return_components=True``.
 
     Under ``torch.autocast`` the inputs are cast as ``F.linear`` would cast them (floating
-    tensors but float64, to the autocast dtype), so the GEMMs and kernels run in that dtype;
+    tensors but float64, to the autocast dtype), so the GEMMs run in that dtype (their float32
+    sums are the logits, unless ``logits_dtype="input"``);
     gradients reach the original tensors in their own dtypes. Under ``torch.no_grad()`` no
     gradient is formed. A second backward through the same loss (``retain_graph=True``) works
     for ``"triton"`` and ``"reference"``; the chunked paths hand their gradients over at the
@@ -107,7 +113,7 @@ def fused_linear_sdft_loss(
     options = LossOptions(
         ce_weight=ce_weight, kl_weight=kl_weight, temperature=temperature, divergence=divergence,
         jsd_beta=jsd_beta, ignore_index=ignore_index, reduction=reduction, softcap=softcap,
-        validate_labels=validate_labels,
+        validate_labels=validate_labels, logits_dtype=logits_dtype,
     )
     return sdft_loss(options, student_hidden, student_weight, labels, teacher_hidden, teacher_weight,
                      student_bias=student_bias, teacher_bias=teacher_bias, kl_mask=kl_mask, num_items=num_items,

@@ -13,6 +13,7 @@ from typing import Optional
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
+LOGITS_DTYPES = ("float32", "input")
 IMPLS = ("auto", "triton", "triton_chunked", "torch", "reference")
 DEFAULT_IMPL = "auto"
 TRITON_IMPLS = ("triton", "triton_chunked")  # need CUDA (or Triton's interpreter)
@@ -37,6 +38,13 @@ class LossOptions:
     where ``softcap`` (if set) first maps every logit z to ``softcap * tanh(z / softcap)``.
     ``validate_labels`` checks the label range (and a tensor ``num_items``) before any kernel
     runs, at the cost of one host synchronisation per call.
+
+    ``logits_dtype`` says where the logits are rounded. ``"float32"`` (the default): each logit
+    is the GEMM's float32 accumulator (float64 for float64 inputs) plus the bias, never rounded
+    to a bfloat16/float16 input dtype before the softmax, as TRL's chunked losses and Cut
+    Cross-Entropy keep it. ``"input"``: rounded to the inputs' dtype, bias included, as an
+    ``nn.Linear`` LM head in that dtype returns them (parity with a materialised Hugging Face
+    forward in bf16/fp16). The two are the same for float32 and float64 inputs.
     """
 
     ce_weight: float = 1.0
@@ -48,6 +56,7 @@ class LossOptions:
     reduction: str = "mean"
     softcap: Optional[float] = None
     validate_labels: bool = True
+    logits_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         for name in ("ce_weight", "kl_weight"):
@@ -70,6 +79,8 @@ class LossOptions:
                 raise ValueError(f"softcap must be None or a finite number > 0, got {c!r}")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        if self.logits_dtype not in LOGITS_DTYPES:
+            raise ValueError(f"logits_dtype must be one of {LOGITS_DTYPES}, got {self.logits_dtype!r}")
         if not isinstance(self.validate_labels, bool):
             raise TypeError(f"validate_labels must be a bool, got {self.validate_labels!r}")
 

@@ -25,6 +25,17 @@ def apply_softcap(logits: Tensor, softcap: Optional[float]) -> Tensor:
     return softcap * torch.tanh(logits / softcap)
 
 
+def head_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], acc: torch.dtype, logits_dtype: str) -> Tensor:
+    """``hidden @ weight.T + bias`` ``[N, V]`` in ``acc``, rounded where ``logits_dtype`` says
+    (:class:`LossOptions`): ``"input"`` as ``F.linear`` in the inputs' dtype returns them;
+    ``"float32"`` computed in ``acc`` (or the inputs' dtype where that is wider) from the same
+    values, so half-precision products are summed without rounding."""
+    if logits_dtype == "input":
+        return F.linear(hidden, weight, bias).to(acc)
+    dtype = torch.promote_types(acc, hidden.dtype)
+    return F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).to(acc)
+
+
 def divergence_rows(logp_s: Tensor, logp_t: Tensor, divergence: str, jsd_beta: float) -> Tensor:
     """Row-wise divergence between teacher and student log-probabilities ``[N, V] -> [N]``.
 
@@ -74,8 +85,9 @@ def reference_sdft_loss(
 ) -> SDFTLossOutput:
     """Materialise the logits and compute the SDFT objective with autograd.
 
-    Logits are computed in the input dtype (as ``nn.Linear`` would), then promoted to float32
-    (float64 for float64 inputs) for the loss. The teacher is a constant: no gradient reaches
+    Logits are float32 (float64 for float64 inputs), from the GEMM's float32 sums by default,
+    or rounded to the input dtype first (``options.logits_dtype="input"``, as ``nn.Linear``
+    would round them). The teacher is a constant: no gradient reaches
     ``teacher_*`` tensors. Shapes: hidden ``[N, D]``, weight ``[V, D]``, labels ``[N]``.
     """
     o = options
@@ -86,13 +98,13 @@ def reference_sdft_loss(
     # Positions counted by neither term contribute nothing, not even a NaN in their hidden state.
     counted = (label_mask | kl_rows).unsqueeze(-1)
     student_hidden = torch.where(counted, student_hidden, student_hidden.new_zeros(()))
-    z_s = apply_softcap(F.linear(student_hidden, student_weight, student_bias).to(acc), o.softcap)
+    z_s = apply_softcap(head_logits(student_hidden, student_weight, student_bias, acc, o.logits_dtype), o.softcap)
     safe_labels = labels.masked_fill(~label_mask, 0).unsqueeze(-1)
     ce_rows = torch.where(label_mask, torch.logsumexp(z_s, -1) - z_s.gather(-1, safe_labels).squeeze(-1), 0.0)
 
     if teacher_hidden is not None:
         with torch.no_grad():
-            z_t = F.linear(teacher_hidden, teacher_weight, teacher_bias).to(acc)
+            z_t = head_logits(teacher_hidden, teacher_weight, teacher_bias, acc, o.logits_dtype)
             # Rows outside the KL mask get constant teacher logits: whatever the teacher holds
             # there (a NaN) must not reach the student's gradient through a weight of 0.
             z_t = torch.where(kl_rows.unsqueeze(-1), apply_softcap(z_t, o.softcap), 0.0)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .chunk_loop import Workspace
+from .logits_gemm import logits_into, rounded_logits_into
 from .options import LossOptions
 from .reduction import accumulation_dtype
 
@@ -31,8 +31,10 @@ def live_buffers(options: LossOptions, has_teacher: bool, half_inputs: bool) -> 
 
     The student's logits and log-probabilities at temperature 1; with a teacher, both models'
     log-probabilities at tau; the tanh of a softcap, kept for the gradient; for the JSD the
-    mixture's temporaries. Half-precision inputs add their GEMM output before it is copied up
-    and, on a GPU, the gradient rounded for its GEMMs (half a buffer each).
+    mixture's temporaries. Half-precision inputs add, with ``logits_dtype="input"``, their
+    rounded GEMM output before it is copied up and, on a GPU, the gradient rounded for its
+    GEMMs (half a buffer each; counted in either mode). On CPU their head is also upcast to
+    float32 once per call (not per row: outside this count).
     """
     count = 4 if has_teacher else 2
     if has_teacher and options.effective_divergence == "jsd":
@@ -46,15 +48,14 @@ def _rowdot_into(a: Tensor, b: Tensor) -> Tensor:
     return a.mul_(b).sum(-1)
 
 
-def _logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], softcap) -> None:
-    """``out = softcap(hidden @ weight.T + bias)`` in ``out``'s dtype (GEMM in the input dtype)."""
-    if hidden.dtype == out.dtype:
-        if bias is None:
-            torch.mm(hidden, weight.t(), out=out)
-        else:
-            torch.addmm(bias, hidden, weight.t(), out=out)
+def _logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], softcap,
+                 options: LossOptions, ws: Workspace) -> None:
+    """``out = softcap(hidden @ weight.T + bias)`` in ``out``'s dtype, the GEMM's output rounded
+    as ``options.logits_dtype`` says (:mod:`sdft_kernels.logits_gemm`)."""
+    if options.logits_dtype == "input":
+        rounded_logits_into(out, hidden, weight, bias)
     else:
-        out.copy_(F.linear(hidden, weight, bias))
+        logits_into(out, hidden, weight, bias, lambda w: ws.upcast(w, out.dtype))
     if softcap is not None:
         out.div_(softcap).tanh_().mul_(softcap)
 
@@ -119,7 +120,7 @@ def _torch_chunk(h, W, b, ht, Wt, bt, y, options: LossOptions, ce_scale, kl_scal
     inv_tau = 1.0 / options.temperature
     want_grad = ce_scale is not None
     z = ws.get("z", rows)
-    _logits_into(z, h, W, b, None)
+    _logits_into(z, h, W, b, None, options, ws)
     cap = None
     if options.softcap is not None:  # keep tanh(z / c): the gradient needs 1 - tanh^2
         cap = torch.div(z, options.softcap, out=ws.get("cap", rows)).tanh_()
@@ -132,7 +133,7 @@ def _torch_chunk(h, W, b, ht, Wt, bt, y, options: LossOptions, ce_scale, kl_scal
     if ht is not None:
         logp_s = _log_softmax_into(ws.get("logp_s", rows), z.mul_(inv_tau))
         logp_t = ws.get("logp_t", rows)
-        _logits_into(logp_t, ht, Wt, bt, options.softcap)
+        _logits_into(logp_t, ht, Wt, bt, options.softcap, options, ws)
         _log_softmax_into(logp_t, logp_t.mul_(inv_tau))
         # A bias may mask vocabulary entries with -inf; a softcap maps -inf to -softcap.
         guard_inf = (b is not None or bt is not None) and options.softcap is None

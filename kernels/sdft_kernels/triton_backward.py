@@ -81,7 +81,7 @@ def logits_grad_tile(
     HAS_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DIVERGENCE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, TEACHER_DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROUND_LOGITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``d loss / d z_s`` (:func:`logit_grad`) for one ``[BLOCK_N, BLOCK_V]`` tile in ACC, zero
     outside the masks."""
@@ -92,11 +92,11 @@ def logits_grad_tile(
         z_t = logits_tile(
             ht_ptr, wt_ptr, bt_ptr, rows.to(tl.int64) * stride_ht, cols.to(tl.int64) * stride_wt, row_mask,
             col_mask, cols, DT, softcap, inv_softcap, HAS_TEACHER_BIAS, HAS_SOFTCAP, TEACHER_DOT_DTYPE, ACC,
-            PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+            PRECISION, ROUND_LOGITS, BLOCK_N, BLOCK_V, BLOCK_D,
         )
     z_s = logits_tile(
         h_ptr, w_ptr, b_ptr, rows.to(tl.int64) * stride_h, cols.to(tl.int64) * stride_w, row_mask, col_mask,
-        cols, D, softcap, inv_softcap, HAS_BIAS, HAS_SOFTCAP, DOT_DTYPE, ACC, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        cols, D, softcap, inv_softcap, HAS_BIAS, HAS_SOFTCAP, DOT_DTYPE, ACC, PRECISION, ROUND_LOGITS, BLOCK_N, BLOCK_V, BLOCK_D,
     )
     dz = logit_grad(
         z_s, z_t, cols, labels, m, log_sum_1, log_sum_s, m_t, log_sum_t, aux, ce_scale, kl_scale,
@@ -149,7 +149,7 @@ def sdft_backward_hidden_kernel(
     HAS_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DIVERGENCE: tl.constexpr,  # optional inputs; FORWARD_KL/REVERSE_KL/JSD
     DOT_DTYPE: tl.constexpr, TEACHER_DOT_DTYPE: tl.constexpr, ACC: tl.constexpr,  # tile dtypes
-    PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" or "tf32")
+    PRECISION: tl.constexpr, ROUND_LOGITS: tl.constexpr,  # tl.dot input precision ("ieee"/"tf32"); round logits
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -171,7 +171,7 @@ def sdft_backward_hidden_kernel(
             D, DT, stride_h, stride_w, stride_ht, stride_wt,
             inv_tau, softcap, inv_softcap, log_beta, log_1m_beta, one_m_beta,
             HAS_BIAS, HAS_TEACHER, HAS_TEACHER_BIAS, HAS_SOFTCAP, DIVERGENCE,
-            DOT_DTYPE, TEACHER_DOT_DTYPE, ACC, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+            DOT_DTYPE, TEACHER_DOT_DTYPE, ACC, PRECISION, ROUND_LOGITS, BLOCK_N, BLOCK_V, BLOCK_D,
         ).to(DOT_DTYPE)
         # The first step starts the sums from zero, the last one writes the output dtype. (The
         # flags are row vectors: the interpreter mishandles a scalar mask & a tensor mask.)
@@ -212,7 +212,7 @@ def sdft_backward_weight_kernel(
     HAS_SOFTCAP: tl.constexpr, DIVERGENCE: tl.constexpr,  # optional inputs; FORWARD_KL/REVERSE_KL/JSD
     COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,  # which outputs are wanted
     DOT_DTYPE: tl.constexpr, TEACHER_DOT_DTYPE: tl.constexpr, ACC: tl.constexpr,  # tile dtypes
-    PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" or "tf32")
+    PRECISION: tl.constexpr, ROUND_LOGITS: tl.constexpr,  # tl.dot input precision ("ieee"/"tf32"); round logits
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes
 ):
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -236,7 +236,7 @@ def sdft_backward_weight_kernel(
             D, DT, stride_h, stride_w, stride_ht, stride_wt,
             inv_tau, softcap, inv_softcap, log_beta, log_1m_beta, one_m_beta,
             HAS_BIAS, HAS_TEACHER, HAS_TEACHER_BIAS, HAS_SOFTCAP, DIVERGENCE,
-            DOT_DTYPE, TEACHER_DOT_DTYPE, ACC, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+            DOT_DTYPE, TEACHER_DOT_DTYPE, ACC, PRECISION, ROUND_LOGITS, BLOCK_N, BLOCK_V, BLOCK_D,
         )
         if COMPUTE_DB:
             db += tl.sum(dz, axis=0)
@@ -325,7 +325,7 @@ def sdft_backward(
     sizes = (N, V, D, ht.shape[1] if has_teacher else 0)
     strides = (h.stride(0), W.stride(0), ht.stride(0) if has_teacher else 0, Wt.stride(0) if has_teacher else 0)
     scalars = scalar_args(options)
-    flags = dict(loss_flags(options), **dot_flags(h, ht, Wt))
+    flags = dict(loss_flags(options), **dot_flags(h, ht, Wt, options))
 
     if need_hidden_grad:
         # Partial sums need ACC precision; a float32/float64 dh can hold them itself.

@@ -4,19 +4,22 @@
 four GEMMs in cuBLAS (through ``torch.mm``) and everything between them in this one kernel.
 Per chunk of C tokens::
 
-    z_s = h_c @ W.T,  z_t = ht_c @ Wt.T          # cuBLAS, [C, V] in the inputs' dtypes
-    ce, div, dz = epilogue(z_s, z_t)              # this kernel; dz overwrites z_s
+    z_s = h_c @ W.T,  z_t = ht_c @ Wt.T          # cuBLAS, [C, V] float32
+    ce, div, dz = epilogue(z_s, z_t)              # this kernel; dz in the inputs' dtype
     dh_c = dz @ W,  dW += dz.T @ h_c              # cuBLAS
 
 So the whole forward+backward costs the essential ``8 N D V`` FLOPs at cuBLAS speed plus one
 memory-bound kernel that reads each logit twice (three times for JSD) and writes the gradient
 once, instead of the fused kernels' recomputation (``16 N D V`` FLOPs in Triton tiles). The
-price is memory: two ``[C, V]`` buffers, sized by the chunk budget.
+price is memory: two or three ``[C, V]`` buffers, sized by the chunk budget.
 
-The GEMM outputs are rounded to the inputs' dtype, as ``F.linear`` would round them (plain
-torch and the reference do the same); biases are added in float32 after that rounding. The
-statistics and gradient are computed in float32 (float64 for float64 inputs) with the
-arithmetic of :mod:`sdft_kernels.triton_math`, the same as the fused kernels'.
+The GEMM outputs stay float32 (``torch.mm(..., out_dtype=torch.float32)``), and the kernel
+adds the biases in float32; with ``LossOptions.logits_dtype="input"`` they are rounded to the
+inputs' dtype, bias included, as ``F.linear`` rounds them (:mod:`sdft_kernels.logits_gemm`).
+The statistics and gradient are computed in float32 (float64 for float64 inputs) with the
+arithmetic of :mod:`sdft_kernels.triton_math`, the same as the fused kernels'. The gradient
+is written in the inputs' dtype, for the gradient GEMMs: over the logits where those have
+that dtype, else into a third buffer.
 
 One program owns ``BLOCK_N`` rows and sweeps them three times over the vocabulary at most:
 statistics, the JSD's second sweep, and the gradient. Each element of ``dz`` depends on that
@@ -31,6 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .logits_gemm import logits_into, rounded_logits_into
 from .options import LossOptions
 from .reduction import accumulation_dtype
 from .triton_common import (
@@ -68,6 +72,9 @@ class EpilogueConfig(NamedTuple):
 # Memory-bound: wide rows of 16-byte loads keep enough bytes in flight; one row per program
 # gives C programs per chunk (C is in the thousands at real vocabularies).
 EPILOGUE_CONFIG = EpilogueConfig(block_n=1, block_v=4096, num_warps=8)
+# float32 logits of half-precision inputs (the default): the same bytes in flight from half the
+# width; 4096 wide, the softcap variant spilled on sm_90 (4 B).
+EPILOGUE_CONFIG_MIXED = EpilogueConfig(block_n=1, block_v=2048, num_warps=8)
 # float64 tiles take twice the registers: 4096 wide, the JSD variant spilled (52 B on sm_90);
 # 2048 wide, the softcap variant under triton 3.6 (4 B on sm_80).
 EPILOGUE_CONFIG_FP64 = EpilogueConfig(block_n=1, block_v=1024, num_warps=8)
@@ -198,11 +205,14 @@ def sdft_chunk_epilogue_kernel(
                      mask=row_mask[:, None] & col_mask[None, :])
 
 
-def default_epilogue_config(dtype: torch.dtype = torch.float32) -> EpilogueConfig:
-    """The epilogue's tiles for logits of ``dtype`` in this process (GPU or interpreter)."""
+def default_epilogue_config(dtype: torch.dtype = torch.float32, dz_dtype: Optional[torch.dtype] = None) -> EpilogueConfig:
+    """The epilogue's tiles for logits of ``dtype`` and a gradient of ``dz_dtype`` (default the
+    same) in this process (GPU or interpreter)."""
     if INTERPRET:
         return EPILOGUE_CONFIG_INTERPRET
-    return EPILOGUE_CONFIG_FP64 if dtype == torch.float64 else EPILOGUE_CONFIG
+    if dtype == torch.float64:
+        return EPILOGUE_CONFIG_FP64
+    return EPILOGUE_CONFIG_MIXED if dz_dtype is not None and dz_dtype.itemsize < dtype.itemsize else EPILOGUE_CONFIG
 
 
 def chunk_epilogue(
@@ -216,59 +226,80 @@ def chunk_epilogue(
     ce_scale: Optional[Tensor] = None,
     kl_scale: Optional[Tensor] = None,
     *,
+    dz: Optional[Tensor] = None,
     config: Optional[EpilogueConfig] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Masked loss rows ``(ce [C], div [C])`` of one chunk; with scales, ``dz`` replaces ``z_s``.
+    """Masked loss rows ``(ce [C], div [C])`` of one chunk; with scales, the logit gradient is
+    written to ``dz`` (default: over ``z_s``, in place).
 
     ``z_s``/``z_t``: ``[C, V]`` logits *before* bias and softcap (the kernel applies both), rows
     contiguous; ``labels [C]`` int64, ``kl_mask [C]`` bool; ``ce_scale``/``kl_scale [C]`` as in
     :func:`sdft_kernels.reduction.row_scales`. The rows are float32 (float64 for float64
-    logits). ``dz`` is written in ``z_s``'s dtype, exactly 0 on rows whose scales are both 0.
+    logits). ``dz`` ``[C, V]`` (rows contiguous) gets the gradient in its own dtype, exactly 0
+    on rows whose scales are both 0.
     """
     C, V = z_s.shape
+    dz = z_s if dz is None else dz
     acc_dtype = accumulation_dtype(z_s.dtype)
     ce = torch.empty(C, device=z_s.device, dtype=acc_dtype)
     div = torch.empty(C, device=z_s.device, dtype=acc_dtype)
     if C == 0:
         return ce, div
-    config = config or default_epilogue_config(z_s.dtype)
+    config = config or default_epilogue_config(z_s.dtype, dz.dtype)
     with on_device(z_s):  # the tensors' device, not the current one
         sdft_chunk_epilogue_kernel[(triton.cdiv(C, config.block_n),)](
-            z_s, z_t, b, bt, labels, kl_mask.view(torch.uint8), ce_scale, kl_scale, ce, div, z_s,
-            C, V, z_s.stride(0), 0 if z_t is None else z_t.stride(0), z_s.stride(0),
+            z_s, z_t, b, bt, labels, kl_mask.view(torch.uint8), ce_scale, kl_scale, ce, div, dz,
+            C, V, z_s.stride(0), 0 if z_t is None else z_t.stride(0), dz.stride(0),
             *scalar_args(options), **loss_flags(options), ACC=tl_dtype(acc_dtype),
             BLOCK_N=config.block_n, BLOCK_V=config.block_v, num_warps=config.num_warps,
         )
     return ce, div
 
 
-# The Triton epilogue keeps two [chunk, V] buffers in the inputs' dtype. Fewer, larger chunks
-# mean fewer read-modify-writes of the float32 weight gradient (8 V D bytes each): 1 GiB gives
-# 2048-token chunks at Llama-3's V = 128256 in bfloat16.
+# The Triton epilogue keeps two [chunk, V] logit buffers, float32 by default (and, for
+# half-precision inputs, a third for dz in their dtype: the gradient GEMMs' operand). Fewer,
+# larger chunks mean fewer read-modify-writes of the float32 weight gradient (8 V D bytes each):
+# 1 GiB gives chunks of about 840 tokens at Llama-3's V = 128256 for bfloat16 inputs.
 TRITON_CHUNK_BUDGET_BYTES = 2**30
 
 
 class TritonEpilogue:
-    """Logits from ``torch.mm`` in the inputs' dtype, then one Triton kernel per chunk
-    (:func:`sdft_kernels.triton_chunked.chunk_epilogue`); ``impl="triton_chunked"``."""
+    """Logits from ``torch.mm`` (float32 by default, :mod:`sdft_kernels.logits_gemm`), then one
+    Triton kernel per chunk (:func:`sdft_kernels.triton_chunked.chunk_epilogue`);
+    ``impl="triton_chunked"``."""
 
     budget_bytes = TRITON_CHUNK_BUDGET_BYTES
     max_rows = None  # as many as the budget allows: fewer read-modify-writes of the dW sums
 
     @staticmethod
     def row_bytes(V: int, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype], options: LossOptions) -> int:
-        return max(V, 1) * (dtype.itemsize + (teacher_dtype.itemsize if teacher_dtype is not None else 0))
+        if options.logits_dtype == "input":
+            return max(V, 1) * (dtype.itemsize + (teacher_dtype.itemsize if teacher_dtype is not None else 0))
+        acc = accumulation_dtype(dtype).itemsize
+        dz = dtype.itemsize if dtype.itemsize < acc else 0
+        return max(V, 1) * (acc + (acc if teacher_dtype is not None else 0) + dz)
 
     @staticmethod
     def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-        """The kernel writes dz over the logits, in the inputs' dtype: the GEMMs take it as is."""
+        """The kernel writes dz in the inputs' dtype: the GEMMs take it as is."""
         return dtype
 
     @staticmethod
     def chunk(h, W, b, ht, Wt, bt, y, kl_mask, options, ce_scale, kl_scale, ws):
         """``(ce [C], div [C] or None, dz [C, V] or None)``; ce/div masked, dz in ``h``'s dtype."""
         rows = h.shape[0]
-        z_s = torch.mm(h, W.t(), out=ws.get("z_s", rows, h.dtype))
-        z_t = None if ht is None else torch.mm(ht, Wt.t(), out=ws.get("z_t", rows, ht.dtype))
-        ce, div = chunk_epilogue(z_s, z_t, b, bt, y, kl_mask, options, ce_scale, kl_scale)
-        return ce, (div if ht is not None else None), (z_s if ce_scale is not None else None)
+        if options.logits_dtype == "input":
+            # Rounded as F.linear rounds them, bias included; dz then overwrites them in place.
+            z_s = rounded_logits_into(ws.get("z_s", rows, h.dtype), h, W, b)
+            z_t = None if ht is None else rounded_logits_into(ws.get("z_t", rows, ht.dtype), ht, Wt, bt)
+            b = bt = None
+            dz = z_s
+        else:
+            # float32 logits; the kernel adds the biases in float32.
+            acc = accumulation_dtype(h.dtype)
+            z_s = logits_into(ws.get("z_s", rows, acc), h, W, None, lambda w: ws.upcast(w, acc))
+            z_t = None if ht is None else logits_into(ws.get("z_t", rows, acc), ht, Wt, None,
+                                                      lambda w: ws.upcast(w, acc))
+            dz = z_s if h.dtype == acc else ws.get("dz", rows, h.dtype)
+        ce, div = chunk_epilogue(z_s, z_t, b, bt, y, kl_mask, options, ce_scale, kl_scale, dz=dz)
+        return ce, (div if ht is not None else None), (dz if ce_scale is not None else None)

@@ -95,12 +95,14 @@ def _is_given(argument: str):
     return lambda args: args[argument] is not None
 
 
-def dot_flags(h: torch.Tensor, ht: Optional[torch.Tensor], Wt: Optional[torch.Tensor]) -> dict:
-    """The constexpr dtypes and precision of a fused kernel's tiles for these inputs."""
+def dot_flags(h: torch.Tensor, ht: Optional[torch.Tensor], Wt: Optional[torch.Tensor], options: LossOptions) -> dict:
+    """The constexpr dtypes and precision of a fused kernel's tiles for these inputs, and
+    whether the logit tiles are rounded to their dot dtype (``options.logits_dtype``)."""
     return dict(
         DOT_DTYPE=tl_dtype(h.dtype),
         TEACHER_DOT_DTYPE=teacher_dot_dtype(h.dtype, ht.dtype, Wt.dtype) if ht is not None else tl_dtype(h.dtype),
         ACC=accumulation_tl_dtype(h.dtype), PRECISION=dot_precision(),
+        ROUND_LOGITS=options.logits_dtype == "input",
     )
 
 
@@ -243,11 +245,13 @@ def logits_tile(
     K,  # hidden size
     softcap, inv_softcap,  # ACC scalars
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, ROUND_LOGITS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Logits ``x[rows] @ w[cols]^T (+ b[cols])``, softcapped: ``[BLOCK_N, BLOCK_V]`` in ACC.
 
+    The ACC sums of the dot, unless ``ROUND_LOGITS`` (``LossOptions.logits_dtype="input"``):
+    then rounded to DOT_DTYPE after the bias, as ``F.linear`` in that dtype returns them.
     Masked rows and columns read zeros, so every entry is finite; callers mask them later.
     """
     acc = tl.zeros([BLOCK_N, BLOCK_V], ACC)
@@ -260,6 +264,8 @@ def logits_tile(
         acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+    if ROUND_LOGITS:
+        acc = acc.to(DOT_DTYPE).to(ACC)
     if HAS_SOFTCAP:
         acc = apply_softcap(acc, softcap, inv_softcap)
     return acc

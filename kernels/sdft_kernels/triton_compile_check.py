@@ -29,6 +29,7 @@ from triton.compiler import ASTSource
 
 from .triton_backward import default_backward_configs, sdft_backward_hidden_kernel, sdft_backward_weight_kernel
 from .triton_chunked import default_epilogue_config, sdft_chunk_epilogue_kernel
+from .reduction import accumulation_dtype
 from .triton_common import DIVERGENCE_CODES, INTERPRET, dot_precision, teacher_dot_dtype, tile_dtype
 from .triton_forward import default_forward_config, sdft_forward_kernel
 
@@ -62,31 +63,37 @@ class Variant(NamedTuple):
     flags: str
     teacher_dtype: str = ""  # "" = the student's
     aligned: bool = True  # sizes and strides multiples of 16 (D = 4096, V = 128256), else not
+    rounded_logits: bool = False  # LossOptions.logits_dtype="input"
 
     @property
     def label(self) -> str:
         extra = (f"+t{self.teacher_dtype}" if self.teacher_dtype else "") + ("" if self.aligned else "+odd")
-        return self.flags + extra
+        return self.flags + extra + ("+rnd" if self.rounded_logits else "")
 
 
 def all_variants() -> list[Variant]:
     """Every kernel x arch x {fp32, bf16} x flag set, then the specialisations real inputs add:
     a float32 teacher for a bfloat16 student (FrozenCopy of another dtype, a float32 cache),
-    sizes or strides that are not multiples of 16 (D = 2100, a vocabulary of 50257), and float64."""
+    sizes or strides that are not multiples of 16 (D = 2100, a vocabulary of 50257), float64,
+    and bfloat16 logits rounded as the model's head would (``logits_dtype="input"``)."""
     main = [Variant(k, a, d, f) for k in KERNELS for a in ARCHS for d in ("fp32", "bf16") for f in FLAG_SETS]
     teacher = [Variant(k, a, "bf16", f, teacher_dtype="fp32") for k in FUSED for a in ARCHS
                for f in ("fkl+softcap", "rkl", "jsd")]
     odd = [Variant(k, a, d, f, aligned=False) for k in KERNELS for a in ARCHS for d in ("fp32", "bf16")
            for f in ("fkl+softcap", "jsd")]
     fp64 = [Variant(k, a, "fp64", f) for k in KERNELS for a in ARCHS for f in ("fkl+softcap", "jsd")]
-    return main + teacher + odd + fp64
+    rounded = [Variant(k, a, "bf16", f, rounded_logits=True) for k in KERNELS for a in ARCHS
+               for f in ("fkl+softcap", "jsd")]
+    return main + teacher + odd + fp64 + rounded
 
 
-# Pointer arguments by role: the teacher's inputs, the float32 (float64) statistics, the rest
+# Pointer arguments by role: the teacher's inputs, the chunked path's logits (float32, or the
+# inputs' dtypes when rounded as the head would), the float32 (float64) statistics, the rest
 # in the student's dtype.
 _OTHER_POINTERS = {"labels_ptr": "*i64", "kl_mask_ptr": "*u8"}
-_STUDENT_POINTERS = {"h_ptr", "w_ptr", "b_ptr", "dh_ptr", "dw_ptr", "db_ptr", "zs_ptr", "dz_ptr"}
-_TEACHER_POINTERS = {"ht_ptr", "wt_ptr", "bt_ptr", "zt_ptr"}
+_STUDENT_POINTERS = {"h_ptr", "w_ptr", "b_ptr", "dh_ptr", "dw_ptr", "db_ptr", "dz_ptr"}
+_TEACHER_POINTERS = {"ht_ptr", "wt_ptr", "bt_ptr"}
+_LOGIT_POINTERS = {"zs_ptr": "student", "zt_ptr": "teacher"}
 _FLOAT64_SCALARS = {"inv_tau", "softcap", "log_beta", "log_1m_beta", "beta"}
 # Optional inputs, by the flag that says they are given: the launchers pass None otherwise,
 # which Triton specialises as a constexpr None.
@@ -109,10 +116,13 @@ class CompileResult(NamedTuple):
 
 
 def variant_config(v: Variant):
-    """The config the launcher picks for this variant (from the widest tile dtype)."""
+    """The config the launcher picks for this variant (from the widest tile dtype; the chunked
+    epilogue's from its logits' and gradient's dtypes)."""
     _, default_config = KERNELS[v.kernel]
     student = DTYPES[v.dtype]
     teacher = DTYPES[v.teacher_dtype or v.dtype]
+    if v.kernel == "chunk_epilogue":
+        return default_epilogue_config(student if v.rounded_logits else accumulation_dtype(student), student)
     return default_config(tile_dtype(student, teacher), v.aligned)
 
 
@@ -131,7 +141,7 @@ def kernel_signature(kernel, v: Variant, config):
         DOT_DTYPE=_TL[student], TEACHER_DOT_DTYPE=teacher_dot_dtype(student, teacher, teacher),
         ACC=tl.float64 if acc == "fp64" else tl.float32, PRECISION=dot_precision(),
         BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=getattr(config, "block_d", None),
-        COMPUTE_DW=True, COMPUTE_DB=flags["HAS_BIAS"], COMPUTE_GRAD=True,
+        COMPUTE_DW=True, COMPUTE_DB=flags["HAS_BIAS"], COMPUTE_GRAD=True, ROUND_LOGITS=v.rounded_logits,
     )
     # Each kernel takes the shared constexprs it has a parameter for.
     constexprs = dict(flags, **{k: v_ for k, v_ in common.items() if k in kernel.arg_names})
@@ -144,7 +154,10 @@ def kernel_signature(kernel, v: Variant, config):
         elif name in _FLOAT64_SCALARS:
             signature[name] = "fp64"
         elif name.endswith("_ptr"):
-            if name in _STUDENT_POINTERS:
+            if name in _LOGIT_POINTERS:
+                model = student if _LOGIT_POINTERS[name] == "student" else teacher
+                signature[name] = f"*{_short(model)}" if v.rounded_logits else f"*{acc}"
+            elif name in _STUDENT_POINTERS:
                 signature[name] = f"*{_short(student)}"
             elif name in _TEACHER_POINTERS:
                 signature[name] = f"*{_short(teacher)}"

@@ -103,7 +103,7 @@ def sdft_forward_kernel(
     HAS_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DIVERGENCE: tl.constexpr,  # optional inputs; FORWARD_KL/REVERSE_KL/JSD
     DOT_DTYPE: tl.constexpr, TEACHER_DOT_DTYPE: tl.constexpr, ACC: tl.constexpr,  # tile dtypes
-    PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" or "tf32")
+    PRECISION: tl.constexpr, ROUND_LOGITS: tl.constexpr,  # tl.dot input precision ("ieee"/"tf32"); round logits
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -120,7 +120,7 @@ def sdft_forward_kernel(
         col_mask = cols < V
         z_s = logits_tile(
             h_ptr, w_ptr, b_ptr, h_offsets, cols.to(tl.int64) * stride_w, row_mask, col_mask, cols, D,
-            softcap, inv_softcap, HAS_BIAS, HAS_SOFTCAP, DOT_DTYPE, ACC, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+            softcap, inv_softcap, HAS_BIAS, HAS_SOFTCAP, DOT_DTYPE, ACC, PRECISION, ROUND_LOGITS, BLOCK_N, BLOCK_V, BLOCK_D,
         )
         m_new, sum_1, sum_s, z_label, alpha_s, e_s = sweep_student(
             z_s, cols, col_mask, labels, m, sum_1, sum_s, z_label, inv_tau, HAS_TEACHER,
@@ -128,7 +128,7 @@ def sdft_forward_kernel(
         if HAS_TEACHER:
             z_t = logits_tile(
                 ht_ptr, wt_ptr, bt_ptr, ht_offsets, cols.to(tl.int64) * stride_wt, row_mask, col_mask, cols, DT,
-                softcap, inv_softcap, HAS_TEACHER_BIAS, HAS_SOFTCAP, TEACHER_DOT_DTYPE, ACC, PRECISION,
+                softcap, inv_softcap, HAS_TEACHER_BIAS, HAS_SOFTCAP, TEACHER_DOT_DTYPE, ACC, PRECISION, ROUND_LOGITS,
                 BLOCK_N, BLOCK_V, BLOCK_D,
             )
             m_t, sum_t, weighted = sweep_teacher(
@@ -154,12 +154,12 @@ def sdft_forward_kernel(
                 col_mask = cols < V
                 z_s = logits_tile(
                     h_ptr, w_ptr, b_ptr, h_offsets, cols.to(tl.int64) * stride_w, row_mask, col_mask, cols, D,
-                    softcap, inv_softcap, HAS_BIAS, HAS_SOFTCAP, DOT_DTYPE, ACC, PRECISION,
+                    softcap, inv_softcap, HAS_BIAS, HAS_SOFTCAP, DOT_DTYPE, ACC, PRECISION, ROUND_LOGITS,
                     BLOCK_N, BLOCK_V, BLOCK_D,
                 )
                 z_t = logits_tile(
                     ht_ptr, wt_ptr, bt_ptr, ht_offsets, cols.to(tl.int64) * stride_wt, row_mask, col_mask, cols, DT,
-                    softcap, inv_softcap, HAS_TEACHER_BIAS, HAS_SOFTCAP, TEACHER_DOT_DTYPE, ACC, PRECISION,
+                    softcap, inv_softcap, HAS_TEACHER_BIAS, HAS_SOFTCAP, TEACHER_DOT_DTYPE, ACC, PRECISION, ROUND_LOGITS,
                     BLOCK_N, BLOCK_V, BLOCK_D,
                 )
                 part_t, part_s = jsd_tile_sums(
@@ -221,7 +221,7 @@ def sdft_forward(
             h, W, b, ht, Wt, bt, labels, kl_mask.view(torch.uint8), *stats,
             N, V, D, ht.shape[1] if has_teacher else 0,
             h.stride(0), W.stride(0), ht.stride(0) if has_teacher else 0, Wt.stride(0) if has_teacher else 0,
-            *scalar_args(options), **loss_flags(options), **dot_flags(h, ht, Wt),
+            *scalar_args(options), **loss_flags(options), **dot_flags(h, ht, Wt, options),
             BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
