@@ -13,7 +13,7 @@ from .reduction import counted_masks, normaliser
 from .chunk_loop import ChunkedSDFT
 from .loss_output import SDFTLossOutput
 from .reduction import accumulation_dtype
-from .reference import reference_sdft_loss
+from .reference import gemm_inputs, reference_sdft_loss
 from .torch_epilogue import TorchEpilogue
 from .validation import check_inputs, check_label_range
 
@@ -58,14 +58,18 @@ def fused_linear_sdft_loss(
 
     Args:
         student_hidden: ``[N, D]`` final hidden states (float16/bfloat16/float32/float64).
-        student_weight: ``[V, D]`` LM head, same dtype. With ``requires_grad=False`` its
-            gradient GEMM is skipped.
+        student_weight: ``[V, D]`` LM head. With ``requires_grad=False`` its gradient GEMM is
+            skipped. Of another dtype than ``student_hidden`` (bf16 activations, a float32
+            master head), both are computed in their promoted dtype, as torch would (under
+            autocast they are cast to its dtype first); gradients come back in each tensor's
+            own dtype.
         labels: ``[N]`` int64; ``ignore_index`` or a token id in ``[0, V)``.
         teacher_hidden: ``[N, Dt]`` teacher final hidden states, or None for plain
             (fused linear) cross-entropy. ``Dt`` may differ from ``D``.
         teacher_weight: ``[V, Dt]`` teacher head; may be the very tensor ``student_weight``.
             The teacher is a constant: no gradient reaches ``teacher_*``.
-        student_bias, teacher_bias: optional ``[V]`` biases.
+        student_bias, teacher_bias: optional ``[V]`` biases, of any float dtype: added to the
+            float32 logits (with ``logits_dtype="input"`` promoted with the head instead).
         ce_weight, kl_weight: weights of the two terms (``kl_weight`` is the paper's lambda).
         temperature: tau of the divergence; CE always uses temperature 1. The divergence term
             is scaled by ``tau**2``.
@@ -153,6 +157,12 @@ def sdft_loss(
     if options.validate_labels:
         check_label_range(labels, student_weight.shape[0], options.ignore_index, num_items)
     impl = _resolve_impl(impl, student_hidden.device)
+    # Mixed dtypes (bf16 activations, a float32 head or bias) run in their promoted dtype.
+    student_hidden, student_weight, student_bias = gemm_inputs(student_hidden, student_weight, student_bias,
+                                                               options.logits_dtype)
+    if teacher_hidden is not None:
+        teacher_hidden, teacher_weight, teacher_bias = gemm_inputs(teacher_hidden, teacher_weight, teacher_bias,
+                                                                   options.logits_dtype)
     if autocast_dtype is None:
         return _loss(student_hidden, student_weight, labels, teacher_hidden, teacher_weight, student_bias,
                      teacher_bias, kl_mask, num_items, options, impl, return_components, chunk_size)

@@ -25,6 +25,22 @@ def apply_softcap(logits: Tensor, softcap: Optional[float]) -> Tensor:
     return softcap * torch.tanh(logits / softcap)
 
 
+def gemm_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], logits_dtype: str
+                ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(hidden, weight, bias)`` in the dtype their logit GEMM runs in: the promoted dtype of
+    hidden and weight (bf16 activations with a float32 master head: float32), as torch's type
+    promotion would compute ``hidden @ weight.T``. The bias keeps its dtype (it is added in the
+    logits' float32), except with ``logits_dtype="input"``, where ``F.linear`` needs one dtype
+    for all three: then all three are promoted together. The casts are differentiable, so
+    gradients come back in each tensor's own dtype; tensors already in the dtype are not copied.
+    """
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    if logits_dtype == "input" and bias is not None:
+        dtype = torch.promote_types(dtype, bias.dtype)
+        bias = bias.to(dtype)
+    return hidden.to(dtype), weight.to(dtype), bias
+
+
 def head_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], acc: torch.dtype, logits_dtype: str) -> Tensor:
     """``hidden @ weight.T + bias`` ``[N, V]`` in ``acc``, rounded where ``logits_dtype`` says
     (:class:`LossOptions`): ``"input"`` as ``F.linear`` in the inputs' dtype returns them;
@@ -87,10 +103,16 @@ def reference_sdft_loss(
 
     Logits are float32 (float64 for float64 inputs), from the GEMM's float32 sums by default,
     or rounded to the input dtype first (``options.logits_dtype="input"``, as ``nn.Linear``
-    would round them). The teacher is a constant: no gradient reaches
+    would round them). Hidden states and a head of different dtypes are computed in their
+    promoted dtype (:func:`gemm_inputs`). The teacher is a constant: no gradient reaches
     ``teacher_*`` tensors. Shapes: hidden ``[N, D]``, weight ``[V, D]``, labels ``[N]``.
     """
     o = options
+    student_hidden, student_weight, student_bias = gemm_inputs(student_hidden, student_weight, student_bias,
+                                                               o.logits_dtype)
+    if teacher_hidden is not None:
+        teacher_hidden, teacher_weight, teacher_bias = gemm_inputs(teacher_hidden, teacher_weight, teacher_bias,
+                                                                   o.logits_dtype)
     acc = accumulation_dtype(student_hidden.dtype)
     label_mask, kl_rows = counted_masks(labels, kl_mask, o.ignore_index)
     if teacher_hidden is None:

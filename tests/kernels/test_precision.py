@@ -112,3 +112,58 @@ def test_logits_dtype_input_rounds_as_an_hf_head(impl, dtype):
     assert rounding > 20 * LOSS_TOL, "the problem must make the rounding visible"
     assert float((rounded.loss.double() - hf.double()).abs()) <= 0.05 * rounding
     assert float((default.loss.double() - truth).abs()) <= LOSS_TOL * max(1.0, float(truth.abs()))
+
+
+# ------------------------------------------------------------------------------ mixed dtypes
+
+
+def _mixed(p64, hidden, head, bias, teacher_hidden=None, teacher_head=None):
+    """``p64``'s values with the student's hidden states, head and bias in the given dtypes
+    (the teacher's in its own, default the student's), as fresh leaves."""
+    def leaf(t, dtype, grad=True):
+        return None if t is None else t.detach().to(dtype).requires_grad_(grad)
+
+    q = p64.cast(torch.float64)
+    q.h, q.W, q.b = leaf(p64.h, hidden), leaf(p64.W, head), leaf(p64.b, bias)
+    q.ht = leaf(p64.ht, teacher_hidden or hidden, grad=False)
+    q.Wt = leaf(p64.Wt, teacher_head or head, grad=False)
+    q.bt = leaf(p64.bt, bias, grad=False)
+    return q
+
+
+def _mixed_cases():
+    """(impl, hidden, head, bias, teacher hidden, teacher head) as mixed precision hands them
+    over: half activations with a float32 master head (and bias), a float32 bias beside a half
+    head, a half teacher cache read through a float32 teacher head."""
+    half = {"reference": torch.bfloat16, "torch": torch.bfloat16, "triton": torch.float16,
+            "triton_chunked": torch.float16}
+    f32 = torch.float32
+    for impl in ["reference", "torch", *TRITON]:
+        h = half[impl]
+        yield pytest.param(impl, h, f32, f32, None, None, id=f"{impl}-half-hidden-f32-head")
+        yield pytest.param(impl, h, h, f32, None, None, id=f"{impl}-half-head-f32-bias")
+        yield pytest.param(impl, f32, f32, f32, h, f32, id=f"{impl}-half-teacher-hidden-f32-teacher-head")
+
+
+@pytest.mark.parametrize("impl, hidden, head, bias, teacher_hidden, teacher_head", list(_mixed_cases()))
+def test_mixed_dtypes_match_float64_on_the_same_values(impl, hidden, head, bias, teacher_hidden, teacher_head):
+    """Without autocast, mixed dtypes compute in their promoted dtype; each gradient comes back
+    in its own tensor's dtype."""
+    p64 = make_problem(N=37, D=48, V=203, bias=True, kl_mask=True, logit_scale=4.0)
+    mixed = _mixed(p64, hidden, head, bias, teacher_hidden, teacher_head)
+    _check_against_float64(mixed, impl, divergence="jsd", jsd_beta=0.3, softcap=9.0)
+    assert (mixed.h.grad.dtype, mixed.W.grad.dtype, mixed.b.grad.dtype) == (hidden, head, bias)
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch", *TRITON])
+def test_mixed_dtypes_under_autocast_are_cast_first(impl):
+    """Under autocast every floating input is cast to its dtype (as F.linear casts), whatever
+    dtype it came in: the same loss as the inputs cast by hand."""
+    half, f32 = torch.float16, torch.float32
+    p32 = make_problem(N=29, D=32, V=150, bias=True, kl_mask=True, logit_scale=4.0).cast(f32)
+    mixed = _mixed(p32, half, f32, f32, teacher_hidden=half, teacher_head=f32)
+    by_hand, _ = run(_mixed(p32, half, half, half), impl=impl, chunk_size=8)
+    with torch.autocast("cpu", dtype=half):
+        out, grads = run(mixed, impl=impl, chunk_size=8)
+    assert torch.equal(out.loss, by_hand.loss)
+    assert [g.dtype for g in grads] == [half, f32, f32]
