@@ -83,8 +83,9 @@ def fused_linear_sdft_loss(
         reduction: ``"mean"`` (sum / normaliser), ``"sum"`` or ``"none"`` (``[N]`` rows).
         num_items: normaliser of ``"mean"`` (e.g. the token count of a whole accumulated
             batch): a number >= 1, or 0 for an accumulated batch with nothing to count (the
-            loss is then 0), or such a one-element tensor; default: the number of positions
-            whose label is not ignored.
+            loss is then 0; refused, with ``validate_labels``, where a position has a label),
+            or such a one-element tensor; default: the number of positions whose label is not
+            ignored.
         softcap: if set, every logit z becomes ``softcap * tanh(z / softcap)`` (Gemma 2).
         impl: ``"auto"`` (:func:`default_impl`), ``"triton_chunked"`` (CUDA; the default
             there: chunks of logits from cuBLAS GEMMs and one fused Triton epilogue), ``"triton"``
@@ -93,8 +94,9 @@ def fused_linear_sdft_loss(
             (materialised; for checking).
         return_components: return :class:`SDFTLossOutput` ``(loss, ce, kl, n_tokens)``;
             the parts are detached and unweighted, and computing them needs no host sync.
-        validate_labels: check the label range and a tensor ``num_items`` (one host sync);
-            turn off to avoid the sync.
+        validate_labels: check the label range, a tensor ``num_items``, and that a
+            ``num_items`` of 0 comes with no labelled position (one host sync for all); turn
+            off to avoid the sync.
         chunk_size: rows per chunk of the chunked paths (default: from a budget of ~256 MiB
             for ``"torch"``, 1 GiB of logits for ``"triton_chunked"``).
         logits_dtype: ``"float32"`` (default): every logit is the GEMM's float32 sum (float64
@@ -155,7 +157,8 @@ def sdft_loss(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if options.validate_labels:
-        check_label_range(labels, student_weight.shape[0], options.ignore_index, num_items)
+        check_label_range(labels, student_weight.shape[0], options.ignore_index, num_items,
+                          mean=options.reduction == "mean")
     impl = _resolve_impl(impl, student_hidden.device)
     # Mixed dtypes (bf16 activations, a float32 head or bias) run in their promoted dtype.
     student_hidden, student_weight, student_bias = gemm_inputs(student_hidden, student_weight, student_bias,

@@ -36,8 +36,9 @@ class LossOptions:
                + kl_weight * tau**2 * D(softmax(z_t / tau), softmax(z_s / tau)) * kl_mask_i
 
     where ``softcap`` (if set) first maps every logit z to ``softcap * tanh(z / softcap)``.
-    ``validate_labels`` checks the label range (and a tensor ``num_items``) before any kernel
-    runs, at the cost of one host synchronisation per call.
+    ``validate_labels`` checks the label range (a tensor ``num_items``, and that a ``num_items``
+    of 0 comes with no labelled position) before any kernel runs, at the cost of one host
+    synchronisation per call.
 
     ``logits_dtype`` says where the logits are rounded. ``"float32"`` (the default): each logit
     is the GEMM's float32 accumulator (float64 for float64 inputs) plus the bias, never rounded

@@ -123,17 +123,30 @@ def check_num_items(num_items: Union[None, int, float, Tensor]) -> None:
 
 
 def check_label_range(labels: Tensor, vocab_size: int, ignore_index: int,
-                      num_items: Union[None, int, float, Tensor] = None) -> None:
-    """Every label is ``ignore_index`` or in ``[0, vocab_size)``, and a tensor ``num_items``
-    holds a valid count. Costs one host sync for both."""
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+                      num_items: Union[None, int, float, Tensor] = None, mean: bool = True) -> None:
+    """Every label is ``ignore_index`` or in ``[0, vocab_size)``, a tensor ``num_items`` holds a
+    valid count, and, for ``reduction="mean"`` (``mean``), ``num_items`` is not 0 while some
+    position has a label: 0 means an accumulated batch with nothing to count, and dividing
+    that batch's labelled positions by it would return their plain sum. Costs one host sync
+    for all of them."""
+    labelled = labels != ignore_index
+    bad = labelled & ((labels < 0) | (labels >= vocab_size))
     checks = [bad.any()]
     if isinstance(num_items, Tensor):
         n = num_items.detach().reshape(()).to(device=labels.device, dtype=torch.float64)
         checks.append(~((n == 0) | ((n >= 1) & torch.isfinite(n))))
+        if mean:
+            checks.append((n == 0) & labelled.any())
+    elif mean and num_items is not None and num_items == 0:
+        checks.append(labelled.any())
     bad_labels, *bad_count = torch.stack(checks).tolist()
-    if bad_count and bad_count[0]:
+    if isinstance(num_items, Tensor) and bad_count[0]:
         raise ValueError(f"num_items must be {_NUM_ITEMS_RULE}, got {num_items.item()!r}")
+    if bad_count and bad_count[-1]:
+        raise ValueError(
+            f"num_items is 0 (an accumulated batch with nothing to count) but {int(labelled.sum())} positions have "
+            "labels: pass the count of labelled positions of the whole batch, or None to count them here"
+        )
     if bad_labels:
         pos = int(bad.nonzero()[0, 0])
         raise ValueError(

@@ -55,6 +55,30 @@ def test_num_items_zero_is_an_empty_accumulated_batch(impl, num_items):
     assert all(bool((g == 0).all()) for g in grads)
 
 
+@pytest.mark.parametrize("impl", ALL)
+@pytest.mark.parametrize("num_items", [0, 0.0, torch.tensor(0), torch.tensor([0.0])], ids=str)
+def test_num_items_zero_with_labelled_positions_is_refused(impl, num_items):
+    """0 means an accumulated batch with nothing to count; with labelled positions "mean" would
+    return their plain sum. Refused in the label validation's one host sync; "sum" and "none"
+    do not use num_items."""
+    p = make_problem(N=9, D=8, V=30, kl_mask=True)
+    with pytest.raises(ValueError, match=r"num_items is 0 .* but \d+ positions have labels"):
+        _grads_of(p, impl, num_items=num_items)
+    total, _ = _grads_of(p, impl, num_items=num_items, reduction="sum")
+    expected, _ = _grads_of(p, "reference", reduction="sum")
+    assert_close(total.loss, expected.loss, what=f"{impl} sum", **F64)
+
+
+@pytest.mark.parametrize("num_items", [0, torch.tensor(0)], ids=str)
+def test_num_items_zero_check_shares_the_validation_sync(num_items):
+    """Checking a num_items of 0 against the labels reads nothing more back to the host than
+    the label validation already does (one ``tolist``)."""
+    p = make_problem(N=9, D=8, V=30, ignore_frac=1.0)
+    with _HostReads() as reads:
+        fused_linear_sdft_loss(p.h, p.W, p.labels, p.ht, p.Wt, impl="reference", num_items=num_items)
+    assert reads.calls == ["tolist"], reads.calls
+
+
 # ----------------------------------------------------------- terms that do not count for a row
 
 
