@@ -32,6 +32,9 @@ from sdft_kernels.fused_loss import sdft_loss
 from sdft_kernels.options import DEFAULT_IMPL, REDUCTIONS, check_impl
 
 
+_SAME = object()  # forward(): the teacher's softcap is the student's
+
+
 class FusedLinearJSDLoss(nn.Module):
     """Drop-in for ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`` (see the module docstring).
 
@@ -91,7 +94,7 @@ class FusedLinearJSDLoss(nn.Module):
         self.options = LossOptions(ce_weight=weight_hard_loss, kl_weight=weight_soft_loss / temperature**2,
                                    temperature=temperature, divergence="jsd", jsd_beta=beta,
                                    ignore_index=ignore_index, reduction=reduction)
-        self._with_softcap: dict[float, LossOptions] = {}
+        self._with_transforms: dict[tuple, LossOptions] = {}
 
     def forward(
         self,
@@ -105,12 +108,18 @@ class FusedLinearJSDLoss(nn.Module):
         *,
         num_items: Union[None, int, float, Tensor] = None,
         softcap: Optional[float] = None,
+        teacher_softcap=_SAME,
+        student_logit_scale: float = 1.0,
+        teacher_logit_scale: float = 1.0,
     ) -> Union[Tensor, tuple[Tensor, Tensor, Tensor]]:
         """Liger's call: ``student_input`` ``[N, D]``, ``student_weight`` ``[V, D]``,
         ``teacher_input`` ``[N, Dt]``, ``teacher_weight`` ``[V, Dt]``, ``true_labels`` ``[N]``
         int64, optional ``[V]`` biases. Beyond Liger: ``num_items`` divides the sums in place of
-        the local label count (the count of a whole accumulated batch), and ``softcap`` is the
-        heads' logit softcap (Gemma 2), applied to both models' logits before the temperature.
+        the local label count (the count of a whole accumulated batch); ``softcap`` is the
+        student head's logit softcap (Gemma 2) and, unless ``teacher_softcap`` gives the
+        teacher's own (None: none), the teacher's; ``student_logit_scale`` /
+        ``teacher_logit_scale`` multiply each model's logits before its softcap, as TRL's
+        ``DistillationTrainer`` applies them.
 
         Returns the loss (a float32 scalar; float64 for float64 inputs; ``[N]`` for
         ``reduction="none"``), or ``(loss, soft, hard)`` with ``return_soft_hard_loss``, reduced
@@ -119,19 +128,25 @@ class FusedLinearJSDLoss(nn.Module):
         if num_items is not None and self.reduction != "mean":
             raise ValueError(f"num_items={num_items!r} is the divisor of reduction='mean'; this loss has "
                              f"reduction={self.reduction!r}")
-        out = sdft_loss(self._options(softcap), student_input, student_weight, true_labels, teacher_input,
+        teacher_softcap = softcap if teacher_softcap is _SAME else teacher_softcap
+        options = self._options(softcap, teacher_softcap, student_logit_scale, teacher_logit_scale)
+        out = sdft_loss(options, student_input, student_weight, true_labels, teacher_input,
                         teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias, num_items=num_items,
                         impl=self.impl, return_components=True, chunk_size=self.chunk_size)
         if self.return_soft_hard_loss:
             return out.loss, out.kl, out.ce
         return out.loss
 
-    def _options(self, softcap: Optional[float]) -> LossOptions:
-        if softcap is None:
+    def _options(self, softcap: Optional[float], teacher_softcap: Optional[float], student_logit_scale: float,
+                 teacher_logit_scale: float) -> LossOptions:
+        key = (softcap, teacher_softcap, student_logit_scale, teacher_logit_scale)
+        if key == (None, None, 1.0, 1.0):
             return self.options
-        if softcap not in self._with_softcap:
-            self._with_softcap[softcap] = dataclasses.replace(self.options, softcap=softcap)
-        return self._with_softcap[softcap]
+        if key not in self._with_transforms:  # built (and validated) once per pair of heads
+            self._with_transforms[key] = dataclasses.replace(
+                self.options, student_softcap=softcap, teacher_softcap=teacher_softcap,
+                student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale)
+        return self._with_transforms[key]
 
     def extra_repr(self) -> str:
         return (f"weight_hard_loss={self.weight_hard_loss}, weight_soft_loss={self.weight_soft_loss}, "

@@ -192,19 +192,18 @@ class _LossStep:
             kl_mask = torch.ones_like(labels, dtype=torch.bool) if target_mask is None else target_mask
 
         teacher_hidden = teacher_weight = teacher_bias = None
+        teacher_softcap = head.softcap
         if self.teacher is not None:
             out = self.teacher(batch)
-            if out.head.softcap != head.softcap:
-                raise ValueError(f"teacher softcap {out.head.softcap} != student softcap {head.softcap}")
             check_whole(out.head.weight, "the teacher's LM head")
             teacher_hidden = _flatten(out.hidden, out.head.hidden_scale)
-            teacher_weight, teacher_bias = out.head.weight, out.head.bias
+            teacher_weight, teacher_bias, teacher_softcap = out.head.weight, out.head.bias, out.head.softcap
 
         out = loss(
             _flatten(hidden, head.hidden_scale), head.weight, labels.reshape(-1), teacher_hidden, teacher_weight,
             student_bias=head.bias, teacher_bias=teacher_bias,
             kl_mask=None if kl_mask is None else kl_mask.reshape(-1),
-            num_items=self.num_items, softcap=head.softcap,
+            num_items=self.num_items, softcap=head.softcap, teacher_softcap=teacher_softcap,
         )
         if aux_loss is None:
             return CausalLMLossOutput(*out)

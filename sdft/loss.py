@@ -51,7 +51,7 @@ class SDFTLoss(nn.Module):
         self.options = options if options is not None else LossOptions(**settings)
         self.impl, self.kl_positions = check_impl(impl), check_kl_positions(kl_positions)
         self.chunk_size = chunk_size
-        self._with_softcap: dict[float, LossOptions] = {}
+        self._with_softcap: dict[tuple, LossOptions] = {}
 
     def forward(
         self,
@@ -66,28 +66,40 @@ class SDFTLoss(nn.Module):
         kl_mask: Optional[Tensor] = None,
         num_items: Union[None, int, float, Tensor] = None,
         softcap=_FROM_OPTIONS,
+        teacher_softcap=_FROM_OPTIONS,
     ) -> SDFTLossOutput:
         """Shapes as :func:`sdft_kernels.fused_linear_sdft_loss`; returns loss, ce, kl, n_tokens.
 
         ``softcap``: the model head's logit softcap (None: it has none), as
-        :func:`sdft.causal_lm_loss` passes it; a loss configured with a softcap of its own
-        refuses a head that applies another.
+        :func:`sdft.causal_lm_loss` passes it; ``teacher_softcap``: the teacher head's, if it
+        differs (default: ``softcap``'s). A loss configured with a softcap of its own refuses a
+        head that applies another.
         """
         return sdft_loss(
-            self._options_for(softcap), student_hidden, student_weight, labels, teacher_hidden, teacher_weight,
+            self._options_for(softcap, teacher_softcap), student_hidden, student_weight, labels, teacher_hidden,
+            teacher_weight,
             student_bias=student_bias, teacher_bias=teacher_bias, kl_mask=kl_mask, num_items=num_items,
             impl=self.impl, return_components=True, chunk_size=self.chunk_size,
         )
 
-    def _options_for(self, softcap) -> LossOptions:
-        own = self.options.softcap
-        if softcap is _FROM_OPTIONS or softcap == own:
-            return self.options
-        if own is not None:
-            raise ValueError(f"the loss is configured with softcap {own}, but the model's head applies {softcap}")
-        if softcap not in self._with_softcap:  # built (and validated) once per head
-            self._with_softcap[softcap] = dataclasses.replace(self.options, softcap=softcap)
-        return self._with_softcap[softcap]
+    def _options_for(self, softcap, teacher_softcap) -> LossOptions:
+        o = self.options
+        if softcap is _FROM_OPTIONS and teacher_softcap is _FROM_OPTIONS:
+            return o
+        student = o.student_cap if softcap is _FROM_OPTIONS else softcap
+        if teacher_softcap is _FROM_OPTIONS:
+            teacher_softcap = o.teacher_cap if softcap is _FROM_OPTIONS else softcap
+        for own, head, whose in ((o.student_cap, student, "the model's head"),
+                                 (o.teacher_cap, teacher_softcap, "the teacher's head")):
+            if own is not None and head != own:
+                raise ValueError(f"the loss is configured with softcap {own}, but {whose} applies {head}")
+        if (student, teacher_softcap) == (o.student_cap, o.teacher_cap):
+            return o
+        key = (student, teacher_softcap)
+        if key not in self._with_softcap:  # built (and validated) once per pair of heads
+            self._with_softcap[key] = dataclasses.replace(o, softcap=None, student_softcap=student,
+                                                          teacher_softcap=teacher_softcap)
+        return self._with_softcap[key]
 
     def extra_repr(self) -> str:
         o = self.options

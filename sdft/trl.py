@@ -180,10 +180,12 @@ class FusedJSDDistillationTrainer(DistillationTrainer):
 
     Everything but the loss is the parent's: generation, batching, the teacher's forward, the
     DDP/FSDP routing and the normaliser (the accumulated batch's count of completion tokens).
-    Not computed: the per-token student entropy the parent logs (logged as None). A logit
-    softcap (Gemma 2) needs :class:`FusedLinearJSDLoss`, whose call takes it; a logit scale
-    is folded into the hidden states. The loss reads the heads outside the models' forwards,
-    so under FSDP or ZeRO-3, which shard them there, it is refused
+    Not computed: the per-token student entropy the parent logs (logged as None). Each
+    model's logit scale and softcap (Gemma 2) apply to its own logits, as in the parent's
+    divergence, so the teacher may be of another family; a softcap needs
+    :class:`FusedLinearJSDLoss`, whose call takes them (Liger's takes none; a logit scale is
+    folded into the hidden states for it). The loss reads the heads outside the models'
+    forwards, so under FSDP or ZeRO-3, which shard them there, it is refused
     (:class:`sdft.sharding.ShardedHeadError`).
     """
 
@@ -224,11 +226,12 @@ class FusedJSDDistillationTrainer(DistillationTrainer):
         student_head, teacher_head = head_spec(unwrapped_student), head_spec(unwrapped_teacher)
         check_whole(student_head.weight)  # this loss runs outside the student's forward: FSDP/ZeRO-3 refused
         check_whole(teacher_head.weight, "the teacher's LM head")
-        if student_head.softcap != teacher_head.softcap:
-            raise ValueError(f"student softcap {student_head.softcap} != teacher softcap {teacher_head.softcap}: "
-                             "one fused loss applies one softcap to both")
-        student_hidden = _head_input(unwrapped_student, student_hidden, student_head.hidden_scale)
-        teacher_hidden = _head_input(unwrapped_teacher, teacher_hidden, teacher_head.hidden_scale)
+        # Our loss applies each model's logit scale and softcap itself, as the parent's divergence
+        # does (a teacher of another family); Liger's takes neither: a scale is folded into the
+        # hidden states there, a softcap refused below.
+        ours = isinstance(self.fused_jsd_loss, FusedLinearJSDLoss)
+        student_hidden = _head_input(unwrapped_student, student_hidden, 1.0 if ours else student_head.hidden_scale)
+        teacher_hidden = _head_input(unwrapped_teacher, teacher_hidden, 1.0 if ours else teacher_head.hidden_scale)
         device = student_head.weight.device
         valid = loss_mask.to(device).reshape(-1) != 0
         ignore = getattr(self.fused_jsd_loss, "ignore_index", -100)
@@ -236,12 +239,16 @@ class FusedJSDDistillationTrainer(DistillationTrainer):
         args = (student_hidden.to(device), student_head.weight, teacher_hidden.to(device), teacher_head.weight, labels,
                 student_head.bias, teacher_head.bias)
         n_valid = valid.sum()
-        if isinstance(self.fused_jsd_loss, FusedLinearJSDLoss):
-            loss = self.fused_jsd_loss(*args, num_items=num_items_in_batch, softcap=student_head.softcap)
+        if ours:
+            loss = self.fused_jsd_loss(*args, num_items=num_items_in_batch, softcap=student_head.softcap,
+                                       teacher_softcap=teacher_head.softcap,
+                                       student_logit_scale=student_head.hidden_scale,
+                                       teacher_logit_scale=teacher_head.hidden_scale)
         else:
-            if student_head.softcap is not None:
-                raise ValueError(f"{type(self.fused_jsd_loss).__name__} takes no logit softcap, and this model "
-                                 f"applies {student_head.softcap}: use sdft.fused_linear_jsd.FusedLinearJSDLoss")
+            for whose, head in (("student", student_head), ("teacher", teacher_head)):
+                if head.softcap is not None:
+                    raise ValueError(f"{type(self.fused_jsd_loss).__name__} takes no logit softcap, and the {whose} "
+                                     f"applies {head.softcap}: use sdft.fused_linear_jsd.FusedLinearJSDLoss")
             loss = self.fused_jsd_loss(*args)
             if isinstance(loss, tuple):
                 loss = loss[0]

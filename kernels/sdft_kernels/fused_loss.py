@@ -45,6 +45,10 @@ def fused_linear_sdft_loss(
     validate_labels: bool = _DEFAULTS.validate_labels,
     chunk_size: Optional[int] = None,
     logits_dtype: str = _DEFAULTS.logits_dtype,
+    student_softcap: Optional[float] = _DEFAULTS.student_softcap,
+    teacher_softcap: Optional[float] = _DEFAULTS.teacher_softcap,
+    student_logit_scale: float = _DEFAULTS.student_logit_scale,
+    teacher_logit_scale: float = _DEFAULTS.teacher_logit_scale,
 ) -> Union[Tensor, SDFTLossOutput]:
     """LM-head matmul + cross-entropy + teacher divergence, without materialising the logits.
 
@@ -86,7 +90,12 @@ def fused_linear_sdft_loss(
             loss is then 0; refused, with ``validate_labels``, where a position has a label),
             or such a one-element tensor; default: the number of positions whose label is not
             ignored.
-        softcap: if set, every logit z becomes ``softcap * tanh(z / softcap)`` (Gemma 2).
+        softcap: if set, every logit z of both models becomes ``softcap * tanh(z / softcap)``
+            (Gemma 2); ``student_softcap`` / ``teacher_softcap`` set one model's each (not
+            together with ``softcap``).
+        student_logit_scale, teacher_logit_scale: each model's logits ``x @ W.T + b`` are
+            multiplied by it before the softcap (Cohere's ``logit_scale``, Granite's
+            ``1 / logits_scaling``), as TRL's ``DistillationTrainer`` applies them.
         impl: ``"auto"`` (:func:`default_impl`), ``"triton_chunked"`` (CUDA; the default
             there: chunks of logits from cuBLAS GEMMs and one fused Triton epilogue), ``"triton"``
             (CUDA: fused Triton kernels that store no logits at all; less memory, twice the
@@ -119,7 +128,9 @@ def fused_linear_sdft_loss(
     options = LossOptions(
         ce_weight=ce_weight, kl_weight=kl_weight, temperature=temperature, divergence=divergence,
         jsd_beta=jsd_beta, ignore_index=ignore_index, reduction=reduction, softcap=softcap,
-        validate_labels=validate_labels, logits_dtype=logits_dtype,
+        validate_labels=validate_labels, logits_dtype=logits_dtype, student_softcap=student_softcap,
+        teacher_softcap=teacher_softcap, student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale,
     )
     return sdft_loss(options, student_hidden, student_weight, labels, teacher_hidden, teacher_weight,
                      student_bias=student_bias, teacher_bias=teacher_bias, kl_mask=kl_mask, num_items=num_items,

@@ -35,7 +35,11 @@ class LossOptions:
         loss_i = ce_weight * CE(z_s, y_i) * [y_i != ignore_index]
                + kl_weight * tau**2 * D(softmax(z_t / tau), softmax(z_s / tau)) * kl_mask_i
 
-    where ``softcap`` (if set) first maps every logit z to ``softcap * tanh(z / softcap)``.
+    where each model's logits ``x @ W.T + b`` are first multiplied by its logit scale
+    (``student_logit_scale``, ``teacher_logit_scale``; Cohere, Granite, Falcon-H1) and then, if
+    it has a softcap, mapped to ``c * tanh(z / c)`` (Gemma 2): ``softcap`` sets both models'
+    caps, ``student_softcap`` / ``teacher_softcap`` one each (a teacher of another family), as
+    TRL's ``DistillationTrainer`` applies them.
     ``validate_labels`` checks the label range (a tensor ``num_items``, and that a ``num_items``
     of 0 comes with no labelled position) before any kernel runs, at the cost of one host
     synchronisation per call.
@@ -58,6 +62,10 @@ class LossOptions:
     softcap: Optional[float] = None
     validate_labels: bool = True
     logits_dtype: str = "float32"
+    student_softcap: Optional[float] = None
+    teacher_softcap: Optional[float] = None
+    student_logit_scale: float = 1.0
+    teacher_logit_scale: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("ce_weight", "kl_weight"):
@@ -74,16 +82,35 @@ class LossOptions:
             raise ValueError(f"jsd_beta must be in [0, 1], got {b!r}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
-        if self.softcap is not None:
-            c = self.softcap
-            if not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
-                raise ValueError(f"softcap must be None or a finite number > 0, got {c!r}")
+        for name in ("softcap", "student_softcap", "teacher_softcap"):
+            c = getattr(self, name)
+            if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c)
+                                  or c <= 0):
+                raise ValueError(f"{name} must be None or a finite number > 0, got {c!r}")
+        if self.softcap is not None and (self.student_softcap is not None or self.teacher_softcap is not None):
+            raise ValueError(
+                f"softcap={self.softcap} sets both models' softcaps; give it or student_softcap/teacher_softcap "
+                f"(got {self.student_softcap}/{self.teacher_softcap}), not both")
+        for name in ("student_logit_scale", "teacher_logit_scale"):
+            s = getattr(self, name)
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {s!r}")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
         if self.logits_dtype not in LOGITS_DTYPES:
             raise ValueError(f"logits_dtype must be one of {LOGITS_DTYPES}, got {self.logits_dtype!r}")
         if not isinstance(self.validate_labels, bool):
             raise TypeError(f"validate_labels must be a bool, got {self.validate_labels!r}")
+
+    @property
+    def student_cap(self) -> Optional[float]:
+        """The student's softcap: ``student_softcap``, else ``softcap`` (None: no cap)."""
+        return self.softcap if self.student_softcap is None else self.student_softcap
+
+    @property
+    def teacher_cap(self) -> Optional[float]:
+        """The teacher's softcap: ``teacher_softcap``, else ``softcap`` (None: no cap)."""
+        return self.softcap if self.teacher_softcap is None else self.teacher_softcap
 
     @property
     def effective_divergence(self) -> str:

@@ -64,14 +64,18 @@ def row_scales(
 
     With upstream gradient ``grad`` (a scalar, or ``[N]`` for ``reduction="none"``)::
 
-        d loss / d z_s[i] = ce_scale[i] * (softmax(z_s[i]) - onehot(y_i))
-                          + kl_scale[i] * tau * dD_i / d(z_s[i] / tau)
+        d loss / d x_s[i] = ce_scale[i] * (softmax(z_s[i]) - onehot(y_i))
+                          + kl_scale[i] * tau * dD_i / d(z_s[i] / tau)       [* softcap']
 
-    ``kl_scale`` holds ``kl_weight`` only: the kernels apply the ``tau**2 / tau = tau`` factor.
+    for the student's logits ``z_s = softcap(s * x_s)``: both scales hold the logit scale ``s``
+    (the softcap's derivative is the kernels'). ``kl_scale`` holds ``kl_weight`` and no
+    ``tau``: the kernels apply the ``tau**2 / tau = tau`` factor.
     """
     g = grad.to(denom.dtype)
     if options.reduction == "mean":
         g = g / denom
+    if options.student_logit_scale != 1.0:
+        g = g * options.student_logit_scale
     ce_scale = label_mask.to(denom.dtype) * (g * options.ce_weight)
     kl_scale = kl_mask.to(denom.dtype) * (g * options.kl_weight)
     return ce_scale, kl_scale

@@ -25,6 +25,11 @@ def apply_softcap(logits: Tensor, softcap: Optional[float]) -> Tensor:
     return softcap * torch.tanh(logits / softcap)
 
 
+def transform_logits(logits: Tensor, scale: float, softcap: Optional[float]) -> Tensor:
+    """A model's logit transforms after its head: ``scale * z``, then the softcap (TRL's order)."""
+    return apply_softcap(logits if scale == 1.0 else logits * scale, softcap)
+
+
 def gemm_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], logits_dtype: str
                 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """``(hidden, weight, bias)`` in the dtype their logit GEMM runs in: the promoted dtype of
@@ -120,7 +125,8 @@ def reference_sdft_loss(
     # Positions counted by neither term contribute nothing, not even a NaN in their hidden state.
     counted = (label_mask | kl_rows).unsqueeze(-1)
     student_hidden = torch.where(counted, student_hidden, student_hidden.new_zeros(()))
-    z_s = apply_softcap(head_logits(student_hidden, student_weight, student_bias, acc, o.logits_dtype), o.softcap)
+    z_s = transform_logits(head_logits(student_hidden, student_weight, student_bias, acc, o.logits_dtype),
+                           o.student_logit_scale, o.student_cap)
     safe_labels = labels.masked_fill(~label_mask, 0).unsqueeze(-1)
     ce_rows = torch.where(label_mask, torch.logsumexp(z_s, -1) - z_s.gather(-1, safe_labels).squeeze(-1), 0.0)
 
@@ -129,7 +135,7 @@ def reference_sdft_loss(
             z_t = head_logits(teacher_hidden, teacher_weight, teacher_bias, acc, o.logits_dtype)
             # Rows outside the KL mask get constant teacher logits: whatever the teacher holds
             # there (a NaN) must not reach the student's gradient through a weight of 0.
-            z_t = torch.where(kl_rows.unsqueeze(-1), apply_softcap(z_t, o.softcap), 0.0)
+            z_t = torch.where(kl_rows.unsqueeze(-1), transform_logits(z_t, o.teacher_logit_scale, o.teacher_cap), 0.0)
         tau = o.temperature
         div = divergence_rows(
             torch.log_softmax(z_s / tau, -1), torch.log_softmax(z_t / tau, -1), o.effective_divergence, o.jsd_beta

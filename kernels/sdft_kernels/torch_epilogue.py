@@ -39,7 +39,7 @@ def live_buffers(options: LossOptions, has_teacher: bool, half_inputs: bool) -> 
     count = 4 if has_teacher else 2
     if has_teacher and options.effective_divergence == "jsd":
         count = 7
-    return count + (options.softcap is not None) + 1.0 * half_inputs
+    return count + (options.student_cap is not None) + 1.0 * half_inputs
 
 
 def _rowdot_into(a: Tensor, b: Tensor) -> Tensor:
@@ -48,14 +48,16 @@ def _rowdot_into(a: Tensor, b: Tensor) -> Tensor:
     return a.mul_(b).sum(-1)
 
 
-def _logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], softcap,
+def _logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], scale: float, softcap,
                  options: LossOptions, ws: Workspace) -> None:
-    """``out = softcap(hidden @ weight.T + bias)`` in ``out``'s dtype, the GEMM's output rounded
-    as ``options.logits_dtype`` says (:mod:`sdft_kernels.logits_gemm`)."""
+    """``out = softcap(scale * (hidden @ weight.T + bias))`` in ``out``'s dtype, the GEMM's
+    output rounded as ``options.logits_dtype`` says (:mod:`sdft_kernels.logits_gemm`)."""
     if options.logits_dtype == "input":
         rounded_logits_into(out, hidden, weight, bias)
     else:
         logits_into(out, hidden, weight, bias, lambda w: ws.upcast(w, out.dtype))
+    if scale != 1.0:
+        out.mul_(scale)
     if softcap is not None:
         out.div_(softcap).tanh_().mul_(softcap)
 
@@ -120,11 +122,12 @@ def _torch_chunk(h, W, b, ht, Wt, bt, y, options: LossOptions, ce_scale, kl_scal
     inv_tau = 1.0 / options.temperature
     want_grad = ce_scale is not None
     z = ws.get("z", rows)
-    _logits_into(z, h, W, b, None, options, ws)
+    _logits_into(z, h, W, b, options.student_logit_scale, None, options, ws)
     cap = None
-    if options.softcap is not None:  # keep tanh(z / c): the gradient needs 1 - tanh^2
-        cap = torch.div(z, options.softcap, out=ws.get("cap", rows)).tanh_()
-        torch.mul(cap, options.softcap, out=z)
+    softcap = options.student_cap
+    if softcap is not None:  # keep tanh(z / c): the gradient needs 1 - tanh^2
+        cap = torch.div(z, softcap, out=ws.get("cap", rows)).tanh_()
+        torch.mul(cap, softcap, out=z)
     logp_1 = _log_softmax_into(ws.get("logp_1", rows), z)
     safe_y = y.clamp(0, z.shape[1] - 1).unsqueeze(1)  # ignored rows: any column, their scale is 0
     ce = logp_1.gather(1, safe_y).squeeze(1).neg()
@@ -133,10 +136,10 @@ def _torch_chunk(h, W, b, ht, Wt, bt, y, options: LossOptions, ce_scale, kl_scal
     if ht is not None:
         logp_s = _log_softmax_into(ws.get("logp_s", rows), z.mul_(inv_tau))
         logp_t = ws.get("logp_t", rows)
-        _logits_into(logp_t, ht, Wt, bt, options.softcap, options, ws)
+        _logits_into(logp_t, ht, Wt, bt, options.teacher_logit_scale, options.teacher_cap, options, ws)
         _log_softmax_into(logp_t, logp_t.mul_(inv_tau))
         # A bias may mask vocabulary entries with -inf; a softcap maps -inf to -softcap.
-        guard_inf = (b is not None or bt is not None) and options.softcap is None
+        guard_inf = (b is not None and softcap is None) or (bt is not None and options.teacher_cap is None)
         div, grad_kl = _divergence(logp_s, logp_t, z, options, want_grad, guard_inf)
 
     if not want_grad:

@@ -29,6 +29,7 @@ from .triton_common import (
     INTERPRET,
     KernelConfig,
     dot_flags,
+    extra_transforms,
     load_labels,
     logits_tile,
     loss_flags,
@@ -60,6 +61,10 @@ BACKWARD_WEIGHT_CONFIG = KernelConfig(block_n=128, block_v=64, block_d=16, num_w
 BACKWARD_HIDDEN_CONFIG_FP32 = KernelConfig(block_n=32, block_v=32, block_d=16, num_warps=4, num_stages=2)
 BACKWARD_HIDDEN_CONFIG_FP32_UNALIGNED = KernelConfig(block_n=16, block_v=64, block_d=16, num_warps=8, num_stages=2)
 BACKWARD_HIDDEN_CONFIG_FP64 = KernelConfig(block_n=16, block_v=16, block_d=16, num_warps=4, num_stages=1)
+# A teacher of another family (its own softcap, logit scales) takes registers for its scalars:
+# with two stages ptxas held the float32 variant to 128 registers and spilled on sm_80 (36 B,
+# unaligned 24 B); one stage compiles both without spills.
+BACKWARD_HIDDEN_CONFIG_FP32_TRANSFORMS = KernelConfig(block_n=32, block_v=32, block_d=16, num_warps=4, num_stages=1)
 # One stage: with two, ptxas spilled the reverse_kl variant on sm_80 (79 registers, 32 B spilled).
 # Four warps: with eight, ptxas held each thread to 128 registers and spilled the softcap
 # variant on sm_80 for a float32 teacher of a bfloat16 student and for unaligned float32
@@ -78,8 +83,10 @@ def logits_grad_tile(
     D, DT,  # hidden sizes
     stride_h, stride_w, stride_ht, stride_wt,  # row strides
     inv_tau, softcap, inv_softcap, log_beta, log_1m_beta, one_m_beta,  # ACC scalars
+    teacher_softcap, teacher_inv_softcap, logit_scale, teacher_logit_scale,  # ACC scalars
     HAS_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DIVERGENCE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_TEACHER_SOFTCAP: tl.constexpr, HAS_LOGIT_SCALE: tl.constexpr,
+    HAS_TEACHER_LOGIT_SCALE: tl.constexpr, DIVERGENCE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, TEACHER_DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     ROUND_LOGITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -91,12 +98,13 @@ def logits_grad_tile(
     if HAS_TEACHER:
         z_t = logits_tile(
             ht_ptr, wt_ptr, bt_ptr, rows.to(tl.int64) * stride_ht, cols.to(tl.int64) * stride_wt, row_mask,
-            col_mask, cols, DT, softcap, inv_softcap, HAS_TEACHER_BIAS, HAS_SOFTCAP, TEACHER_DOT_DTYPE, ACC,
-            PRECISION, ROUND_LOGITS, BLOCK_N, BLOCK_V, BLOCK_D,
+            col_mask, cols, DT, teacher_logit_scale, teacher_softcap, teacher_inv_softcap, HAS_TEACHER_BIAS, HAS_TEACHER_LOGIT_SCALE,
+            HAS_TEACHER_SOFTCAP, TEACHER_DOT_DTYPE, ACC, PRECISION, ROUND_LOGITS, BLOCK_N, BLOCK_V, BLOCK_D,
         )
     z_s = logits_tile(
         h_ptr, w_ptr, b_ptr, rows.to(tl.int64) * stride_h, cols.to(tl.int64) * stride_w, row_mask, col_mask,
-        cols, D, softcap, inv_softcap, HAS_BIAS, HAS_SOFTCAP, DOT_DTYPE, ACC, PRECISION, ROUND_LOGITS, BLOCK_N, BLOCK_V, BLOCK_D,
+        cols, D, logit_scale, softcap, inv_softcap, HAS_BIAS, HAS_LOGIT_SCALE, HAS_SOFTCAP, DOT_DTYPE, ACC, PRECISION, ROUND_LOGITS,
+        BLOCK_N, BLOCK_V, BLOCK_D,
     )
     dz = logit_grad(
         z_s, z_t, cols, labels, m, log_sum_1, log_sum_s, m_t, log_sum_t, aux, ce_scale, kl_scale,
@@ -144,10 +152,13 @@ def sdft_backward_hidden_kernel(
     N, V, D, DT,  # sizes
     stride_h, stride_w, stride_ht, stride_wt, stride_dh,  # row strides in elements
     ignore_index,  # label of positions without cross-entropy
-    inv_tau: tl.float64, softcap: tl.float64,  # 1 / temperature; softcap (unused without HAS_SOFTCAP)
+    inv_tau: tl.float64, softcap: tl.float64, teacher_softcap: tl.float64,  # 1 / tau; softcaps (unused without HAS_*)
+    logit_scale: tl.float64, teacher_logit_scale: tl.float64,  # each model's logit scale
     log_beta: tl.float64, log_1m_beta: tl.float64, beta: tl.float64,  # JSD mixture weights
     HAS_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DIVERGENCE: tl.constexpr,  # optional inputs; FORWARD_KL/REVERSE_KL/JSD
+    HAS_SOFTCAP: tl.constexpr, HAS_TEACHER_SOFTCAP: tl.constexpr, OWN_TEACHER_SOFTCAP: tl.constexpr,  # softcaps
+    HAS_LOGIT_SCALE: tl.constexpr, HAS_TEACHER_LOGIT_SCALE: tl.constexpr,  # logit scales other than 1
+    DIVERGENCE: tl.constexpr,  # FORWARD_KL/REVERSE_KL/JSD
     DOT_DTYPE: tl.constexpr, TEACHER_DOT_DTYPE: tl.constexpr, ACC: tl.constexpr,  # tile dtypes
     PRECISION: tl.constexpr, ROUND_LOGITS: tl.constexpr,  # tl.dot input precision ("ieee"/"tf32"); round logits
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes
@@ -157,8 +168,10 @@ def sdft_backward_hidden_kernel(
         rows, N, labels_ptr, m_ptr, log_sum_1_ptr, log_sum_s_ptr, m_t_ptr, log_sum_t_ptr, aux_ptr,
         ce_scale_ptr, kl_scale_ptr, ignore_index, ACC,
     )
-    inv_tau, softcap, inv_softcap, log_beta, log_1m_beta, beta = loss_scalars(
-        inv_tau, softcap, log_beta, log_1m_beta, beta, ACC)
+    (inv_tau, softcap, inv_softcap, teacher_softcap, teacher_inv_softcap, logit_scale, teacher_logit_scale,
+     log_beta, log_1m_beta, beta) = loss_scalars(inv_tau, softcap, teacher_softcap, logit_scale,
+                                                 teacher_logit_scale, log_beta, log_1m_beta, beta,
+                                                 OWN_TEACHER_SOFTCAP, ACC)
     one_m_beta = 1.0 - beta
     dh_offsets = rows.to(tl.int64) * stride_dh
 
@@ -170,7 +183,9 @@ def sdft_backward_hidden_kernel(
             labels, m, log_sum_1, log_sum_s, m_t, log_sum_t, aux, ce_scale, kl_scale, rows, cols, active, col_mask,
             D, DT, stride_h, stride_w, stride_ht, stride_wt,
             inv_tau, softcap, inv_softcap, log_beta, log_1m_beta, one_m_beta,
-            HAS_BIAS, HAS_TEACHER, HAS_TEACHER_BIAS, HAS_SOFTCAP, DIVERGENCE,
+            teacher_softcap, teacher_inv_softcap, logit_scale, teacher_logit_scale,
+            HAS_BIAS, HAS_TEACHER, HAS_TEACHER_BIAS, HAS_SOFTCAP, HAS_TEACHER_SOFTCAP, HAS_LOGIT_SCALE,
+            HAS_TEACHER_LOGIT_SCALE, DIVERGENCE,
             DOT_DTYPE, TEACHER_DOT_DTYPE, ACC, PRECISION, ROUND_LOGITS, BLOCK_N, BLOCK_V, BLOCK_D,
         ).to(DOT_DTYPE)
         # The first step starts the sums from zero, the last one writes the output dtype. (The
@@ -206,10 +221,13 @@ def sdft_backward_weight_kernel(
     N, V, D, DT,  # sizes
     stride_h, stride_w, stride_ht, stride_wt, stride_dw,  # row strides in elements
     ignore_index,  # label of positions without cross-entropy
-    inv_tau: tl.float64, softcap: tl.float64,  # 1 / temperature; softcap (unused without HAS_SOFTCAP)
+    inv_tau: tl.float64, softcap: tl.float64, teacher_softcap: tl.float64,  # 1 / tau; softcaps (unused without HAS_*)
+    logit_scale: tl.float64, teacher_logit_scale: tl.float64,  # each model's logit scale
     log_beta: tl.float64, log_1m_beta: tl.float64, beta: tl.float64,  # JSD mixture weights
     HAS_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DIVERGENCE: tl.constexpr,  # optional inputs; FORWARD_KL/REVERSE_KL/JSD
+    HAS_SOFTCAP: tl.constexpr, HAS_TEACHER_SOFTCAP: tl.constexpr, OWN_TEACHER_SOFTCAP: tl.constexpr,  # softcaps
+    HAS_LOGIT_SCALE: tl.constexpr, HAS_TEACHER_LOGIT_SCALE: tl.constexpr,  # logit scales other than 1
+    DIVERGENCE: tl.constexpr,  # FORWARD_KL/REVERSE_KL/JSD
     COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,  # which outputs are wanted
     DOT_DTYPE: tl.constexpr, TEACHER_DOT_DTYPE: tl.constexpr, ACC: tl.constexpr,  # tile dtypes
     PRECISION: tl.constexpr, ROUND_LOGITS: tl.constexpr,  # tl.dot input precision ("ieee"/"tf32"); round logits
@@ -217,8 +235,10 @@ def sdft_backward_weight_kernel(
 ):
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
-    inv_tau, softcap, inv_softcap, log_beta, log_1m_beta, beta = loss_scalars(
-        inv_tau, softcap, log_beta, log_1m_beta, beta, ACC)
+    (inv_tau, softcap, inv_softcap, teacher_softcap, teacher_inv_softcap, logit_scale, teacher_logit_scale,
+     log_beta, log_1m_beta, beta) = loss_scalars(inv_tau, softcap, teacher_softcap, logit_scale,
+                                                 teacher_logit_scale, log_beta, log_1m_beta, beta,
+                                                 OWN_TEACHER_SOFTCAP, ACC)
     one_m_beta = 1.0 - beta
     dw_offsets = cols.to(tl.int64) * stride_dw
     db = tl.zeros([BLOCK_V], ACC)
@@ -235,7 +255,9 @@ def sdft_backward_weight_kernel(
             labels, m, log_sum_1, log_sum_s, m_t, log_sum_t, aux, ce_scale, kl_scale, rows, cols, row_mask, col_mask,
             D, DT, stride_h, stride_w, stride_ht, stride_wt,
             inv_tau, softcap, inv_softcap, log_beta, log_1m_beta, one_m_beta,
-            HAS_BIAS, HAS_TEACHER, HAS_TEACHER_BIAS, HAS_SOFTCAP, DIVERGENCE,
+            teacher_softcap, teacher_inv_softcap, logit_scale, teacher_logit_scale,
+            HAS_BIAS, HAS_TEACHER, HAS_TEACHER_BIAS, HAS_SOFTCAP, HAS_TEACHER_SOFTCAP, HAS_LOGIT_SCALE,
+            HAS_TEACHER_LOGIT_SCALE, DIVERGENCE,
             DOT_DTYPE, TEACHER_DOT_DTYPE, ACC, PRECISION, ROUND_LOGITS, BLOCK_N, BLOCK_V, BLOCK_D,
         )
         if COMPUTE_DB:
@@ -263,14 +285,18 @@ def sdft_backward_weight_kernel(
         tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_mask)
 
 
-def default_backward_configs(dtype: torch.dtype, aligned: bool = True) -> tuple[KernelConfig, KernelConfig]:
+def default_backward_configs(dtype: torch.dtype, aligned: bool = True,
+                             transforms: bool = False) -> tuple[KernelConfig, KernelConfig]:
     """``(hidden kernel config, weight kernel config)`` for tiles of ``dtype``
-    (:func:`tile_dtype`) in this process; ``aligned``: :func:`sizes_aligned` of the launch."""
+    (:func:`tile_dtype`) in this process; ``aligned``: :func:`sizes_aligned` of the launch;
+    ``transforms``: :func:`sdft_kernels.triton_common.extra_transforms` of its options."""
     if INTERPRET:
         return BACKWARD_CONFIG_INTERPRET, BACKWARD_CONFIG_INTERPRET
     if dtype.itemsize == 2:
         return BACKWARD_HIDDEN_CONFIG, BACKWARD_WEIGHT_CONFIG
     weight = BACKWARD_WEIGHT_CONFIG_FP64 if dtype.itemsize == 8 else BACKWARD_WEIGHT_CONFIG_FP32
+    if transforms and dtype.itemsize == 4:
+        return BACKWARD_HIDDEN_CONFIG_FP32_TRANSFORMS, weight
     if not aligned:
         return BACKWARD_HIDDEN_CONFIG_FP32_UNALIGNED, weight
     if dtype.itemsize == 8:
@@ -316,7 +342,8 @@ def sdft_backward(
 
     has_teacher = ht is not None
     aligned = sizes_aligned(V, D, h.stride(0), W.stride(0), *((ht.shape[1], ht.stride(0), Wt.stride(0)) if has_teacher else ()))
-    default_hidden, default_weight = default_backward_configs(tile_dtype(h.dtype, None if ht is None else ht.dtype), aligned)
+    default_hidden, default_weight = default_backward_configs(
+        tile_dtype(h.dtype, None if ht is None else ht.dtype), aligned, extra_transforms(loss_flags(options)))
     hidden_config = hidden_config or default_hidden
     weight_config = weight_config or default_weight
     acc_dtype = accumulation_dtype(h.dtype)

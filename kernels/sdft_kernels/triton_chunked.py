@@ -86,14 +86,16 @@ EPILOGUE_CONFIG_INTERPRET = EpilogueConfig(block_n=16, block_v=256, num_warps=1)
 def load_logit_tile(
     z_ptr, b_ptr,  # [C, V] logits (any float dtype), [V] bias
     row_offsets, cols, row_mask, col_mask,  # [BLOCK_N] int64 row * stride, [BLOCK_V] columns
-    softcap, inv_softcap,  # ACC scalars
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr,
+    scale, softcap, inv_softcap,  # ACC scalars: the model's logit scale and softcap
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr,
 ):
-    """One tile of stored logits in ACC, bias added and softcapped; masked entries are 0."""
+    """One tile of stored logits in ACC, bias added, scaled and softcapped; masked entries are 0."""
     z = tl.load(z_ptr + row_offsets[:, None] + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
                 other=0.0).to(ACC)
     if HAS_BIAS:
         z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+    if HAS_SCALE:
+        z = z * scale
     if HAS_SOFTCAP:
         z = apply_softcap(z, softcap, inv_softcap)
     return z
@@ -103,17 +105,20 @@ def load_logit_tile(
 def load_tile_pair(
     zs_ptr, zt_ptr, b_ptr, bt_ptr,  # [C, V] student and teacher logits, their [V] biases
     zs_offsets, zt_offsets, cols, row_mask, col_mask,  # [BLOCK_N] int64 row offsets, [BLOCK_V] columns
-    softcap, inv_softcap,  # ACC scalars
+    logit_scale, softcap, inv_softcap,  # ACC scalars: the student's transforms
+    teacher_logit_scale, teacher_softcap, teacher_inv_softcap,  # and the teacher's
     HAS_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_TEACHER_SOFTCAP: tl.constexpr, HAS_LOGIT_SCALE: tl.constexpr,
+    HAS_TEACHER_LOGIT_SCALE: tl.constexpr, ACC: tl.constexpr,
 ):
     """``(z_s, z_t)`` tiles (:func:`load_logit_tile`); without a teacher ``z_t`` is ``z_s``."""
-    z_s = load_logit_tile(zs_ptr, b_ptr, zs_offsets, cols, row_mask, col_mask, softcap, inv_softcap,
-                          HAS_BIAS, HAS_SOFTCAP, ACC)
+    z_s = load_logit_tile(zs_ptr, b_ptr, zs_offsets, cols, row_mask, col_mask, logit_scale, softcap, inv_softcap,
+                          HAS_BIAS, HAS_LOGIT_SCALE, HAS_SOFTCAP, ACC)
     z_t = z_s
     if HAS_TEACHER:
-        z_t = load_logit_tile(zt_ptr, bt_ptr, zt_offsets, cols, row_mask, col_mask, softcap, inv_softcap,
-                              HAS_TEACHER_BIAS, HAS_SOFTCAP, ACC)
+        z_t = load_logit_tile(zt_ptr, bt_ptr, zt_offsets, cols, row_mask, col_mask, teacher_logit_scale,
+                              teacher_softcap, teacher_inv_softcap, HAS_TEACHER_BIAS, HAS_TEACHER_LOGIT_SCALE,
+                              HAS_TEACHER_SOFTCAP, ACC)
     return z_s, z_t
 
 
@@ -127,10 +132,13 @@ def sdft_chunk_epilogue_kernel(
     C, V,  # sizes
     stride_zs, stride_zt, stride_dz,  # row strides in elements (columns are contiguous)
     ignore_index,  # label of positions without cross-entropy
-    inv_tau: tl.float64, softcap: tl.float64,  # 1 / temperature; softcap (unused without HAS_SOFTCAP)
+    inv_tau: tl.float64, softcap: tl.float64, teacher_softcap: tl.float64,  # 1 / tau; softcaps (unused without HAS_*)
+    logit_scale: tl.float64, teacher_logit_scale: tl.float64,  # each model's logit scale
     log_beta: tl.float64, log_1m_beta: tl.float64, beta: tl.float64,  # JSD mixture weights
     HAS_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DIVERGENCE: tl.constexpr,  # optional inputs; FORWARD_KL/REVERSE_KL/JSD
+    HAS_SOFTCAP: tl.constexpr, HAS_TEACHER_SOFTCAP: tl.constexpr, OWN_TEACHER_SOFTCAP: tl.constexpr,  # softcaps
+    HAS_LOGIT_SCALE: tl.constexpr, HAS_TEACHER_LOGIT_SCALE: tl.constexpr,  # logit scales other than 1
+    DIVERGENCE: tl.constexpr,  # FORWARD_KL/REVERSE_KL/JSD
     COMPUTE_GRAD: tl.constexpr,  # write dz (needs ce_scale/kl_scale)
     ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -139,8 +147,10 @@ def sdft_chunk_epilogue_kernel(
     zs_offsets = rows.to(tl.int64) * stride_zs
     zt_offsets = rows.to(tl.int64) * stride_zt
     labels = load_labels(labels_ptr, rows, row_mask, ignore_index)
-    inv_tau, softcap, inv_softcap, log_beta, log_1m_beta, beta = loss_scalars(
-        inv_tau, softcap, log_beta, log_1m_beta, beta, ACC)
+    (inv_tau, softcap, inv_softcap, teacher_softcap, teacher_inv_softcap, logit_scale, teacher_logit_scale,
+     log_beta, log_1m_beta, beta) = loss_scalars(inv_tau, softcap, teacher_softcap, logit_scale,
+                                                 teacher_logit_scale, log_beta, log_1m_beta, beta,
+                                                 OWN_TEACHER_SOFTCAP, ACC)
 
     m, sum_1, sum_s, z_label, m_t, sum_t, weighted = sweep_init(BLOCK_N, ACC)
     for v0 in range(0, V, BLOCK_V):
@@ -148,14 +158,15 @@ def sdft_chunk_epilogue_kernel(
         col_mask = cols < V
         # The student tile is swept before the teacher's is loaded (not load_tile_pair): with
         # both live, ptxas spilled the float32 JSD variant on sm_80.
-        z_s = load_logit_tile(zs_ptr, b_ptr, zs_offsets, cols, row_mask, col_mask, softcap, inv_softcap,
-                              HAS_BIAS, HAS_SOFTCAP, ACC)
+        z_s = load_logit_tile(zs_ptr, b_ptr, zs_offsets, cols, row_mask, col_mask, logit_scale, softcap,
+                              inv_softcap, HAS_BIAS, HAS_LOGIT_SCALE, HAS_SOFTCAP, ACC)
         m_new, sum_1, sum_s, z_label, alpha_s, e_s = sweep_student(
             z_s, cols, col_mask, labels, m, sum_1, sum_s, z_label, inv_tau, HAS_TEACHER,
         )
         if HAS_TEACHER:
-            z_t = load_logit_tile(zt_ptr, bt_ptr, zt_offsets, cols, row_mask, col_mask, softcap, inv_softcap,
-                                  HAS_TEACHER_BIAS, HAS_SOFTCAP, ACC)
+            z_t = load_logit_tile(zt_ptr, bt_ptr, zt_offsets, cols, row_mask, col_mask, teacher_logit_scale,
+                                  teacher_softcap, teacher_inv_softcap, HAS_TEACHER_BIAS, HAS_TEACHER_LOGIT_SCALE,
+                                  HAS_TEACHER_SOFTCAP, ACC)
             m_t, sum_t, weighted = sweep_teacher(
                 z_s, z_t, col_mask, alpha_s, e_s, m_t, sum_t, weighted, inv_tau, DIVERGENCE,
             )
@@ -172,7 +183,9 @@ def sdft_chunk_epilogue_kernel(
                 col_mask = cols < V
                 z_s, z_t = load_tile_pair(
                     zs_ptr, zt_ptr, b_ptr, bt_ptr, zs_offsets, zt_offsets, cols, row_mask, col_mask,
-                    softcap, inv_softcap, HAS_BIAS, HAS_TEACHER, HAS_TEACHER_BIAS, HAS_SOFTCAP, ACC)
+                    logit_scale, softcap, inv_softcap, teacher_logit_scale, teacher_softcap, teacher_inv_softcap,
+                    HAS_BIAS, HAS_TEACHER, HAS_TEACHER_BIAS, HAS_SOFTCAP, HAS_TEACHER_SOFTCAP, HAS_LOGIT_SCALE,
+                    HAS_TEACHER_LOGIT_SCALE, ACC)
                 part_t, part_s = jsd_tile_sums(
                     z_s, z_t, col_mask, m, m_t, log_sum_s, log_sum_t, inv_tau, log_beta, log_1m_beta,
                 )
@@ -194,8 +207,10 @@ def sdft_chunk_epilogue_kernel(
             cols = v0 + tl.arange(0, BLOCK_V)
             col_mask = cols < V
             z_s, z_t = load_tile_pair(zs_ptr, zt_ptr, b_ptr, bt_ptr, zs_offsets, zt_offsets, cols, row_mask,
-                                      col_mask, softcap, inv_softcap, HAS_BIAS, HAS_TEACHER, HAS_TEACHER_BIAS,
-                                      HAS_SOFTCAP, ACC)
+                                      col_mask, logit_scale, softcap, inv_softcap, teacher_logit_scale,
+                                      teacher_softcap, teacher_inv_softcap, HAS_BIAS, HAS_TEACHER,
+                                      HAS_TEACHER_BIAS, HAS_SOFTCAP, HAS_TEACHER_SOFTCAP, HAS_LOGIT_SCALE,
+                                      HAS_TEACHER_LOGIT_SCALE, ACC)
             dz = logit_grad(
                 z_s, z_t, cols, labels, m, log_sum_1, log_sum_s, m_t, log_sum_t, aux, ce_scale, kl_scale,
                 inv_tau, inv_softcap, log_beta, log_1m_beta, one_m_beta, HAS_TEACHER, HAS_SOFTCAP, DIVERGENCE,
@@ -205,7 +220,8 @@ def sdft_chunk_epilogue_kernel(
                      mask=row_mask[:, None] & col_mask[None, :])
 
 
-def default_epilogue_config(dtype: torch.dtype = torch.float32, dz_dtype: Optional[torch.dtype] = None) -> EpilogueConfig:
+def default_epilogue_config(dtype: torch.dtype = torch.float32,
+                            dz_dtype: Optional[torch.dtype] = None) -> EpilogueConfig:
     """The epilogue's tiles for logits of ``dtype`` and a gradient of ``dz_dtype`` (default the
     same) in this process (GPU or interpreter)."""
     if INTERPRET:

@@ -55,7 +55,10 @@ class LossConstants(NamedTuple):
     """Scalars of the loss, passed to every kernel as float64 arguments."""
 
     inv_tau: float
-    softcap: float  # 1.0 when there is no softcap (then unused)
+    softcap: float  # the student's; 1.0 when it has none (then unused)
+    teacher_softcap: float  # the teacher's; likewise
+    logit_scale: float  # the student's logits are multiplied by it before the softcap
+    teacher_logit_scale: float
     log_beta: float  # log(jsd_beta); -inf for beta = 0
     log_1m_beta: float  # log(1 - jsd_beta); -inf for beta = 1
     beta: float
@@ -63,9 +66,13 @@ class LossConstants(NamedTuple):
 
 def loss_constants(options: LossOptions) -> LossConstants:
     log_beta, log_1m_beta = options.jsd_log_weights
+    cap = lambda c: 1.0 if c is None else float(c)  # noqa: E731
     return LossConstants(
         inv_tau=1.0 / float(options.temperature),
-        softcap=1.0 if options.softcap is None else float(options.softcap),
+        softcap=cap(options.student_cap),
+        teacher_softcap=cap(options.teacher_cap),
+        logit_scale=float(options.student_logit_scale),
+        teacher_logit_scale=float(options.teacher_logit_scale),
         log_beta=log_beta,
         log_1m_beta=log_1m_beta,
         beta=float(options.jsd_beta),
@@ -73,15 +80,32 @@ def loss_constants(options: LossOptions) -> LossConstants:
 
 
 def scalar_args(options: LossOptions) -> tuple:
-    """``(ignore_index, inv_tau, softcap, log_beta, log_1m_beta, beta)``: the scalar arguments
-    every kernel takes, in its parameter order (device side: :func:`loss_scalars`)."""
+    """``(ignore_index, inv_tau, softcap, teacher_softcap, logit_scale, teacher_logit_scale,
+    log_beta, log_1m_beta, beta)``: the scalar arguments every kernel takes, in its parameter
+    order (device side: :func:`loss_scalars`)."""
     return (options.ignore_index, *loss_constants(options))
 
 
 def loss_flags(options: LossOptions) -> dict:
-    """The constexpr flags every kernel takes from the options: softcap and divergence. (Which
+    """The constexpr flags every kernel takes from the options: each model's softcap and logit
+    scale, and the divergence. The common variants (no scale, one softcap or none) compile as
+    without those features: the registers of the tightest kernels are spent already. (Which
     optional inputs exist, the kernels derive from them: :func:`presence_flags`.)"""
-    return dict(HAS_SOFTCAP=options.softcap is not None, DIVERGENCE=DIVERGENCE_CODES[options.effective_divergence])
+    student_cap, teacher_cap = options.student_cap, options.teacher_cap
+    return dict(
+        HAS_SOFTCAP=student_cap is not None, HAS_TEACHER_SOFTCAP=teacher_cap is not None,
+        # One cap for both models (the same family) reuses the student's registers.
+        OWN_TEACHER_SOFTCAP=teacher_cap is not None and teacher_cap != student_cap,
+        HAS_LOGIT_SCALE=options.student_logit_scale != 1.0, HAS_TEACHER_LOGIT_SCALE=options.teacher_logit_scale != 1.0,
+        DIVERGENCE=DIVERGENCE_CODES[options.effective_divergence],
+    )
+
+
+def extra_transforms(flags: dict) -> bool:
+    """Whether :func:`loss_flags` ask for more than one softcap: a teacher softcap of its own or a
+    logit scale (a teacher of another family). Their scalars take registers, and the float32
+    backward gets its own config."""
+    return flags["OWN_TEACHER_SOFTCAP"] or flags["HAS_LOGIT_SCALE"] or flags["HAS_TEACHER_LOGIT_SCALE"]
 
 
 def presence_flags(**flag_to_argument: str):
@@ -195,11 +219,22 @@ def as_scalar(value, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def loss_scalars(inv_tau, softcap, log_beta, log_1m_beta, beta, ACC: tl.constexpr):
-    """The float64 scalar arguments (:func:`scalar_args`) as ACC scalars, plus ``1 / softcap``:
-    ``(inv_tau, softcap, inv_softcap, log_beta, log_1m_beta, beta)``."""
+def loss_scalars(inv_tau, softcap, teacher_softcap, logit_scale, teacher_logit_scale, log_beta, log_1m_beta, beta,
+                 OWN_TEACHER_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
+    """The float64 scalar arguments (:func:`scalar_args`) as ACC scalars, plus ``1 / softcap``
+    of each model: ``(inv_tau, softcap, inv_softcap, teacher_softcap, teacher_inv_softcap,
+    logit_scale, teacher_logit_scale, log_beta, log_1m_beta, beta)``. Without
+    ``OWN_TEACHER_SOFTCAP`` the teacher's cap is the student's (the same values)."""
     softcap = as_scalar(softcap, ACC)
-    return (as_scalar(inv_tau, ACC), softcap, 1.0 / softcap, as_scalar(log_beta, ACC),
+    inv_softcap = 1.0 / softcap
+    teacher_inv_softcap = inv_softcap
+    if OWN_TEACHER_SOFTCAP:
+        teacher_softcap = as_scalar(teacher_softcap, ACC)
+        teacher_inv_softcap = 1.0 / teacher_softcap
+    else:
+        teacher_softcap = softcap
+    return (as_scalar(inv_tau, ACC), softcap, inv_softcap, teacher_softcap, teacher_inv_softcap,
+            as_scalar(logit_scale, ACC), as_scalar(teacher_logit_scale, ACC), as_scalar(log_beta, ACC),
             as_scalar(log_1m_beta, ACC), as_scalar(beta, ACC))
 
 
@@ -243,12 +278,13 @@ def logits_tile(
     row_mask, col_mask,  # [BLOCK_N], [BLOCK_V]
     cols,  # [BLOCK_V] vocabulary indices
     K,  # hidden size
-    softcap, inv_softcap,  # ACC scalars
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    scale, softcap, inv_softcap,  # ACC scalars: the model's logit scale and softcap
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, ROUND_LOGITS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Logits ``x[rows] @ w[cols]^T (+ b[cols])``, softcapped: ``[BLOCK_N, BLOCK_V]`` in ACC.
+    """Logits ``x[rows] @ w[cols]^T (+ b[cols])``, times ``scale``, softcapped:
+    ``[BLOCK_N, BLOCK_V]`` in ACC.
 
     The ACC sums of the dot, unless ``ROUND_LOGITS`` (``LossOptions.logits_dtype="input"``):
     then rounded to DOT_DTYPE after the bias, as ``F.linear`` in that dtype returns them.
@@ -266,6 +302,8 @@ def logits_tile(
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
     if ROUND_LOGITS:
         acc = acc.to(DOT_DTYPE).to(ACC)
+    if HAS_SCALE:
+        acc = acc * scale
     if HAS_SOFTCAP:
         acc = apply_softcap(acc, softcap, inv_softcap)
     return acc

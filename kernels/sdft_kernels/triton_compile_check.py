@@ -30,7 +30,7 @@ from triton.compiler import ASTSource
 from .triton_backward import default_backward_configs, sdft_backward_hidden_kernel, sdft_backward_weight_kernel
 from .triton_chunked import default_epilogue_config, sdft_chunk_epilogue_kernel
 from .reduction import accumulation_dtype
-from .triton_common import DIVERGENCE_CODES, INTERPRET, dot_precision, teacher_dot_dtype, tile_dtype
+from .triton_common import DIVERGENCE_CODES, INTERPRET, dot_precision, extra_transforms, teacher_dot_dtype, tile_dtype
 from .triton_forward import default_forward_config, sdft_forward_kernel
 
 # Each kernel (its jit function, under the flag heuristics) with the launcher's choice of
@@ -44,11 +44,23 @@ KERNELS = {
 FUSED = ("forward", "backward_hidden", "backward_weight")
 # The main flag combinations: CE only; teacher with biases and softcap; JSD (two sweeps).
 _FKL, _RKL, _JSD = (DIVERGENCE_CODES[d] for d in ("forward_kl", "reverse_kl", "jsd"))
+_NO_SCALES = dict(HAS_LOGIT_SCALE=False, HAS_TEACHER_LOGIT_SCALE=False)
+_NO_CAPS = dict(HAS_SOFTCAP=False, HAS_TEACHER_SOFTCAP=False, OWN_TEACHER_SOFTCAP=False, **_NO_SCALES)
 FLAG_SETS = {
-    "ce-only": dict(HAS_BIAS=True, HAS_TEACHER=False, HAS_TEACHER_BIAS=False, HAS_SOFTCAP=False, DIVERGENCE=_FKL),
-    "fkl+softcap": dict(HAS_BIAS=True, HAS_TEACHER=True, HAS_TEACHER_BIAS=True, HAS_SOFTCAP=True, DIVERGENCE=_FKL),
-    "rkl": dict(HAS_BIAS=False, HAS_TEACHER=True, HAS_TEACHER_BIAS=False, HAS_SOFTCAP=False, DIVERGENCE=_RKL),
-    "jsd": dict(HAS_BIAS=False, HAS_TEACHER=True, HAS_TEACHER_BIAS=False, HAS_SOFTCAP=False, DIVERGENCE=_JSD),
+    "ce-only": dict(HAS_BIAS=True, HAS_TEACHER=False, HAS_TEACHER_BIAS=False, **_NO_CAPS, DIVERGENCE=_FKL),
+    "fkl+softcap": dict(HAS_BIAS=True, HAS_TEACHER=True, HAS_TEACHER_BIAS=True, HAS_SOFTCAP=True,
+                        HAS_TEACHER_SOFTCAP=True, OWN_TEACHER_SOFTCAP=False, **_NO_SCALES, DIVERGENCE=_FKL),
+    "rkl": dict(HAS_BIAS=False, HAS_TEACHER=True, HAS_TEACHER_BIAS=False, **_NO_CAPS, DIVERGENCE=_RKL),
+    "jsd": dict(HAS_BIAS=False, HAS_TEACHER=True, HAS_TEACHER_BIAS=False, **_NO_CAPS, DIVERGENCE=_JSD),
+}
+# Beyond the main grid, teachers of another family: a softcapped teacher of an uncapped
+# student (JSD); each model its own softcap and logit scale (forward KL, biases).
+EXTRA_FLAG_SETS = {
+    "jsd+tsoftcap": dict(HAS_BIAS=False, HAS_TEACHER=True, HAS_TEACHER_BIAS=False, HAS_SOFTCAP=False,
+                         HAS_TEACHER_SOFTCAP=True, OWN_TEACHER_SOFTCAP=True, **_NO_SCALES, DIVERGENCE=_JSD),
+    "fkl+own-caps+scales": dict(HAS_BIAS=True, HAS_TEACHER=True, HAS_TEACHER_BIAS=True, HAS_SOFTCAP=True,
+                                HAS_TEACHER_SOFTCAP=True, OWN_TEACHER_SOFTCAP=True, HAS_LOGIT_SCALE=True,
+                                HAS_TEACHER_LOGIT_SCALE=True, DIVERGENCE=_FKL),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 ARCHS = (80, 90)
@@ -75,7 +87,8 @@ def all_variants() -> list[Variant]:
     """Every kernel x arch x {fp32, bf16} x flag set, then the specialisations real inputs add:
     a float32 teacher for a bfloat16 student (FrozenCopy of another dtype, a float32 cache),
     sizes or strides that are not multiples of 16 (D = 2100, a vocabulary of 50257), float64,
-    and bfloat16 logits rounded as the model's head would (``logits_dtype="input"``)."""
+    bfloat16 logits rounded as the model's head would (``logits_dtype="input"``), and a
+    softcapped teacher of an uncapped student."""
     main = [Variant(k, a, d, f) for k in KERNELS for a in ARCHS for d in ("fp32", "bf16") for f in FLAG_SETS]
     teacher = [Variant(k, a, "bf16", f, teacher_dtype="fp32") for k in FUSED for a in ARCHS
                for f in ("fkl+softcap", "rkl", "jsd")]
@@ -84,7 +97,9 @@ def all_variants() -> list[Variant]:
     fp64 = [Variant(k, a, "fp64", f) for k in KERNELS for a in ARCHS for f in ("fkl+softcap", "jsd")]
     rounded = [Variant(k, a, "bf16", f, rounded_logits=True) for k in KERNELS for a in ARCHS
                for f in ("fkl+softcap", "jsd")]
-    return main + teacher + odd + fp64 + rounded
+    extra = [Variant(k, a, d, f, aligned=aligned) for k in KERNELS for a in ARCHS for d in ("fp32", "bf16")
+             for f in EXTRA_FLAG_SETS for aligned in (True, False) if aligned or f == "fkl+own-caps+scales"]
+    return main + teacher + odd + fp64 + rounded + extra
 
 
 # Pointer arguments by role: the teacher's inputs, the chunked path's logits (float32, or the
@@ -94,7 +109,8 @@ _OTHER_POINTERS = {"labels_ptr": "*i64", "kl_mask_ptr": "*u8"}
 _STUDENT_POINTERS = {"h_ptr", "w_ptr", "b_ptr", "dh_ptr", "dw_ptr", "db_ptr", "dz_ptr"}
 _TEACHER_POINTERS = {"ht_ptr", "wt_ptr", "bt_ptr"}
 _LOGIT_POINTERS = {"zs_ptr": "student", "zt_ptr": "teacher"}
-_FLOAT64_SCALARS = {"inv_tau", "softcap", "log_beta", "log_1m_beta", "beta"}
+_FLOAT64_SCALARS = {"inv_tau", "softcap", "teacher_softcap", "logit_scale", "teacher_logit_scale", "log_beta",
+                    "log_1m_beta", "beta"}
 # Optional inputs, by the flag that says they are given: the launchers pass None otherwise,
 # which Triton specialises as a constexpr None.
 _OPTIONAL_POINTERS = {"b_ptr": "HAS_BIAS", "ht_ptr": "HAS_TEACHER", "wt_ptr": "HAS_TEACHER", "zt_ptr": "HAS_TEACHER",
@@ -123,7 +139,14 @@ def variant_config(v: Variant):
     teacher = DTYPES[v.teacher_dtype or v.dtype]
     if v.kernel == "chunk_epilogue":
         return default_epilogue_config(student if v.rounded_logits else accumulation_dtype(student), student)
+    if v.kernel.startswith("backward"):
+        configs = default_backward_configs(tile_dtype(student, teacher), v.aligned, extra_transforms(_flags(v)))
+        return configs[v.kernel == "backward_weight"]
     return default_config(tile_dtype(student, teacher), v.aligned)
+
+
+def _flags(v: Variant) -> dict:
+    return {**FLAG_SETS, **EXTRA_FLAG_SETS}[v.flags]
 
 
 def kernel_signature(kernel, v: Variant, config):
@@ -136,7 +159,7 @@ def kernel_signature(kernel, v: Variant, config):
     """
     student, teacher = DTYPES[v.dtype], DTYPES[v.teacher_dtype or v.dtype]
     acc = "fp64" if student == torch.float64 else "fp32"
-    flags = FLAG_SETS[v.flags]
+    flags = _flags(v)
     common = dict(
         DOT_DTYPE=_TL[student], TEACHER_DOT_DTYPE=teacher_dot_dtype(student, teacher, teacher),
         ACC=tl.float64 if acc == "fp64" else tl.float32, PRECISION=dot_precision(),
@@ -218,10 +241,10 @@ def compile_one(v: Variant) -> CompileResult:
 
 
 def format_table(results: list[CompileResult]) -> str:
-    header = f"{'kernel':<16} {'arch':<6} {'dtype':<5} {'flags':<21} {'regs':>5} {'spill st':>9} {'spill ld':>9}"
+    header = f"{'kernel':<16} {'arch':<6} {'dtype':<5} {'flags':<25} {'regs':>5} {'spill st':>9} {'spill ld':>9}"
     lines = [header + f" {'smem B':>8}"]
     for r in results:
-        line = (f"{r.kernel:<16} sm_{r.arch:<3} {r.dtype:<5} {r.flags:<21} {r.registers:>5} "
+        line = (f"{r.kernel:<16} sm_{r.arch:<3} {r.dtype:<5} {r.flags:<25} {r.registers:>5} "
                 f"{r.spill_stores:>9} {r.spill_loads:>9} {r.shared_bytes:>8}")
         lines.append(line + (f"  ERROR {r.error.splitlines()[0][:200]}" if r.error else ""))
     return "\n".join(lines)

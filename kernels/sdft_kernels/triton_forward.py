@@ -98,10 +98,13 @@ def sdft_forward_kernel(
     N, V, D, DT,  # sizes
     stride_h, stride_w, stride_ht, stride_wt,  # row strides in elements (columns are contiguous)
     ignore_index,  # label of positions without cross-entropy
-    inv_tau: tl.float64, softcap: tl.float64,  # 1 / temperature; softcap (unused without HAS_SOFTCAP)
+    inv_tau: tl.float64, softcap: tl.float64, teacher_softcap: tl.float64,  # 1 / tau; softcaps (unused without HAS_*)
+    logit_scale: tl.float64, teacher_logit_scale: tl.float64,  # each model's logit scale
     log_beta: tl.float64, log_1m_beta: tl.float64, beta: tl.float64,  # JSD mixture weights
     HAS_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DIVERGENCE: tl.constexpr,  # optional inputs; FORWARD_KL/REVERSE_KL/JSD
+    HAS_SOFTCAP: tl.constexpr, HAS_TEACHER_SOFTCAP: tl.constexpr, OWN_TEACHER_SOFTCAP: tl.constexpr,  # softcaps
+    HAS_LOGIT_SCALE: tl.constexpr, HAS_TEACHER_LOGIT_SCALE: tl.constexpr,  # logit scales other than 1
+    DIVERGENCE: tl.constexpr,  # FORWARD_KL/REVERSE_KL/JSD
     DOT_DTYPE: tl.constexpr, TEACHER_DOT_DTYPE: tl.constexpr, ACC: tl.constexpr,  # tile dtypes
     PRECISION: tl.constexpr, ROUND_LOGITS: tl.constexpr,  # tl.dot input precision ("ieee"/"tf32"); round logits
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes
@@ -111,8 +114,10 @@ def sdft_forward_kernel(
     h_offsets = rows.to(tl.int64) * stride_h
     ht_offsets = rows.to(tl.int64) * stride_ht
     labels = load_labels(labels_ptr, rows, row_mask, ignore_index)
-    inv_tau, softcap, inv_softcap, log_beta, log_1m_beta, beta = loss_scalars(
-        inv_tau, softcap, log_beta, log_1m_beta, beta, ACC)
+    (inv_tau, softcap, inv_softcap, teacher_softcap, teacher_inv_softcap, logit_scale, teacher_logit_scale,
+     log_beta, log_1m_beta, beta) = loss_scalars(inv_tau, softcap, teacher_softcap, logit_scale,
+                                                 teacher_logit_scale, log_beta, log_1m_beta, beta,
+                                                 OWN_TEACHER_SOFTCAP, ACC)
 
     m, sum_1, sum_s, z_label, m_t, sum_t, weighted = sweep_init(BLOCK_N, ACC)
     for v0 in range(0, V, BLOCK_V):
@@ -120,7 +125,8 @@ def sdft_forward_kernel(
         col_mask = cols < V
         z_s = logits_tile(
             h_ptr, w_ptr, b_ptr, h_offsets, cols.to(tl.int64) * stride_w, row_mask, col_mask, cols, D,
-            softcap, inv_softcap, HAS_BIAS, HAS_SOFTCAP, DOT_DTYPE, ACC, PRECISION, ROUND_LOGITS, BLOCK_N, BLOCK_V, BLOCK_D,
+            logit_scale, softcap, inv_softcap, HAS_BIAS, HAS_LOGIT_SCALE, HAS_SOFTCAP, DOT_DTYPE, ACC, PRECISION, ROUND_LOGITS,
+            BLOCK_N, BLOCK_V, BLOCK_D,
         )
         m_new, sum_1, sum_s, z_label, alpha_s, e_s = sweep_student(
             z_s, cols, col_mask, labels, m, sum_1, sum_s, z_label, inv_tau, HAS_TEACHER,
@@ -128,8 +134,8 @@ def sdft_forward_kernel(
         if HAS_TEACHER:
             z_t = logits_tile(
                 ht_ptr, wt_ptr, bt_ptr, ht_offsets, cols.to(tl.int64) * stride_wt, row_mask, col_mask, cols, DT,
-                softcap, inv_softcap, HAS_TEACHER_BIAS, HAS_SOFTCAP, TEACHER_DOT_DTYPE, ACC, PRECISION, ROUND_LOGITS,
-                BLOCK_N, BLOCK_V, BLOCK_D,
+                teacher_logit_scale, teacher_softcap, teacher_inv_softcap, HAS_TEACHER_BIAS, HAS_TEACHER_LOGIT_SCALE, HAS_TEACHER_SOFTCAP,
+                TEACHER_DOT_DTYPE, ACC, PRECISION, ROUND_LOGITS, BLOCK_N, BLOCK_V, BLOCK_D,
             )
             m_t, sum_t, weighted = sweep_teacher(
                 z_s, z_t, col_mask, alpha_s, e_s, m_t, sum_t, weighted, inv_tau, DIVERGENCE,
@@ -154,13 +160,13 @@ def sdft_forward_kernel(
                 col_mask = cols < V
                 z_s = logits_tile(
                     h_ptr, w_ptr, b_ptr, h_offsets, cols.to(tl.int64) * stride_w, row_mask, col_mask, cols, D,
-                    softcap, inv_softcap, HAS_BIAS, HAS_SOFTCAP, DOT_DTYPE, ACC, PRECISION, ROUND_LOGITS,
+                    logit_scale, softcap, inv_softcap, HAS_BIAS, HAS_LOGIT_SCALE, HAS_SOFTCAP, DOT_DTYPE, ACC, PRECISION, ROUND_LOGITS,
                     BLOCK_N, BLOCK_V, BLOCK_D,
                 )
                 z_t = logits_tile(
                     ht_ptr, wt_ptr, bt_ptr, ht_offsets, cols.to(tl.int64) * stride_wt, row_mask, col_mask, cols, DT,
-                    softcap, inv_softcap, HAS_TEACHER_BIAS, HAS_SOFTCAP, TEACHER_DOT_DTYPE, ACC, PRECISION, ROUND_LOGITS,
-                    BLOCK_N, BLOCK_V, BLOCK_D,
+                    teacher_logit_scale, teacher_softcap, teacher_inv_softcap, HAS_TEACHER_BIAS, HAS_TEACHER_LOGIT_SCALE, HAS_TEACHER_SOFTCAP,
+                    TEACHER_DOT_DTYPE, ACC, PRECISION, ROUND_LOGITS, BLOCK_N, BLOCK_V, BLOCK_D,
                 )
                 part_t, part_s = jsd_tile_sums(
                     z_s, z_t, col_mask, m, m_t, log_sum_s, log_sum_t, inv_tau, log_beta, log_1m_beta,

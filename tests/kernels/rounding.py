@@ -49,7 +49,7 @@ from torch import Tensor
 
 from sdft_kernels.options import LossOptions
 from sdft_kernels.reduction import accumulation_dtype
-from sdft_kernels.reference import apply_softcap, divergence_rows
+from sdft_kernels.reference import apply_softcap, divergence_rows, transform_logits
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -115,10 +115,10 @@ class Logits:
            bt: Optional[Tensor], options: LossOptions, work: torch.dtype = torch.float64) -> "Logits":
         """From the tensors in the dtypes they are computed in (student and teacher may differ)."""
         acc = accumulation_dtype(h.dtype)
-        x_s, err_s = _logits_and_error(h, W, b, options, acc, work)
+        x_s, err_s = _logits_and_error(h, W, b, options, acc, work, "student")
         x_t = err_t = None
         if ht is not None:
-            x_t, err_t = _logits_and_error(ht, Wt, bt, options, acc, work)
+            x_t, err_t = _logits_and_error(ht, Wt, bt, options, acc, work, "teacher")
         return cls(x_s, err_s, x_t, err_t, options, acc)
 
     @classmethod
@@ -128,12 +128,12 @@ class Logits:
         the accumulation dtype: one rounding, and the loss's evaluation."""
         acc = accumulation_dtype(z_s.dtype)
 
-        def one(z, bias):
+        def one(z, bias, model):
             x = z.double() + (0.0 if bias is None else bias.double())
-            return x, gamma(1, acc) * x.abs() + evaluation_error(x, options, acc)
+            return x, gamma(1, acc) * x.abs() + evaluation_error(x, options, acc, model)
 
-        x_s, err_s = one(z_s, b)
-        x_t, err_t = one(z_t, bt) if z_t is not None else (None, None)
+        x_s, err_s = one(z_s, b, "student")
+        x_t, err_t = one(z_t, bt, "teacher") if z_t is not None else (None, None)
         return cls(x_s, err_s, x_t, err_t, options, acc)
 
     def errors(self) -> list[Tensor]:
@@ -148,7 +148,7 @@ class Logits:
         return curvature_margin(self.errors(), self.options.temperature)
 
 
-def _logits_and_error(h, W, b, options: LossOptions, acc: torch.dtype, work: torch.dtype):
+def _logits_and_error(h, W, b, options: LossOptions, acc: torch.dtype, work: torch.dtype, model: str):
     dtype = h.dtype
     hw, Ww = h.detach().to(work), W.detach().to(work)
     x = F.linear(hw, Ww, None if b is None else b.detach().to(work))
@@ -159,25 +159,38 @@ def _logits_and_error(h, W, b, options: LossOptions, acc: torch.dtype, work: tor
     u_out = output_roundoff(dtype)
     if u_out:  # the GEMM's float32 sum stored in half precision
         err = err + u_out * (x.abs() + err) + underflow(dtype)
-    return x, err + evaluation_error(x, options, acc)
+    return x, err + evaluation_error(x, options, acc, model)
 
 
-def evaluation_error(x: Tensor, options: LossOptions, acc: torch.dtype) -> Tensor:
-    """The loss's element-wise work on pre-softcap logits ``x``, as an equivalent logit error.
+def transform(x: Tensor, options: LossOptions, model: str) -> Tensor:
+    """``model``'s ("student" or "teacher") logits after its logit scale and softcap."""
+    if model == "student":
+        return transform_logits(x, options.student_logit_scale, options.student_cap)
+    return transform_logits(x, options.teacher_logit_scale, options.teacher_cap)
+
+
+def evaluation_error(x: Tensor, options: LossOptions, acc: torch.dtype, model: str = "student") -> Tensor:
+    """The loss's element-wise work on ``model``'s logits ``x`` (before its logit scale and
+    softcap), as an equivalent error of ``x``.
 
     ``(z - m) / tau`` rounds by ``u (|z| + |m|)`` twice over, and ``exp`` to a few units in
     the last place of its result, a shift of its argument by ``4 u`` (``4 u tau`` in logit
     units); the reverse KL and JSD gradients subtract ``z_s / tau`` and ``z_t / tau``. With a
-    softcap, ``c tanh(x / c)`` adds ``u (|x| + 8 c)``; every error of the capped logit counts
-    ``1 / tanh'`` times in units of ``x``.
+    softcap, ``c tanh(y / c)`` adds ``u (|y| + 8 c)``; every error of the capped logit counts
+    ``1 / tanh'`` times in units of ``y``. A logit scale ``y = s x`` rounds by ``u |y|``, and
+    an error of ``y`` is ``1 / |s|`` times one of ``x``.
     """
     u = unit_roundoff(acc)
-    z = apply_softcap(x, options.softcap)
+    scale, cap = ((options.student_logit_scale, options.student_cap) if model == "student"
+                  else (options.teacher_logit_scale, options.teacher_cap))
+    y = x * scale
+    z = apply_softcap(y, cap)
     m = z.amax(-1, keepdim=True)
     err = u * (4 * z.abs() + 4 * m.abs() + 8 * max(1.0, options.temperature))
-    if options.softcap is not None:
-        c = options.softcap
-        err = (err + u * (x.abs() + 8 * c)) / (1 - (z / c) ** 2)
+    if cap is not None:
+        err = (err + u * (y.abs() + 8 * cap)) / (1 - (z / cap) ** 2)
+    if scale != 1.0:
+        err = (err + u * y.abs()) / abs(scale)
     return err
 
 
@@ -185,13 +198,13 @@ def loss_rows(x_s: Tensor, x_t: Optional[Tensor], labels: Tensor, kl_rows: Tenso
     """``(ce_rows, div_rows)``, ``[N]``, of finite pre-softcap logits as the reference computes
     them: CE where the label counts, the divergence where ``kl_rows`` (0 elsewhere)."""
     o = options
-    z_s = apply_softcap(x_s, o.softcap)
+    z_s = transform(x_s, o, "student")
     counted = labels != o.ignore_index
     safe = labels.masked_fill(~counted, 0)
     ce = torch.where(counted, z_s.logsumexp(-1) - z_s.gather(-1, safe[:, None])[:, 0], 0.0)
     if x_t is None:
         return ce, torch.zeros_like(ce)
-    z_t = apply_softcap(x_t, o.softcap)
+    z_t = transform(x_t, o, "teacher")
     tau = o.temperature
     logp_s, logp_t = torch.log_softmax(z_s / tau, -1), torch.log_softmax(z_t / tau, -1)
     if o.effective_divergence == "jsd":
@@ -239,7 +252,7 @@ def row_magnitudes(x_s: Tensor, x_t: Optional[Tensor], labels: Tensor, options: 
     """
     with torch.no_grad():
         o = options
-        z_s = apply_softcap(x_s, o.softcap)
+        z_s = transform(x_s, o, "student")
         m = z_s.amax(-1)
         log_sum_1 = (z_s - m[:, None]).logsumexp(-1)
         counted = labels != o.ignore_index
@@ -248,7 +261,7 @@ def row_magnitudes(x_s: Tensor, x_t: Optional[Tensor], labels: Tensor, options: 
         ce = (one, (m - z_y).abs() + log_sum_1)
         if x_t is None:
             return ce, (0 * one, 0 * one)
-        z_t = apply_softcap(x_t, o.softcap)
+        z_t = transform(x_t, o, "teacher")
         tau = o.temperature
         m_t = z_t.amax(-1)
         log_sums = ((z_s - m[:, None]) / tau).logsumexp(-1) + ((z_t - m_t[:, None]) / tau).logsumexp(-1)
@@ -343,11 +356,11 @@ def logit_gradient_error(logits: Logits, labels: Tensor, kl_rows: Tensor, ce_sca
     picks[torch.arange(V), :, torch.arange(V)] = 1.0
     hessian = torch.autograd.grad(G, leaves, picks, is_grads_batched=True, retain_graph=True, allow_unused=True)
     with torch.no_grad():
-        z_s = apply_softcap(logits.x_s, o.softcap)
+        z_s = transform(logits.x_s, o, "student")
         p_1 = torch.softmax(z_s, -1)
         p_s = p_t = torch.zeros_like(p_1)
         if logits.x_t is not None:
-            z_t = apply_softcap(logits.x_t, o.softcap)
+            z_t = transform(logits.x_t, o, "teacher")
             p_s, p_t = torch.softmax(z_s / tau, -1), torch.softmax(z_t / tau, -1)
         # Every Hessian entry d G_v / d z_j carries a factor p_v or p_j; where those underflow
         # to 0 in float64 it is 0, but double backward through 0 log 0 can make it 0 * inf.

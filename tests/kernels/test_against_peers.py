@@ -78,3 +78,49 @@ def test_hard_and_soft_loss_equal_ligers_fused_linear_jsd(impl, beta, tau):
     assert_within(f"{impl} loss vs Liger", got, expected, 2 * bounds["loss"])
     for i, (g, e, b) in enumerate(zip(grads, expected_grads, grad_bounds)):
         assert_within(f"{impl} grad {i} vs Liger", g, e, 2 * b)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize(
+    "caps, scales",
+    [((None, 4.0), (1.0, 1.0)), ((3.0, None), (1.0, 1.0)), ((3.0, 6.0), (1.7, 0.6)), ((None, None), (0.5, 2.0))],
+    ids=["teacher-cap-only", "student-cap-only", "both-caps-and-scales", "scales-only"],
+)
+def test_separate_softcaps_and_logit_scales_equal_trls_distillation_loss(impl, beta, caps, scales):
+    """TRL's ``DistillationTrainer`` applies each model's logit scale, then its own softcap,
+    then the temperature (``_chunked_divergence_loss``): a teacher of another family than the
+    student. Its float32 kernel is the oracle here, biases included."""
+    distillation = pytest.importorskip("trl.trainer.distillation_trainer")
+    tau = 0.8
+    p = make_problem(N=43, D=24, Dt=20, V=150, bias=True, dtype=torch.float32, scale=3.0, seed=int(beta * 10))
+    valid = p.labels != -100
+    expected, _, n_valid = distillation._chunked_divergence_loss(
+        p.h.unsqueeze(0), p.ht.unsqueeze(0), p.W, p.Wt, valid.unsqueeze(0), beta, student_lm_head_bias=p.b,
+        teacher_lm_head_bias=p.bt, student_logit_scale=scales[0], teacher_logit_scale=scales[1],
+        student_final_logit_softcapping=caps[0], teacher_final_logit_softcapping=caps[1], temperature=tau)
+    leaves = (p.h, p.W, p.b)
+    expected_grads = torch.autograd.grad(expected, leaves)
+    got = fused_linear_sdft_loss(
+        p.h, p.W, p.labels, p.ht, p.Wt, student_bias=p.b, teacher_bias=p.bt, impl=impl, chunk_size=16,
+        ce_weight=0.0, kl_weight=1.0 / tau**2, temperature=tau, divergence="jsd", jsd_beta=beta,
+        student_softcap=caps[0], teacher_softcap=caps[1], student_logit_scale=scales[0],
+        teacher_logit_scale=scales[1])
+    grads = torch.autograd.grad(got, leaves)
+    assert int(n_valid) == int(valid.sum())
+    assert_close(got, expected, rtol=2e-5, atol=1e-6, what=f"{impl} loss vs TRL")
+    for name, g, e in zip(("hidden", "weight", "bias"), grads, expected_grads):
+        scale = float(e.abs().max())
+        assert_close(g, e, rtol=1e-4, atol=1e-4 * scale, what=f"{impl} grad of the {name} vs TRL")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_softcap_sets_both_models_caps(impl):
+    p = make_problem(N=23, D=16, V=80, bias=True, scale=3.0)
+    both = fused_linear_sdft_loss(p.h, p.W, p.labels, p.ht, p.Wt, student_bias=p.b, teacher_bias=p.bt,
+                                  impl=impl, softcap=4.0)
+    each = fused_linear_sdft_loss(p.h, p.W, p.labels, p.ht, p.Wt, student_bias=p.b, teacher_bias=p.bt,
+                                  impl=impl, student_softcap=4.0, teacher_softcap=4.0)
+    assert torch.equal(both, each)
+    with pytest.raises(ValueError, match="softcap=4.0 sets both"):
+        fused_linear_sdft_loss(p.h, p.W, p.labels, p.ht, p.Wt, impl=impl, softcap=4.0, teacher_softcap=3.0)

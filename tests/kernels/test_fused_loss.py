@@ -55,6 +55,17 @@ def test_softcap(impl, divergence):
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("caps", [(3.0, None), (None, 4.0), (2.5, 6.0)], ids=["student", "teacher", "both"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_separate_softcaps_and_logit_scales(impl, caps, reduction):
+    # A teacher of another family: its own softcap and logit scale, or none.
+    p = make_problem(N=29, D=16, V=150, scale=4.0, bias=True, kl_mask=True)
+    upstream = torch.randn(29, dtype=torch.float64) if reduction == "none" else None
+    _compare(p, impl, upstream, student_softcap=caps[0], teacher_softcap=caps[1], student_logit_scale=1.3,
+             teacher_logit_scale=0.7, divergence="reverse_kl", reduction=reduction, chunk_size=8)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
 def test_no_teacher_is_fused_cross_entropy(impl):
     p = make_problem(N=33, D=24, V=170, teacher=False, bias=True)
     out = _compare(p, impl, chunk_size=8)

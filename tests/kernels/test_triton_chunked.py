@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sdft_kernels.options import LossOptions
-from sdft_kernels.reference import apply_softcap, divergence_rows
+from sdft_kernels.reference import divergence_rows, transform_logits
 from sdft_kernels.weight_grad import accumulate_weight_grad
 from tests.kernels import rounding
 from tests.kernels.helpers import make_problem
@@ -45,7 +45,7 @@ def _truth(p, o: LossOptions):
     """Masked rows and ``d sum(ce_scale ce + kl_scale tau^2 D) / d z_s`` by autograd in float64."""
     z = p["z_s"].double().clone().requires_grad_()
     x = z + p["b"].double() if p["b"] is not None else z
-    z_s = apply_softcap(x, o.softcap)
+    z_s = transform_logits(x, o.student_logit_scale, o.student_cap)
     counted = p["labels"] != o.ignore_index
     lse = z_s.logsumexp(-1)
     ce = torch.where(counted, lse - z_s.gather(1, p["labels"].clamp(min=0)[:, None])[:, 0], 0.0)
@@ -53,7 +53,7 @@ def _truth(p, o: LossOptions):
     div = torch.zeros_like(ce)
     if p["z_t"] is not None:
         zt = p["z_t"].double() + (p["bt"].double() if p["bt"] is not None else 0.0)
-        z_t = apply_softcap(zt, o.softcap)
+        z_t = transform_logits(zt, o.teacher_logit_scale, o.teacher_cap)
         tau = o.temperature
         div = divergence_rows(torch.log_softmax(z_s / tau, -1), torch.log_softmax(z_t / tau, -1),
                               o.effective_divergence, o.jsd_beta)
@@ -67,6 +67,9 @@ CASES = {
     "forward_kl, biases": LossOptions(divergence="forward_kl", temperature=0.7),
     "reverse_kl, softcap": LossOptions(divergence="reverse_kl", temperature=2.0, softcap=3.0),
     "jsd beta 0.3, softcap": LossOptions(divergence="jsd", jsd_beta=0.3, softcap=4.0),
+    "forward_kl, own softcaps and logit scales": LossOptions(divergence="forward_kl", student_softcap=3.0,
+                                                             teacher_softcap=5.0, student_logit_scale=1.5,
+                                                             teacher_logit_scale=0.8),
 }
 
 
@@ -77,8 +80,9 @@ def test_float64_rows_and_gradient_match_autograd(case, config):
     p = _problem()
     ce_want, div_want, dz_want = _truth(p, o)
     z_s = p["z_s"]
+    s = o.student_logit_scale  # the scales carry it (reduction.row_scales)
     ce, div = chunk_epilogue(z_s, p["z_t"], p["b"], p["bt"], p["labels"], p["kl_mask"], o,
-                             p["ce_scale"], p["kl_scale"], config=config)
+                             p["ce_scale"] * s, p["kl_scale"] * s, config=config)
     torch.testing.assert_close(ce, ce_want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(div, div_want, rtol=1e-12, atol=1e-12)
     # The gradient replaced the student logits in place.

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sdft_kernels.options import LossOptions
-from sdft_kernels.reference import apply_softcap, divergence_rows
+from sdft_kernels.reference import divergence_rows, transform_logits
 from sdft_kernels.triton_backward import sdft_backward
 from sdft_kernels.triton_common import KernelConfig
 from sdft_kernels.triton_forward import ForwardStats, sdft_forward
@@ -76,7 +76,7 @@ def statistics(x_s: Tensor, x_t: Optional[Tensor], p: Problem, o: LossOptions):
     """``(ForwardStats, objective)`` of pre-softcap logits ``[N, V]`` in their own dtype: the
     rows the forward kernel returns, and ``sum ce_scale * ce + kl_scale * tau^2 * D`` (D
     unmasked: the mask already lives in ``kl_scale``)."""
-    z_s = apply_softcap(x_s, o.softcap)
+    z_s = transform_logits(x_s, o.student_logit_scale, o.student_cap)
     tau = o.temperature
     counted = p.labels != o.ignore_index
     m = z_s.max(-1).values
@@ -88,7 +88,7 @@ def statistics(x_s: Tensor, x_t: Optional[Tensor], p: Problem, o: LossOptions):
     log_sum_s = m_t = log_sum_t = div = aux = zero
     objective = (p.ce_scale.to(z_s.dtype) * ce).sum()
     if x_t is not None:
-        z_t = apply_softcap(x_t, o.softcap)
+        z_t = transform_logits(x_t, o.teacher_logit_scale, o.teacher_cap)
         m_t = z_t.max(-1).values
         log_sum_s = ((z_s - m[:, None]) / tau).logsumexp(-1)
         log_sum_t = ((z_t - m_t[:, None]) / tau).logsumexp(-1)
@@ -150,8 +150,10 @@ def rounding_bounds(p: Problem, o: LossOptions):
 
 def run_kernels(p: Problem, o: LossOptions, config: Optional[KernelConfig] = TILES, grads=(True, True, True)):
     stats = sdft_forward(p.h, p.W, p.b, p.ht, p.Wt, p.bt, p.labels, p.kl_mask, o, config=config)
+    # The backward's scales carry the student's logit scale (reduction.row_scales).
+    s = o.student_logit_scale
     out = sdft_backward(
-        p.h, p.W, p.b, p.ht, p.Wt, p.bt, p.labels, stats, p.ce_scale, p.kl_scale, o, *grads,
+        p.h, p.W, p.b, p.ht, p.Wt, p.bt, p.labels, stats, p.ce_scale * s, p.kl_scale * s, o, *grads,
         hidden_config=config, weight_config=config,
     )
     return stats, out
@@ -201,6 +203,13 @@ FLOAT64_CASES = {
     "jsd beta 0 (forward KL, as in TRL)": (dict(), LossOptions(divergence="jsd", jsd_beta=0.0)),
     "jsd beta 1 (reverse KL), shared head (Wt is W)": (
         dict(shared_head=True), LossOptions(divergence="jsd", jsd_beta=1.0, temperature=1.3),
+    ),
+    "jsd, a softcapped teacher of an uncapped student, logit scales": (
+        dict(), LossOptions(divergence="jsd", jsd_beta=0.4, teacher_softcap=3.0, student_logit_scale=1.6,
+                            teacher_logit_scale=0.7),
+    ),
+    "reverse_kl, each model its own softcap": (
+        dict(teacher_bias=False), LossOptions(divergence="reverse_kl", student_softcap=2.5, teacher_softcap=6.0),
     ),
     "no teacher, ignore_index inside [0, V)": (
         dict(teacher=False, ignore_index=7), LossOptions(ignore_index=7, softcap=5.0),

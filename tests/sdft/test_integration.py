@@ -235,3 +235,21 @@ def test_through_a_wrapper_equals_running_the_decoder(arch):
     assert grads.keys() == expected.keys()
     for name, grad in expected.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("student_arch, teacher_arch", [("llama", "gemma2"), ("gemma2", "llama"), ("llama", "cohere")])
+def test_a_teacher_of_another_family(student_arch, teacher_arch):
+    """Student and teacher heads with different softcaps or logit scales: each model's logits
+    are its own forward's (this was refused: "teacher softcap != student softcap")."""
+    student = tiny_model(student_arch, dtype=torch.float64)
+    teacher_model = tiny_model(teacher_arch, seed=1, dtype=torch.float64)
+    batch = make_batch()
+    expected = naive_loss(student, teacher_model, batch)
+    expected.backward()
+    expected_grads = _grads(student)
+    student.zero_grad(set_to_none=True)
+    out = causal_lm_loss(student, batch, teacher=FrozenCopy(teacher_model), loss=SDFTLoss(temperature=TAU))
+    out.loss.backward()
+    torch.testing.assert_close(out.loss.double(), expected.detach(), rtol=1e-9, atol=1e-10)
+    for name, grad in _grads(student).items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-7, atol=1e-9, msg=lambda m: f"{name}: {m}")

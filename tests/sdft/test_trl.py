@@ -446,15 +446,12 @@ def _distillation_trainer(trainer_class, tmp_path, student, teacher, beta, tempe
                          **kwargs)
 
 
-@pytest.mark.parametrize("beta, temperature", [(0.0, 1.0), (0.5, 0.5), (1.0, 2.0)])
-def test_distillation_trainer_step_equals_trls_own_divergence(tmp_path, beta, temperature):
-    """One on-policy step of FusedJSDDistillationTrainer (its default loss, and Liger's class in
-    its place) gives the loss and gradients of TRL's own DistillationTrainer on the same
-    generated batch."""
+def _step_equals_trls(tmp_path, student, teacher, beta, temperature, also=None):
+    """One on-policy step of FusedJSDDistillationTrainer gives the loss and gradients of TRL's
+    own DistillationTrainer on the same generated batch (and of each ``also``: name -> trainer
+    class and keywords). Returns our trainer."""
     from sdft.trl import FusedJSDDistillationTrainer
 
-    tok_size = len(fx.tokenizer())
-    student, teacher = fx.model(tok_size), fx.model(tok_size, seed=1)
     start = copy.deepcopy(student)
     ours = _distillation_trainer(recording(FusedJSDDistillationTrainer), tmp_path / "ours", student, teacher, beta,
                                  temperature)
@@ -473,19 +470,53 @@ def test_distillation_trainer_step_equals_trls_own_divergence(tmp_path, beta, te
         value.backward()
         return value.detach(), {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
 
-    liger = pytest.importorskip("liger_kernel.chunked_loss")
-    liger_loss = liger.LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta,
-                                               temperature=temperature, compiled=False)
-    for name, (expected, expected_grads) in {
-        "TRL's DistillationTrainer": their_step(trl.DistillationTrainer),
-        "Liger's loss in its place": their_step(FusedJSDDistillationTrainer, fused_jsd_loss=liger_loss),
-    }.items():
+    others = {"TRL's DistillationTrainer": (trl.DistillationTrainer, {}), **(also or {})}
+    for name, (trainer_class, kwargs) in others.items():
+        expected, expected_grads = their_step(trainer_class, **kwargs)
         torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0, msg=lambda m: f"{name}: {m}")
         (step,) = grads.steps
         assert step.keys() == expected_grads.keys()
         for param, grad in expected_grads.items():
             error = float((step[param] - grad).norm() / grad.norm())
             assert error <= 2e-6, f"{name}, {param}: gradients differ by {error:.2e} of their norm"
+    return ours
+
+
+@pytest.mark.parametrize("beta, temperature", [(0.0, 1.0), (0.5, 0.5), (1.0, 2.0)])
+def test_distillation_trainer_step_equals_trls_own_divergence(tmp_path, beta, temperature):
+    """Its default loss, and Liger's class in its place, against TRL's own step."""
+    from sdft.trl import FusedJSDDistillationTrainer
+
+    tok_size = len(fx.tokenizer())
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    liger_loss = liger.LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta,
+                                               temperature=temperature, compiled=False)
+    _step_equals_trls(tmp_path, fx.model(tok_size), fx.model(tok_size, seed=1), beta, temperature,
+                      also={"Liger's loss in its place": (FusedJSDDistillationTrainer, {"fused_jsd_loss": liger_loss})})
+
+
+def _teacher_of_family(family: str, vocab_size: int):
+    """A tiny teacher whose head applies a transform the Llama student's does not."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = {"gemma2": lambda: tf.Gemma2Config(**common, head_dim=8, final_logit_softcapping=3.0),
+              "cohere": lambda: tf.CohereConfig(**common, logit_scale=0.25)}[family]()
+    torch.manual_seed(1)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+def test_distillation_from_a_teacher_of_another_family(tmp_path, family):
+    """A Llama student and a teacher whose head softcaps (Gemma 2) or scales (Cohere) its
+    logits: each model's transform applies to its own logits, as in TRL's DistillationTrainer
+    (this was refused: one fused loss, one softcap)."""
+    tok_size = len(fx.tokenizer())
+    _step_equals_trls(tmp_path, fx.model(tok_size), _teacher_of_family(family, tok_size), 0.5, 0.8)
 
 
 def test_distillation_trainer_runs_both_decoders_under_the_trainers_autocast(tmp_path):
