@@ -24,6 +24,7 @@ arXiv 2604.15574: supervised fine-tuning on new facts, regularised towards a fro
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Union
 
 import torch
@@ -56,7 +57,9 @@ class SDFTSFTTrainer(SDFTTrainer, SFTTrainer):
             trainer.train_dataset, path, id_field=None)``. None: plain cross-entropy (the
             paper's stage 1).
         sdft_loss: the loss settings (:class:`sdft.SDFTLoss`; default: the paper's lambda 1,
-            tau 0.5, forward KL).
+            tau 0.5, forward KL). ``SFTConfig(loss_type="dft")`` switches its cross-entropy to
+            dynamic fine-tuning (each token's cross-entropy weighted by its detached
+            probability, as ``SFTTrainer`` computes it; the divergence is unchanged).
         check_head: compare the fused path with the model's own forward once
             (:func:`sdft.causal_lm_loss`).
 
@@ -95,6 +98,8 @@ class SDFTSFTTrainer(SDFTTrainer, SFTTrainer):
                  sdft_loss: Optional[SDFTLoss] = None, check_head: bool = True, **kwargs):
         sft_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         _refuse_other_losses(sft_args, kwargs.get("compute_loss_func"))
+        if getattr(sft_args, "loss_type", "nll") == "dft":
+            sdft_loss = _dynamic_fine_tuning(sdft_loss)
         build_teacher = isinstance(teacher, type)
         super().__init__(*args, teacher=None if build_teacher else teacher, sdft_loss=sdft_loss,
                          check_head=check_head, **kwargs)
@@ -145,12 +150,22 @@ def _refuse_other_losses(args, compute_loss_func) -> None:
         raise ValueError("SDFTSFTTrainer computes the SDFT loss itself: compute_loss_func would be ignored")
     if args is None:
         return
-    if getattr(args, "loss_type", "nll") != "nll":
-        raise ValueError(f"SDFTSFTTrainer computes cross-entropy plus the teacher divergence; loss_type="
-                         f"{args.loss_type!r} is another objective (use loss_type='nll')")
+    if getattr(args, "loss_type", "nll") not in ("nll", "dft"):
+        raise ValueError(f"SDFTSFTTrainer computes cross-entropy (or its dynamic fine-tuning weighting) plus the "
+                         f"teacher divergence; loss_type={args.loss_type!r} is another objective (use 'nll' or 'dft')")
     if getattr(args, "label_smoothing_factor", 0.0) > 0:
         raise ValueError(f"label_smoothing_factor={args.label_smoothing_factor}: the SDFT loss has no label "
                          "smoothing (the teacher divergence is its regulariser); set it to 0")
+
+
+def _dynamic_fine_tuning(loss: Optional[SDFTLoss]) -> SDFTLoss:
+    """``loss`` (default: the paper's) with ``loss_type="dft"``, as ``SFTConfig(loss_type="dft")``
+    asks: each token's cross-entropy weighted by its detached probability."""
+    loss = SDFTLoss() if loss is None else loss
+    if loss.options.loss_type == "dft":
+        return loss
+    return SDFTLoss(dataclasses.replace(loss.options, loss_type="dft"), impl=loss.impl,
+                    kl_positions=loss.kl_positions, chunk_size=loss.chunk_size)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .autograd_guard import fused_backward, gradients_needed
 from .options import LossOptions
-from .reduction import accumulation_dtype, combine, row_scales
+from .reduction import accumulation_dtype, ce_term_rows, combine, row_scales
 from .weight_grad import accumulate_weight_grad, weight_grad_dtype
 
 
@@ -123,7 +123,9 @@ def chunked_sdft(
     """Masked loss rows ``ce_rows [N]``, ``div_rows [N]`` and, with scales, the gradients.
 
     ``need`` says which of (hidden, weight, bias) gradients to form; ``ce_scale``/``kl_scale``
-    ``[N]`` are the per-row factors of :func:`sdft_kernels.reduction.row_scales`.
+    ``[N]`` are the per-row factors of :func:`sdft_kernels.reduction.row_scales` (the epilogue
+    weights ``ce_scale`` by ``exp(-ce)`` itself for ``loss_type="dft"``: only it knows the
+    row's cross-entropy before the gradient).
     """
     N, V = h.shape[0], W.shape[0]
     acc = accumulation_dtype(h.dtype)
@@ -223,7 +225,7 @@ class ChunkedSDFT(torch.autograd.Function):
             h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, options, ce_scale, kl_scale, need, chunk_size,
             epilogue,
         )
-        loss, ce, kl = combine(ce_rows, div_rows, denom, options)
+        loss, ce, kl = combine(ce_term_rows(ce_rows, options), div_rows, denom, options)
         ctx.options, ctx.chunk_size, ctx.need, ctx.eager, ctx.epilogue = options, chunk_size, need, eager, epilogue
         ctx.device_type = h.device.type
         if eager:

@@ -49,6 +49,7 @@ def fused_linear_sdft_loss(
     teacher_softcap: Optional[float] = _DEFAULTS.teacher_softcap,
     student_logit_scale: float = _DEFAULTS.student_logit_scale,
     teacher_logit_scale: float = _DEFAULTS.teacher_logit_scale,
+    loss_type: str = _DEFAULTS.loss_type,
 ) -> Union[Tensor, SDFTLossOutput]:
     """LM-head matmul + cross-entropy + teacher divergence, without materialising the logits.
 
@@ -75,6 +76,10 @@ def fused_linear_sdft_loss(
         student_bias, teacher_bias: optional ``[V]`` biases, of any float dtype: added to the
             float32 logits (with ``logits_dtype="input"`` promoted with the head instead).
         ce_weight, kl_weight: weights of the two terms (``kl_weight`` is the paper's lambda).
+        loss_type: ``"nll"`` (default): the cross-entropy; ``"dft"``: each position's
+            cross-entropy weighted by its detached probability of the label, ``CE * exp(-CE)``
+            (dynamic fine-tuning, TRL ``SFTTrainer``'s ``loss_type="dft"``). ``ce`` reports
+            that weighted term.
         temperature: tau of the divergence; CE always uses temperature 1. The divergence term
             is scaled by ``tau**2``.
         divergence: ``"forward_kl"`` = KL(p_t || p_s) (the paper's), ``"reverse_kl"`` =
@@ -130,7 +135,7 @@ def fused_linear_sdft_loss(
         jsd_beta=jsd_beta, ignore_index=ignore_index, reduction=reduction, softcap=softcap,
         validate_labels=validate_labels, logits_dtype=logits_dtype, student_softcap=student_softcap,
         teacher_softcap=teacher_softcap, student_logit_scale=student_logit_scale,
-        teacher_logit_scale=teacher_logit_scale,
+        teacher_logit_scale=teacher_logit_scale, loss_type=loss_type,
     )
     return sdft_loss(options, student_hidden, student_weight, labels, teacher_hidden, teacher_weight,
                      student_bias=student_bias, teacher_bias=teacher_bias, kl_mask=kl_mask, num_items=num_items,

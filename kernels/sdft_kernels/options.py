@@ -14,6 +14,7 @@ from typing import Optional
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 LOGITS_DTYPES = ("float32", "input")
+LOSS_TYPES = ("nll", "dft")
 IMPLS = ("auto", "triton", "triton_chunked", "torch", "reference")
 DEFAULT_IMPL = "auto"
 TRITON_IMPLS = ("triton", "triton_chunked")  # need CUDA (or Triton's interpreter)
@@ -44,6 +45,11 @@ class LossOptions:
     of 0 comes with no labelled position) before any kernel runs, at the cost of one host
     synchronisation per call.
 
+    ``loss_type="dft"`` (dynamic fine-tuning, as TRL's ``SFTTrainer`` names it) weights each
+    position's cross-entropy by its detached probability of the label,
+    ``CE_i * exp(-CE_i)`` with no gradient through the weight; ``"nll"`` (default) is plain
+    cross-entropy. The divergence is the same either way.
+
     ``logits_dtype`` says where the logits are rounded. ``"float32"`` (the default): each logit
     is the GEMM's float32 accumulator (float64 for float64 inputs) plus the bias, never rounded
     to a bfloat16/float16 input dtype before the softmax, as TRL's chunked losses and Cut
@@ -66,6 +72,7 @@ class LossOptions:
     teacher_softcap: Optional[float] = None
     student_logit_scale: float = 1.0
     teacher_logit_scale: float = 1.0
+    loss_type: str = "nll"
 
     def __post_init__(self) -> None:
         for name in ("ce_weight", "kl_weight"):
@@ -97,6 +104,8 @@ class LossOptions:
                 raise ValueError(f"{name} must be a finite number > 0, got {s!r}")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.logits_dtype not in LOGITS_DTYPES:
             raise ValueError(f"logits_dtype must be one of {LOGITS_DTYPES}, got {self.logits_dtype!r}")
         if not isinstance(self.validate_labels, bool):

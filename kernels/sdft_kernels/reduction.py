@@ -42,6 +42,19 @@ def normaliser(label_mask: Tensor, num_items: Union[None, int, float, Tensor], d
     return count.to(dtype).clamp_min(1)
 
 
+def ce_term_rows(ce_rows: Tensor, options: LossOptions) -> Tensor:
+    """The per-row cross-entropy term from the (masked) cross-entropy rows: themselves, or with
+    ``loss_type="dft"`` times the label's probability ``exp(-ce)``, a constant weight (the
+    kernels form the gradient with it: :func:`dft_weights`). 0 stays 0."""
+    return ce_rows * dft_weights(ce_rows) if options.loss_type == "dft" else ce_rows
+
+
+def dft_weights(ce_rows: Tensor) -> Tensor:
+    """``exp(-ce)``: each row's probability of its label, the weight of its cross-entropy under
+    ``loss_type="dft"``; detached."""
+    return torch.exp(-ce_rows.detach())
+
+
 def reduce_rows(rows: Tensor, reduction: str, denom: Tensor) -> Tensor:
     """``[N] -> []`` by sum or sum / denom; ``"none"`` keeps the rows."""
     if reduction == "none":
@@ -51,7 +64,8 @@ def reduce_rows(rows: Tensor, reduction: str, denom: Tensor) -> Tensor:
 
 
 def combine(ce_rows: Tensor, div_rows: Tensor, denom: Tensor, options: LossOptions) -> tuple[Tensor, Tensor, Tensor]:
-    """Reduce already-masked per-row CE and divergence into ``(loss, ce, kl)``."""
+    """Reduce already-masked per-row CE terms (:func:`ce_term_rows`) and divergence into
+    ``(loss, ce, kl)``."""
     ce = reduce_rows(ce_rows, options.reduction, denom)
     kl = reduce_rows(div_rows, options.reduction, denom)
     return options.ce_weight * ce + options.kl_coefficient * kl, ce, kl

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .loss_output import SDFTLossOutput
 from .options import LossOptions, jsd_log_weights
-from .reduction import accumulation_dtype, combine, counted_masks, normaliser
+from .reduction import accumulation_dtype, ce_term_rows, combine, counted_masks, normaliser
 
 
 def apply_softcap(logits: Tensor, softcap: Optional[float]) -> Tensor:
@@ -144,5 +144,5 @@ def reference_sdft_loss(
     else:
         kl_rows_val = torch.zeros_like(ce_rows)
 
-    loss, ce, kl = combine(ce_rows, kl_rows_val, normaliser(label_mask, num_items, acc), o)
+    loss, ce, kl = combine(ce_term_rows(ce_rows, o), kl_rows_val, normaliser(label_mask, num_items, acc), o)
     return SDFTLossOutput(loss, ce.detach(), kl.detach(), label_mask.sum())

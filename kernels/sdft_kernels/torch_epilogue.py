@@ -144,6 +144,8 @@ def _torch_chunk(h, W, b, ht, Wt, bt, y, options: LossOptions, ce_scale, kl_scal
 
     if not want_grad:
         return ce, div, None
+    if options.loss_type == "dft":  # the row's cross-entropy weighted by its constant p(label)
+        ce_scale = torch.where(ce_scale != 0, ce_scale * torch.exp(-ce), 0.0)
     dz = logp_1.exp_().mul_(ce_scale.unsqueeze(1))  # ce_scale * softmax(z)
     dz.scatter_add_(1, safe_y, -ce_scale.unsqueeze(1))
     if grad_kl is not None:

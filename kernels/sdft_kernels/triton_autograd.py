@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .autograd_guard import fused_backward, gradients_needed
-from .reduction import combine, row_scales
+from .reduction import ce_term_rows, combine, dft_weights, row_scales
 
 
 class TritonSDFT(torch.autograd.Function):
@@ -17,7 +17,7 @@ class TritonSDFT(torch.autograd.Function):
         from .triton_forward import sdft_forward  # triton imports lazily: CPU users need not pay
 
         stats = sdft_forward(h, W, b, ht, Wt, bt, labels, kl_mask, options)
-        loss, ce, kl = combine(stats.ce_rows, stats.div_rows, denom, options)
+        loss, ce, kl = combine(ce_term_rows(stats.ce_rows, options), stats.div_rows, denom, options)
         ctx.options, ctx.device_type = options, h.device.type
         ctx.need = gradients_needed(ctx, b is not None, grad_enabled)
         if any(ctx.need):
@@ -33,6 +33,8 @@ class TritonSDFT(torch.autograd.Function):
 
         h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, denom = ctx.saved_tensors
         ce_scale, kl_scale = row_scales(grad_loss, denom, label_mask, kl_mask, ctx.options)
+        if ctx.options.loss_type == "dft":  # each row's cross-entropy weighted by its constant exp(-ce)
+            ce_scale = ce_scale * dft_weights(ctx.stats.ce_rows)
         # row_scales works in denom's dtype: float32, or float64 for float64 inputs.
         d_h, d_w, d_b = sdft_backward(
             h, W, b, ht, Wt, bt, labels, ctx.stats, ce_scale.contiguous(), kl_scale.contiguous(),

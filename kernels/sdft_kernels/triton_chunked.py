@@ -140,6 +140,7 @@ def sdft_chunk_epilogue_kernel(
     HAS_LOGIT_SCALE: tl.constexpr, HAS_TEACHER_LOGIT_SCALE: tl.constexpr,  # logit scales other than 1
     DIVERGENCE: tl.constexpr,  # FORWARD_KL/REVERSE_KL/JSD
     COMPUTE_GRAD: tl.constexpr,  # write dz (needs ce_scale/kl_scale)
+    DFT: tl.constexpr,  # loss_type="dft": each row's cross-entropy weighted by its constant exp(-ce)
     ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -198,6 +199,8 @@ def sdft_chunk_epilogue_kernel(
 
     if COMPUTE_GRAD:
         ce_scale = tl.load(ce_scale_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+        if DFT:  # ce is 0 where the label is ignored, and so is ce_scale
+            ce_scale = tl.where(ce_scale != 0.0, ce_scale * tl.exp(-ce), 0.0)
         kl_scale = tl.load(kl_scale_ptr + rows, mask=row_mask, other=0.0).to(ACC)
         # Rows that count for nothing get an exact zero gradient, whatever their logits hold.
         active = row_mask & ((ce_scale != 0.0) | (kl_scale != 0.0))
@@ -266,7 +269,7 @@ def chunk_epilogue(
         sdft_chunk_epilogue_kernel[(triton.cdiv(C, config.block_n),)](
             z_s, z_t, b, bt, labels, kl_mask.view(torch.uint8), ce_scale, kl_scale, ce, div, dz,
             C, V, z_s.stride(0), 0 if z_t is None else z_t.stride(0), dz.stride(0),
-            *scalar_args(options), **loss_flags(options), ACC=tl_dtype(acc_dtype),
+            *scalar_args(options), **loss_flags(options), DFT=options.loss_type == "dft", ACC=tl_dtype(acc_dtype),
             BLOCK_N=config.block_n, BLOCK_V=config.block_v, num_warps=config.num_warps,
         )
     return ce, div

@@ -58,6 +58,8 @@ FLAG_SETS = {
 EXTRA_FLAG_SETS = {
     "jsd+tsoftcap": dict(HAS_BIAS=False, HAS_TEACHER=True, HAS_TEACHER_BIAS=False, HAS_SOFTCAP=False,
                          HAS_TEACHER_SOFTCAP=True, OWN_TEACHER_SOFTCAP=True, **_NO_SCALES, DIVERGENCE=_JSD),
+    # The chunked epilogue's dynamic fine-tuning weight (the fused kernels apply it on the host).
+    "fkl+softcap+dft": dict(FLAG_SETS["fkl+softcap"], DFT=True),
     "fkl+own-caps+scales": dict(HAS_BIAS=True, HAS_TEACHER=True, HAS_TEACHER_BIAS=True, HAS_SOFTCAP=True,
                                 HAS_TEACHER_SOFTCAP=True, OWN_TEACHER_SOFTCAP=True, HAS_LOGIT_SCALE=True,
                                 HAS_TEACHER_LOGIT_SCALE=True, DIVERGENCE=_FKL),
@@ -87,8 +89,8 @@ def all_variants() -> list[Variant]:
     """Every kernel x arch x {fp32, bf16} x flag set, then the specialisations real inputs add:
     a float32 teacher for a bfloat16 student (FrozenCopy of another dtype, a float32 cache),
     sizes or strides that are not multiples of 16 (D = 2100, a vocabulary of 50257), float64,
-    bfloat16 logits rounded as the model's head would (``logits_dtype="input"``), and a
-    softcapped teacher of an uncapped student."""
+    bfloat16 logits rounded as the model's head would (``logits_dtype="input"``), teachers of
+    another family (their own softcaps and logit scales), and dynamic fine-tuning."""
     main = [Variant(k, a, d, f) for k in KERNELS for a in ARCHS for d in ("fp32", "bf16") for f in FLAG_SETS]
     teacher = [Variant(k, a, "bf16", f, teacher_dtype="fp32") for k in FUSED for a in ARCHS
                for f in ("fkl+softcap", "rkl", "jsd")]
@@ -98,7 +100,8 @@ def all_variants() -> list[Variant]:
     rounded = [Variant(k, a, "bf16", f, rounded_logits=True) for k in KERNELS for a in ARCHS
                for f in ("fkl+softcap", "jsd")]
     extra = [Variant(k, a, d, f, aligned=aligned) for k in KERNELS for a in ARCHS for d in ("fp32", "bf16")
-             for f in EXTRA_FLAG_SETS for aligned in (True, False) if aligned or f == "fkl+own-caps+scales"]
+             for f in EXTRA_FLAG_SETS for aligned in (True, False)
+             if (aligned or f == "fkl+own-caps+scales") and ("DFT" not in EXTRA_FLAG_SETS[f] or k == "chunk_epilogue")]
     return main + teacher + odd + fp64 + rounded + extra
 
 
@@ -165,9 +168,11 @@ def kernel_signature(kernel, v: Variant, config):
         ACC=tl.float64 if acc == "fp64" else tl.float32, PRECISION=dot_precision(),
         BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=getattr(config, "block_d", None),
         COMPUTE_DW=True, COMPUTE_DB=flags["HAS_BIAS"], COMPUTE_GRAD=True, ROUND_LOGITS=v.rounded_logits,
+        DFT=flags.get("DFT", False),
     )
     # Each kernel takes the shared constexprs it has a parameter for.
-    constexprs = dict(flags, **{k: v_ for k, v_ in common.items() if k in kernel.arg_names})
+    constexprs = dict({k: v_ for k, v_ in flags.items() if k != "DFT"},
+                      **{k: v_ for k, v_ in common.items() if k in kernel.arg_names})
     constexprs.update({name: None for name, flag in _OPTIONAL_POINTERS.items()
                        if name in kernel.arg_names and flag in kernel.arg_names and not constexprs[flag]})
     signature, attrs = {}, {}

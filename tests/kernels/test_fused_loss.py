@@ -272,3 +272,46 @@ def test_no_grad_forward_computes_no_gradients():
         loss = fused_linear_sdft_loss(p.h, p.W, p.labels, p.ht, p.Wt, impl="torch")
     ref = fused_linear_sdft_loss(p.h, p.W, p.labels, p.ht, p.Wt, impl="reference")
     assert_close(loss, ref, what="no_grad loss", **F64)
+
+
+def _dft_by_definition(p, tau, kl_weight, reduction, upstream):
+    """TRL SFTTrainer's dynamic fine-tuning, ``-log p(y) * p(y).detach()`` per labelled
+    position, plus the divergence, on materialised float64 logits."""
+    z_s = p.h @ p.W.T + p.b
+    labelled = p.labels != -100
+    logp = torch.log_softmax(z_s, -1).gather(-1, p.labels.clamp(min=0)[:, None])[:, 0]
+    ce = torch.where(labelled, -logp * logp.exp().detach(), 0.0)
+    z_t = (p.ht @ p.Wt.T + p.bt).detach()
+    kl = (torch.softmax(z_t / tau, -1) * (torch.log_softmax(z_t / tau, -1) - torch.log_softmax(z_s / tau, -1))).sum(-1)
+    rows = ce + kl_weight * tau**2 * kl * p.kl_mask
+    loss = rows if reduction == "none" else rows.sum() / labelled.sum()
+    grads = torch.autograd.grad(loss, (p.h, p.W, p.b), upstream)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_dft_weights_each_cross_entropy_by_its_detached_probability(impl, reduction):
+    p = make_problem(N=37, D=24, V=203, bias=True, kl_mask=True, logit_scale=3.0)
+    upstream = torch.randn(37, dtype=torch.float64) if reduction == "none" else torch.tensor(1.0, dtype=torch.float64)
+    expected, expected_grads = _dft_by_definition(p, 0.7, 0.4, reduction, upstream)
+    out, grads = run(p, upstream, impl=impl, loss_type="dft", temperature=0.7, kl_weight=0.4, reduction=reduction,
+                     chunk_size=8)
+    assert_close(out.loss, expected, what=f"{impl} dft loss", **F64)
+    for i, (g, e) in enumerate(zip(grads, expected_grads)):
+        assert_close(g, e, what=f"{impl} dft grad {i}", **F64)
+    plain, _ = run(p, upstream, impl=impl, temperature=0.7, kl_weight=0.4, reduction=reduction, chunk_size=8)
+    assert float((out.ce - plain.ce).abs().max()) > 0.1, "the weight must change the cross-entropy term"
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_dft_float16_gradient_formed_in_the_backward(impl):
+    """float16 forms its gradient in the backward, with the real upstream gradient (no eager
+    path): the weight is applied there too."""
+    if impl in CHUNKED_IMPLS and not _cpu_half_matmul_ok():
+        pytest.skip("this torch build has no float16 matmul on CPU")
+    p64 = make_problem(N=37, D=24, V=203, bias=True, kl_mask=True, logit_scale=3.0)
+    truth = run(p64, impl="reference", loss_type="dft")
+    plain = run(p64.cast(torch.float16), impl="reference", loss_type="dft")
+    fast = run(p64.cast(torch.float16), impl=impl, loss_type="dft", chunk_size=8)
+    assert_no_worse_than_plain(truth, plain, fast, SLACK[torch.float16], f"{impl} float16 dft")

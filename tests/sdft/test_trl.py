@@ -100,7 +100,18 @@ CASES = {  # dataset, SFTConfig settings
 def test_without_the_divergence_it_is_sfttrainer(tmp_path, case):
     """kl_weight=0 (a teacher present all the same): each micro-batch's loss and each step's
     gradients are SFTTrainer's own, over three accumulated steps."""
+    _equals_sfttrainer(tmp_path, case, *CASES[case])
+
+
+@pytest.mark.parametrize("case", ["prompt-completion", "prompt-completion, packed"])
+def test_dynamic_fine_tuning_is_sfttrainers(tmp_path, case):
+    """SFTConfig(loss_type="dft"): each token's cross-entropy weighted by its detached
+    probability, SFTTrainer's own losses and gradients (this was refused)."""
     make, extra = CASES[case]
+    _equals_sfttrainer(tmp_path, case, make, {**extra, "loss_type": "dft"})
+
+
+def _equals_sfttrainer(tmp_path, case, make, extra):
     theirs, their_grads = _train(trl.SFTTrainer, tmp_path / "sft", make(), extra)
     ours, our_grads = _train(SDFTSFTTrainer, tmp_path / "sdft", make(), extra, teacher=FrozenCopy,
                              sdft_loss=SDFTLoss(kl_weight=0.0))
@@ -419,8 +430,8 @@ def test_evaluation_reports_the_sdft_loss(tmp_path):
 
 def test_other_sft_losses_are_refused(tmp_path):
     tok = fx.tokenizer()
-    with pytest.raises(ValueError, match="loss_type='dft' is another objective"):
-        SDFTSFTTrainer(model=fx.model(len(tok)), args=sgd_config(tmp_path, loss_type="dft"),
+    with pytest.raises(ValueError, match="label_smoothing_factor=0.1: the SDFT loss has no label smoothing"):
+        SDFTSFTTrainer(model=fx.model(len(tok)), args=sgd_config(tmp_path, label_smoothing_factor=0.1),
                        train_dataset=fx.prompt_completion(), processing_class=tok)
     with pytest.raises(ValueError, match="compute_loss_func would be ignored"):
         SDFTSFTTrainer(model=fx.model(len(tok)), args=sgd_config(tmp_path), train_dataset=fx.prompt_completion(),
