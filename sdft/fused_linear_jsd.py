@@ -27,7 +27,7 @@ from typing import Optional, Union
 
 from torch import Tensor, nn
 
-from sdft_kernels import LossOptions
+from sdft_kernels import LossOptions, SDFTLossOutput
 from sdft_kernels.fused_loss import sdft_loss
 from sdft_kernels.options import DEFAULT_IMPL, REDUCTIONS, check_impl
 
@@ -125,27 +125,39 @@ class FusedLinearJSDLoss(nn.Module):
         ``reduction="none"``), or ``(loss, soft, hard)`` with ``return_soft_hard_loss``, reduced
         alike. The teacher gets no gradient.
         """
-        if num_items is not None and self.reduction != "mean":
-            raise ValueError(f"num_items={num_items!r} is the divisor of reduction='mean'; this loss has "
-                             f"reduction={self.reduction!r}")
-        teacher_softcap = softcap if teacher_softcap is _SAME else teacher_softcap
-        options = self._options(softcap, teacher_softcap, student_logit_scale, teacher_logit_scale)
-        out = sdft_loss(options, student_input, student_weight, true_labels, teacher_input,
-                        teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias, num_items=num_items,
-                        impl=self.impl, return_components=True, chunk_size=self.chunk_size)
+        out = self.output(student_input, student_weight, teacher_input, teacher_weight, true_labels, student_bias,
+                          teacher_bias, num_items=num_items, softcap=softcap, teacher_softcap=teacher_softcap,
+                          student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale)
         if self.return_soft_hard_loss:
             return out.loss, out.kl, out.ce
         return out.loss
 
+    def output(self, student_input: Tensor, student_weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor,
+               true_labels: Tensor, student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None, *,
+               num_items: Union[None, int, float, Tensor] = None, softcap: Optional[float] = None,
+               teacher_softcap=_SAME, student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+               metrics: bool = False) -> SDFTLossOutput:
+        """:meth:`forward`'s computation as the whole :class:`sdft_kernels.SDFTLossOutput`: ``ce``
+        is the hard loss, ``kl`` the soft one (both unweighted), and with ``metrics`` the
+        student's per-row ``entropy`` (temperature 1) and ``top1`` from the same pass."""
+        if num_items is not None and self.reduction != "mean":
+            raise ValueError(f"num_items={num_items!r} is the divisor of reduction='mean'; this loss has "
+                             f"reduction={self.reduction!r}")
+        teacher_softcap = softcap if teacher_softcap is _SAME else teacher_softcap
+        options = self._options(softcap, teacher_softcap, student_logit_scale, teacher_logit_scale, metrics)
+        return sdft_loss(options, student_input, student_weight, true_labels, teacher_input,
+                         teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias, num_items=num_items,
+                         impl=self.impl, return_components=True, chunk_size=self.chunk_size)
+
     def _options(self, softcap: Optional[float], teacher_softcap: Optional[float], student_logit_scale: float,
-                 teacher_logit_scale: float) -> LossOptions:
-        key = (softcap, teacher_softcap, student_logit_scale, teacher_logit_scale)
-        if key == (None, None, 1.0, 1.0):
+                 teacher_logit_scale: float, metrics: bool) -> LossOptions:
+        key = (softcap, teacher_softcap, student_logit_scale, teacher_logit_scale, metrics)
+        if key == (None, None, 1.0, 1.0, False):
             return self.options
         if key not in self._with_transforms:  # built (and validated) once per pair of heads
             self._with_transforms[key] = dataclasses.replace(
                 self.options, student_softcap=softcap, teacher_softcap=teacher_softcap,
-                student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale)
+                student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale, metrics=metrics)
         return self._with_transforms[key]
 
     def extra_repr(self) -> str:

@@ -24,18 +24,20 @@ from .teacher import TeacherSource
 
 
 class CausalLMLossOutput(SDFTLossOutput):
-    """``(loss, ce, kl, n_tokens)``, as :class:`SDFTLossOutput` (it unpacks to those four), plus
-    ``aux``: the MoE load-balancing term added to the loss, already included in ``loss`` here
-    (the model's own forward adds it with its coefficient), and ``aux_loss``: the unweighted
-    load-balancing loss, what the model's own output calls ``aux_loss``. Both detached scalars,
-    None when the model adds no such term."""
+    """``(loss, ce, kl, n_tokens)``, as :class:`SDFTLossOutput` (it unpacks to those four, and
+    carries its ``entropy`` / ``top1`` when the loss computes metrics), plus ``aux``: the MoE
+    load-balancing term added to the loss, already included in ``loss`` here (the model's own
+    forward adds it with its coefficient), and ``aux_loss``: the unweighted load-balancing
+    loss, what the model's own output calls ``aux_loss``. Both detached scalars, None when the
+    model adds no such term."""
 
     aux: Optional[Tensor] = None  # the class defaults also cover copies made by _replace()
     aux_loss: Optional[Tensor] = None
 
     def __new__(cls, loss: Tensor, ce: Tensor, kl: Tensor, n_tokens: Tensor, aux: Optional[Tensor] = None,
-                aux_loss: Optional[Tensor] = None):
-        self = super().__new__(cls, loss, ce, kl, n_tokens)
+                aux_loss: Optional[Tensor] = None, *, entropy: Optional[Tensor] = None,
+                top1: Optional[Tensor] = None):
+        self = super().__new__(cls, loss, ce, kl, n_tokens, entropy=entropy, top1=top1)
         self.aux, self.aux_loss = aux, aux_loss
         return self
 
@@ -142,9 +144,7 @@ def causal_lm_loss(
         return inner[0]
 
     returned = run_inside(wrapper, inside, **decoder_inputs(batch))
-    # A wrapper may rebuild the output from its four fields (DDP, FSDP, DeepSpeed put hooks on
-    # them): its tensors are the ones to backpropagate from; aux and aux_loss come from ours.
-    return CausalLMLossOutput(*returned[:4], inner[0].aux, inner[0].aux_loss)
+    return _rebuilt(returned, inner[0])
 
 
 def decoder_inputs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -177,7 +177,7 @@ class _LossStep:
             return result[0]
 
         returned = run_inside(owner, inside)
-        return CausalLMLossOutput(*returned[:4], result[0].aux, result[0].aux_loss)
+        return _rebuilt(returned, result[0])
 
     def _loss(self, batch: Mapping[str, Tensor]) -> CausalLMLossOutput:
         model, loss, labels, target_mask, aux_loss = self.model, self.loss, self.labels, self.target_mask, self.aux_loss
@@ -205,13 +205,21 @@ class _LossStep:
             kl_mask=None if kl_mask is None else kl_mask.reshape(-1),
             num_items=self.num_items, softcap=head.softcap, teacher_softcap=teacher_softcap,
         )
+        metrics = dict(entropy=out.entropy, top1=out.top1)
         if aux_loss is None:
-            return CausalLMLossOutput(*out)
+            return CausalLMLossOutput(*out, **metrics)
         # Added per call to the (micro-)batch's loss, as the model's own forward adds it.
         balance = aux_loss.balance(decoded.router_logits, batch.get("attention_mask"))
         aux = ((aux_loss.coef if self.aux_weight is None else self.aux_weight) * balance).to(out.loss.dtype)
         return CausalLMLossOutput(out.loss + aux, out.ce, out.kl, out.n_tokens, aux.detach(),
-                                  balance.detach().to(out.loss.dtype))
+                                  balance.detach().to(out.loss.dtype), **metrics)
+
+
+def _rebuilt(returned, ours: CausalLMLossOutput) -> CausalLMLossOutput:
+    """The output of a loss run inside a wrapper's forward. A wrapper may rebuild it from its
+    four fields (DDP, FSDP, DeepSpeed put hooks on them): its tensors are the ones to
+    backpropagate from; the detached extras (aux, aux_loss, metrics) come from ours."""
+    return CausalLMLossOutput(*returned[:4], ours.aux, ours.aux_loss, entropy=ours.entropy, top1=ours.top1)
 
 
 def _flatten(hidden: Tensor, scale: float) -> Tensor:
@@ -247,6 +255,8 @@ class SDFTModel(nn.Module):
         out = causal_lm_loss(self.student, batch, self.teacher, self.loss, num_items_in_batch,
                              check_head=self.check_head)
         # A wrapper may rebuild the returned tuple from its four fields (accelerate's mixed
-        # precision does), which drops aux and aux_loss: the parts stay readable here, detached.
-        self.__dict__["last_parts"] = CausalLMLossOutput(out.loss.detach(), *out[1:], out.aux, out.aux_loss)
+        # precision does), which drops aux, aux_loss and the metrics: the parts stay readable
+        # here, detached.
+        self.__dict__["last_parts"] = CausalLMLossOutput(out.loss.detach(), *out[1:], out.aux, out.aux_loss,
+                                                         entropy=out.entropy, top1=out.top1)
         return out

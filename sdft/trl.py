@@ -65,16 +65,19 @@ class SDFTSFTTrainer(SDFTTrainer, SFTTrainer):
 
     The Trainer's ``num_items_in_batch`` is the count the fused loss uses
     (:func:`sdft.trainer.count_loss_targets`), so gradient accumulation equals one large batch.
-    Logged beside ``loss``: ``ce`` and ``kl`` of the last micro-batch and ``num_tokens``; for an
-    MoE model, SFTTrainer's ``aux_loss`` (the unweighted load-balancing loss, averaged since
-    the last log), whose term enters the loss as in ``SFTTrainer`` (``router_aux_loss_coef``
-    times it, averaged over the accumulated micro-batches);
-    ``SFTTrainer``'s ``entropy`` and ``mean_token_accuracy`` need the logits and are not
-    computed. Evaluation reports the same loss; ``compute_metrics`` gets logits from an extra
-    forward, as in ``SFTTrainer``. Under DDP, FSDP or DeepSpeed (``torchrun``, ``accelerate
-    launch``) the loss runs inside the wrapper's forward, which synchronises the gradients and
-    gathers sharded parameters, and a ``FrozenCopy`` teacher is sharded as the student
-    (:class:`sdft.SDFTTrainer`).
+    Logged beside ``loss``: ``ce`` and ``kl`` of the last micro-batch, ``num_tokens``,
+    ``SFTTrainer``'s ``entropy`` and ``mean_token_accuracy`` (train and ``eval_``, so
+    ``metric_for_best_model="eval_mean_token_accuracy"`` works), with its definitions: the
+    student's entropy at temperature 1 and whether the label is its top prediction, averaged
+    over the labelled positions of each micro-batch, computed by the fused loss in its own pass
+    over the logits without a host sync per step; for an MoE model, SFTTrainer's ``aux_loss``
+    (the unweighted load-balancing loss, averaged since the last log), whose term enters the
+    loss as in ``SFTTrainer`` (``router_aux_loss_coef`` times it, averaged over the accumulated
+    micro-batches). Evaluation reports the same loss; ``compute_metrics`` gets logits from an
+    extra forward, as in ``SFTTrainer``. Under DDP, FSDP or DeepSpeed (``torchrun``,
+    ``accelerate launch``) the loss runs inside the wrapper's forward, which synchronises the
+    gradients and gathers sharded parameters, and a ``FrozenCopy`` teacher is sharded as the
+    student (:class:`sdft.SDFTTrainer`).
 
     The paper's recipe (stage 1: cross-entropy on the rows the model already knows; snapshot;
     stage 2: SDFT on all rows against the snapshot)::
@@ -98,8 +101,13 @@ class SDFTSFTTrainer(SDFTTrainer, SFTTrainer):
                  sdft_loss: Optional[SDFTLoss] = None, check_head: bool = True, **kwargs):
         sft_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         _refuse_other_losses(sft_args, kwargs.get("compute_loss_func"))
+        # SFTTrainer's metrics come from the loss's own pass; SFTConfig(loss_type="dft") is an
+        # option of the loss too. (An SDFTModel passed as the model keeps its own loss.)
+        settings = {"metrics": True}
         if getattr(sft_args, "loss_type", "nll") == "dft":
-            sdft_loss = _dynamic_fine_tuning(sdft_loss)
+            settings["loss_type"] = "dft"
+        if sdft_loss is not None or not _is_sdft_model(kwargs.get("model", args[0] if args else None)):
+            sdft_loss = _with_settings(sdft_loss, **settings)
         build_teacher = isinstance(teacher, type)
         super().__init__(*args, teacher=None if build_teacher else teacher, sdft_loss=sdft_loss,
                          check_head=check_head, **kwargs)
@@ -128,19 +136,36 @@ class SDFTSFTTrainer(SDFTTrainer, SFTTrainer):
 
     def _record_components(self, out) -> None:
         self._last_components = {"ce": out.ce, "kl": out.kl}
+        if getattr(out, "entropy", None) is not None:
+            self._record_metrics(out)
         if self.aux_loss_enabled and getattr(out, "aux_loss", None) is not None:
             # SFTTrainer's aux_loss: the unweighted load-balancing loss, averaged over processes
             # and over the micro-batches since the last log; a tensor until log() (no host sync).
             mode = "train" if self.model.training else "eval"
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(out.aux_loss.reshape(1)).mean())
 
+    def _record_metrics(self, out) -> None:
+        """SFTTrainer's ``entropy`` and ``mean_token_accuracy`` of this micro-batch, as it defines
+        them: over the positions with a label, summed across processes; 0 without any. Kept as
+        tensors (no host sync per step) until :meth:`log`."""
+        mode = "train" if self.model.training else "eval"
+        gather = self.accelerator.gather_for_metrics
+        count = gather(out.n_tokens.detach()).sum()
+        denominator = count.clamp(min=1).to(out.entropy.dtype)
+        self._metrics[mode]["entropy"].append(gather(out.entropy.sum()).sum() / denominator)
+        self._metrics[mode]["mean_token_accuracy"].append(gather(out.top1.sum()).sum() / denominator)
+
     def log(self, logs: dict, *args, **kwargs) -> None:
         mode = "train" if self.model.training else "eval"
         if mode == "train":
             # SFTTrainer's token counter, from the count the SDFT step keeps without a host sync.
             self._metrics["train"]["num_tokens"] = [self.tokens_seen]
-        for values in self._metrics[mode].values():  # SFTTrainer.log averages them as numbers
-            values[:] = [float(value) for value in values]
+        # The metrics recorded as tensors since the last log, read back once here.
+        for key, values in self._metrics[mode].items():
+            tensors = [v for v in values if torch.is_tensor(v)]
+            if tensors:
+                floats = iter(torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist())
+                self._metrics[mode][key] = [next(floats) if torch.is_tensor(v) else v for v in values]
         super().log(logs, *args, **kwargs)
 
 
@@ -158,14 +183,20 @@ def _refuse_other_losses(args, compute_loss_func) -> None:
                          "smoothing (the teacher divergence is its regulariser); set it to 0")
 
 
-def _dynamic_fine_tuning(loss: Optional[SDFTLoss]) -> SDFTLoss:
-    """``loss`` (default: the paper's) with ``loss_type="dft"``, as ``SFTConfig(loss_type="dft")``
-    asks: each token's cross-entropy weighted by its detached probability."""
+def _with_settings(loss: Optional[SDFTLoss], **settings) -> SDFTLoss:
+    """``loss`` (default: the paper's) with these :class:`sdft_kernels.LossOptions` settings: the
+    metrics ``SFTTrainer`` logs, ``loss_type="dft"`` as ``SFTConfig`` asks for it."""
     loss = SDFTLoss() if loss is None else loss
-    if loss.options.loss_type == "dft":
+    if all(getattr(loss.options, name) == value for name, value in settings.items()):
         return loss
-    return SDFTLoss(dataclasses.replace(loss.options, loss_type="dft"), impl=loss.impl,
+    return SDFTLoss(dataclasses.replace(loss.options, **settings), impl=loss.impl,
                     kl_positions=loss.kl_positions, chunk_size=loss.chunk_size)
+
+
+def _is_sdft_model(model) -> bool:
+    from .integration import SDFTModel
+
+    return isinstance(model, SDFTModel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,8 +226,9 @@ class FusedJSDDistillationTrainer(DistillationTrainer):
 
     Everything but the loss is the parent's: generation, batching, the teacher's forward, the
     DDP/FSDP routing and the normaliser (the accumulated batch's count of completion tokens).
-    Not computed: the per-token student entropy the parent logs (logged as None). Each
-    model's logit scale and softcap (Gemma 2) apply to its own logits, as in the parent's
+    The student's mean entropy the parent logs comes from the loss's own pass (at temperature
+    1: with another ``temperature``, whose entropy the parent logs, and with Liger's loss, it
+    is NaN, which the parent's logger leaves out). Each model's logit scale and softcap (Gemma 2) apply to its own logits, as in the parent's
     divergence, so the teacher may be of another family; a softcap needs
     :class:`FusedLinearJSDLoss`, whose call takes them (Liger's takes none; a logit scale is
     folded into the hidden states for it). The loss reads the heads outside the models'
@@ -254,11 +286,19 @@ class FusedJSDDistillationTrainer(DistillationTrainer):
         args = (student_hidden.to(device), student_head.weight, teacher_hidden.to(device), teacher_head.weight, labels,
                 student_head.bias, teacher_head.bias)
         n_valid = valid.sum()
+        # The parent logs the student's mean entropy at its temperature; ours computes it at
+        # temperature 1 in the loss's own pass, the same thing when the temperature is 1.
+        # Otherwise (and with Liger's loss) NaN: what the parent's logger leaves out.
+        entropy_sum = torch.full((), float("nan"), device=device)
         if ours:
-            loss = self.fused_jsd_loss(*args, num_items=num_items_in_batch, softcap=student_head.softcap,
-                                       teacher_softcap=teacher_head.softcap,
-                                       student_logit_scale=student_head.hidden_scale,
-                                       teacher_logit_scale=teacher_head.hidden_scale)
+            metrics = self.temperature == 1.0
+            out = self.fused_jsd_loss.output(*args, num_items=num_items_in_batch, softcap=student_head.softcap,
+                                             teacher_softcap=teacher_head.softcap,
+                                             student_logit_scale=student_head.hidden_scale,
+                                             teacher_logit_scale=teacher_head.hidden_scale, metrics=metrics)
+            loss = out.loss
+            if metrics:
+                entropy_sum = out.entropy.sum()
         else:
             for whose, head in (("student", student_head), ("teacher", teacher_head)):
                 if head.softcap is not None:
@@ -269,9 +309,7 @@ class FusedJSDDistillationTrainer(DistillationTrainer):
                 loss = loss[0]
             if num_items_in_batch is not None:  # Liger divides by the local count: renormalise
                 loss = loss * n_valid.clamp(min=1) / num_items_in_batch
-        # The parent logs the mean student entropy, which a fused loss does not form; NaN is
-        # what its logger leaves out.
-        return loss, torch.full((), float("nan"), device=device), n_valid
+        return loss, entropy_sum, n_valid
 
 
 def _head_input(model, hidden: torch.Tensor, scale: float) -> torch.Tensor:

@@ -8,6 +8,11 @@ import os
 
 import torch
 
+# Subprocesses (torchrun, `sdft train`, the compile check) import this checkout's kernels, as
+# pytest's own `pythonpath` setting does here, not an installed copy found first.
+_KERNELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+os.environ["PYTHONPATH"] = os.pathsep.join([_KERNELS, *filter(None, [os.environ.get("PYTHONPATH")])])
+
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -118,9 +118,10 @@ def _counted_rows(rows: Tensor, h: Tensor) -> tuple[Optional[Tensor], Tensor]:
 def chunked_sdft(
     h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, options: LossOptions,
     ce_scale: Optional[Tensor], kl_scale: Optional[Tensor],
-    need: tuple[bool, bool, bool], chunk_size: Optional[int], epilogue: Epilogue,
-) -> tuple[Tensor, Tensor, Grads]:
-    """Masked loss rows ``ce_rows [N]``, ``div_rows [N]`` and, with scales, the gradients.
+    need: tuple[bool, bool, bool], chunk_size: Optional[int], epilogue: Epilogue, metrics: bool = False,
+) -> tuple[Tensor, Tensor, Grads, Optional[tuple[Tensor, Tensor]]]:
+    """Masked loss rows ``ce_rows [N]``, ``div_rows [N]``, with scales the gradients, and with
+    ``metrics`` the student's ``(entropy [N], top1 [N])`` (0 / False where the label is ignored).
 
     ``need`` says which of (hidden, weight, bias) gradients to form; ``ce_scale``/``kl_scale``
     ``[N]`` are the per-row factors of :func:`sdft_kernels.reduction.row_scales` (the epilogue
@@ -131,6 +132,8 @@ def chunked_sdft(
     acc = accumulation_dtype(h.dtype)
     ce_rows = torch.zeros(N, dtype=acc, device=h.device)
     div_rows = torch.zeros(N, dtype=acc, device=h.device)
+    row_metrics = (torch.zeros(N, dtype=acc, device=h.device), torch.zeros(N, dtype=torch.bool, device=h.device)
+                   ) if metrics else None
     want_grad = ce_scale is not None and any(need)
 
     # A term that does not count for a row contributes nothing to it: teacher rows outside the
@@ -164,11 +167,15 @@ def chunked_sdft(
         e = min(s + step, M)
         rows_ix = slice(s, e) if index is None else index[s:e]
         h_c = take(h, s, e)
-        ce, div, dz = epilogue.chunk(
+        ce, div, dz, chunk_metrics = epilogue.chunk(
             h_c, W, b, take(ht, s, e), Wt, bt, take(labels, s, e), take(kl_mask, s, e), options,
-            take(ce_scale, s, e) if want_grad else None, take(kl_scale, s, e) if want_grad else None, ws,
+            take(ce_scale, s, e) if want_grad else None, take(kl_scale, s, e) if want_grad else None, ws, metrics,
         )
-        ce_rows[rows_ix] = torch.where(take(label_mask, s, e), ce, 0.0)
+        labelled = take(label_mask, s, e)
+        ce_rows[rows_ix] = torch.where(labelled, ce, 0.0)
+        if row_metrics is not None:
+            row_metrics[0][rows_ix] = torch.where(labelled, chunk_metrics[0], 0.0)
+            row_metrics[1][rows_ix] = chunk_metrics[1] & labelled
         if div is not None:
             div_rows[rows_ix] = torch.where(take(kl_mask, s, e), div, 0.0)
         if dz is None:
@@ -197,7 +204,12 @@ def chunked_sdft(
         None if d_w is None else d_w.to(W.dtype),
         None if d_b is None else d_b.to(b.dtype),
     )
-    return ce_rows, div_rows, grads
+    return ce_rows, div_rows, grads, row_metrics
+
+
+def no_metrics(like: Tensor) -> tuple[Tensor, Tensor]:
+    """Empty ``(entropy, top1)``: what the autograd functions return without ``metrics``."""
+    return like.new_empty(0), torch.empty(0, dtype=torch.bool, device=like.device)
 
 
 def forms_gradient_in_forward(options: LossOptions, dtype: torch.dtype) -> bool:
@@ -210,7 +222,8 @@ def forms_gradient_in_forward(options: LossOptions, dtype: torch.dtype) -> bool:
 
 
 class ChunkedSDFT(torch.autograd.Function):
-    """Autograd glue for :func:`chunked_sdft`; returns ``(loss, ce, kl)``."""
+    """Autograd glue for :func:`chunked_sdft`; returns ``(loss, ce, kl, entropy, top1)``, the
+    metrics empty without ``options.metrics``."""
 
     @staticmethod
     def forward(ctx, h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, denom, options, chunk_size,
@@ -221,23 +234,24 @@ class ChunkedSDFT(torch.autograd.Function):
         if eager:  # the upstream gradient will be a scalar: form the gradients now.
             ce_scale, kl_scale = row_scales(torch.ones((), dtype=denom.dtype, device=denom.device),
                                             denom, label_mask, kl_mask, options)
-        ce_rows, div_rows, grads = chunked_sdft(
+        ce_rows, div_rows, grads, row_metrics = chunked_sdft(
             h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, options, ce_scale, kl_scale, need, chunk_size,
-            epilogue,
+            epilogue, options.metrics,
         )
         loss, ce, kl = combine(ce_term_rows(ce_rows, options), div_rows, denom, options)
+        entropy, top1 = row_metrics if row_metrics is not None else no_metrics(ce_rows)
         ctx.options, ctx.chunk_size, ctx.need, ctx.eager, ctx.epilogue = options, chunk_size, need, eager, epilogue
         ctx.device_type = h.device.type
         if eager:
             ctx.grads = grads
         elif any(need):
             ctx.save_for_backward(h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, denom)
-        ctx.mark_non_differentiable(ce, kl)
-        return loss, ce, kl
+        ctx.mark_non_differentiable(ce, kl, entropy, top1)
+        return loss, ce, kl, entropy, top1
 
     @staticmethod
     @fused_backward
-    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl, _grad_entropy, _grad_top1):
         if ctx.eager:
             g = ctx.grads
             if g is None:
@@ -254,7 +268,7 @@ class ChunkedSDFT(torch.autograd.Function):
         else:
             h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, denom = ctx.saved_tensors
             ce_scale, kl_scale = row_scales(grad_loss, denom, label_mask, kl_mask, ctx.options)
-            _, _, (d_h, d_w, d_b) = chunked_sdft(
+            _, _, (d_h, d_w, d_b), _ = chunked_sdft(
                 h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, ctx.options,
                 ce_scale, kl_scale, ctx.need, ctx.chunk_size, ctx.epilogue,
             )

@@ -50,6 +50,7 @@ def fused_linear_sdft_loss(
     student_logit_scale: float = _DEFAULTS.student_logit_scale,
     teacher_logit_scale: float = _DEFAULTS.teacher_logit_scale,
     loss_type: str = _DEFAULTS.loss_type,
+    metrics: bool = _DEFAULTS.metrics,
 ) -> Union[Tensor, SDFTLossOutput]:
     """LM-head matmul + cross-entropy + teacher divergence, without materialising the logits.
 
@@ -108,6 +109,10 @@ def fused_linear_sdft_loss(
             (materialised; for checking).
         return_components: return :class:`SDFTLossOutput` ``(loss, ce, kl, n_tokens)``;
             the parts are detached and unweighted, and computing them needs no host sync.
+        metrics: also return (as ``SDFTLossOutput.entropy`` / ``.top1``, with
+            ``return_components``) each labelled row's student entropy at temperature 1 and
+            whether its label is the student's top prediction, from the same pass over the
+            logits (no extra GEMM, no host sync).
         validate_labels: check the label range, a tensor ``num_items``, and that a
             ``num_items`` of 0 comes with no labelled position (one host sync for all); turn
             off to avoid the sync.
@@ -135,7 +140,7 @@ def fused_linear_sdft_loss(
         jsd_beta=jsd_beta, ignore_index=ignore_index, reduction=reduction, softcap=softcap,
         validate_labels=validate_labels, logits_dtype=logits_dtype, student_softcap=student_softcap,
         teacher_softcap=teacher_softcap, student_logit_scale=student_logit_scale,
-        teacher_logit_scale=teacher_logit_scale, loss_type=loss_type,
+        teacher_logit_scale=teacher_logit_scale, loss_type=loss_type, metrics=metrics,
     )
     return sdft_loss(options, student_hidden, student_weight, labels, teacher_hidden, teacher_weight,
                      student_bias=student_bias, teacher_bias=teacher_bias, kl_mask=kl_mask, num_items=num_items,
@@ -217,12 +222,15 @@ def _loss(student_hidden, student_weight, labels, teacher_hidden, teacher_weight
     args = (*tensors, labels.contiguous(), label_mask, kl_rows, denom, options, chunk_size,
             torch.is_grad_enabled())
     if impl == "triton":
-        loss, ce, kl = _triton_function().apply(*args)
+        loss, ce, kl, entropy, top1 = _triton_function().apply(*args)
     else:
-        loss, ce, kl = ChunkedSDFT.apply(*args, _triton_epilogue() if impl == "triton_chunked" else TorchEpilogue)
+        loss, ce, kl, entropy, top1 = ChunkedSDFT.apply(
+            *args, _triton_epilogue() if impl == "triton_chunked" else TorchEpilogue)
     if not return_components:
         return loss
-    return SDFTLossOutput(loss, ce, kl, label_mask.sum())
+    if not options.metrics:
+        entropy = top1 = None
+    return SDFTLossOutput(loss, ce, kl, label_mask.sum(), entropy=entropy, top1=top1)
 
 
 def default_impl(device: Union[str, torch.device]) -> str:

@@ -50,6 +50,10 @@ class LossOptions:
     ``CE_i * exp(-CE_i)`` with no gradient through the weight; ``"nll"`` (default) is plain
     cross-entropy. The divergence is the same either way.
 
+    ``metrics``: also compute, in the same pass over the logits, each labelled row's entropy of
+    the student at temperature 1 and whether its label is the student's top prediction
+    (:class:`sdft_kernels.SDFTLossOutput`'s ``entropy`` and ``top1``).
+
     ``logits_dtype`` says where the logits are rounded. ``"float32"`` (the default): each logit
     is the GEMM's float32 accumulator (float64 for float64 inputs) plus the bias, never rounded
     to a bfloat16/float16 input dtype before the softmax, as TRL's chunked losses and Cut
@@ -73,6 +77,7 @@ class LossOptions:
     student_logit_scale: float = 1.0
     teacher_logit_scale: float = 1.0
     loss_type: str = "nll"
+    metrics: bool = False
 
     def __post_init__(self) -> None:
         for name in ("ce_weight", "kl_weight"):
@@ -108,8 +113,9 @@ class LossOptions:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.logits_dtype not in LOGITS_DTYPES:
             raise ValueError(f"logits_dtype must be one of {LOGITS_DTYPES}, got {self.logits_dtype!r}")
-        if not isinstance(self.validate_labels, bool):
-            raise TypeError(f"validate_labels must be a bool, got {self.validate_labels!r}")
+        for name in ("validate_labels", "metrics"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     @property
     def student_cap(self) -> Optional[float]:

@@ -145,4 +145,18 @@ def reference_sdft_loss(
         kl_rows_val = torch.zeros_like(ce_rows)
 
     loss, ce, kl = combine(ce_term_rows(ce_rows, o), kl_rows_val, normaliser(label_mask, num_items, acc), o)
-    return SDFTLossOutput(loss, ce.detach(), kl.detach(), label_mask.sum())
+    entropy = top1 = None
+    if o.metrics:
+        entropy, top1 = student_metrics(z_s.detach(), labels, label_mask)
+    return SDFTLossOutput(loss, ce.detach(), kl.detach(), label_mask.sum(), entropy=entropy, top1=top1)
+
+
+def student_metrics(z_s: Tensor, labels: Tensor, label_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(entropy [N], top1 [N])`` of the student's logits ``z_s`` ``[N, V]`` (after its
+    transforms) at temperature 1: ``-sum p log p`` (0 log 0 = 0) and whether the label is the
+    first maximal logit; 0 / False where the label is ignored."""
+    logp = torch.log_softmax(z_s, -1)
+    p = logp.exp()
+    entropy = -torch.where(p > 0, p * logp, 0.0).sum(-1)
+    top1 = z_s.argmax(-1) == labels
+    return torch.where(label_mask, entropy, 0.0), top1 & label_mask

@@ -112,11 +112,12 @@ def _divergence(logp_s: Tensor, logp_t: Tensor, scratch: Tensor, options: LossOp
     return div, ratio_s.sub_(kl_s.unsqueeze(1)).mul_(p_s).mul_(1.0 - beta)
 
 
-def _torch_chunk(h, W, b, ht, Wt, bt, y, options: LossOptions, ce_scale, kl_scale, ws: Workspace):
+def _torch_chunk(h, W, b, ht, Wt, bt, y, options: LossOptions, ce_scale, kl_scale, ws: Workspace, metrics: bool):
     """Loss rows of one chunk and, if scales are given, its logit gradient ``[C, V]``.
 
-    Returns ``(ce [C], div [C] or None, dz or None)``; ``ce`` and ``div`` are unmasked. ``dz``
-    lives in the workspace: use it before the next chunk.
+    Returns ``(ce [C], div [C] or None, dz or None, (entropy [C], top1 [C]) or None)``;
+    ``ce``, ``div`` and the metrics are unmasked. ``dz`` lives in the workspace: use it before
+    the next chunk.
     """
     rows = h.shape[0]
     inv_tau = 1.0 / options.temperature
@@ -131,19 +132,26 @@ def _torch_chunk(h, W, b, ht, Wt, bt, y, options: LossOptions, ce_scale, kl_scal
     logp_1 = _log_softmax_into(ws.get("logp_1", rows), z)
     safe_y = y.clamp(0, z.shape[1] - 1).unsqueeze(1)  # ignored rows: any column, their scale is 0
     ce = logp_1.gather(1, safe_y).squeeze(1).neg()
+    # A bias may mask the student's vocabulary with -inf; a softcap maps -inf to -softcap.
+    student_inf = b is not None and softcap is None
+    top1 = None if not metrics else z.argmax(1) == y  # on the transformed logits, as argmax picks
 
-    div = grad_kl = None
+    div = grad_kl = entropy = None
     if ht is not None:
         logp_s = _log_softmax_into(ws.get("logp_s", rows), z.mul_(inv_tau))
         logp_t = ws.get("logp_t", rows)
         _logits_into(logp_t, ht, Wt, bt, options.teacher_logit_scale, options.teacher_cap, options, ws)
         _log_softmax_into(logp_t, logp_t.mul_(inv_tau))
-        # A bias may mask vocabulary entries with -inf; a softcap maps -inf to -softcap.
-        guard_inf = (b is not None and softcap is None) or (bt is not None and options.teacher_cap is None)
+        if metrics:  # z is free until the divergence takes it as scratch
+            entropy = _entropy_rows(logp_1, z, student_inf)
+        guard_inf = student_inf or (bt is not None and options.teacher_cap is None)
         div, grad_kl = _divergence(logp_s, logp_t, z, options, want_grad, guard_inf)
+    elif metrics:
+        entropy = _entropy_rows(logp_1, z, student_inf)
+    out = None if not metrics else (entropy, top1)
 
     if not want_grad:
-        return ce, div, None
+        return ce, div, None, out
     if options.loss_type == "dft":  # the row's cross-entropy weighted by its constant p(label)
         ce_scale = torch.where(ce_scale != 0, ce_scale * torch.exp(-ce), 0.0)
     dz = logp_1.exp_().mul_(ce_scale.unsqueeze(1))  # ce_scale * softmax(z)
@@ -152,7 +160,15 @@ def _torch_chunk(h, W, b, ht, Wt, bt, y, options: LossOptions, ce_scale, kl_scal
         dz.add_(grad_kl.mul_((kl_scale * options.temperature).unsqueeze(1)))
     if cap is not None:  # d(c tanh(x / c))/dx = 1 - tanh^2
         dz.mul_(cap.square_().neg_().add_(1.0))
-    return ce, div, dz
+    return ce, div, dz, out
+
+
+def _entropy_rows(logp: Tensor, scratch: Tensor, guard_inf: bool) -> Tensor:
+    """``-sum p log p`` per row ``[C]`` from log-probabilities ``[C, V]``, through ``scratch``.
+    Where a logit is -inf (``guard_inf``), p log p is 0 there (xlogy), not 0 * -inf."""
+    p = torch.exp(logp, out=scratch)
+    terms = torch.special.xlogy(p, p, out=p) if guard_inf else p.mul_(logp)
+    return terms.sum(-1).neg_()
 
 
 class TorchEpilogue:
@@ -173,6 +189,7 @@ class TorchEpilogue:
         return accumulation_dtype(dtype) if device.type == "cpu" else dtype
 
     @staticmethod
-    def chunk(h, W, b, ht, Wt, bt, y, kl_mask, options, ce_scale, kl_scale, ws):
-        """``(ce [C], div [C] or None, dz [C, V] or None)``; ce/div unmasked, dz in float32."""
-        return _torch_chunk(h, W, b, ht, Wt, bt, y, options, ce_scale, kl_scale, ws)
+    def chunk(h, W, b, ht, Wt, bt, y, kl_mask, options, ce_scale, kl_scale, ws, metrics=False):
+        """``(ce [C], div [C] or None, dz [C, V] or None, (entropy, top1) or None)``; unmasked,
+        dz in float32."""
+        return _torch_chunk(h, W, b, ht, Wt, bt, y, options, ce_scale, kl_scale, ws, metrics)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 
 from .autograd_guard import fused_backward, gradients_needed
+from .chunk_loop import no_metrics
 from .reduction import ce_term_rows, combine, dft_weights, row_scales
 
 
 class TritonSDFT(torch.autograd.Function):
     """Forward: one pass over vocab tiles gives per-row statistics; backward recomputes the
-    logit tiles from them. Returns ``(loss, ce, kl)`` with ``ce``/``kl`` non-differentiable."""
+    logit tiles from them. Returns ``(loss, ce, kl, entropy, top1)``, all but the loss
+    non-differentiable, the metrics empty without ``options.metrics``."""
 
     @staticmethod
     def forward(ctx, h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, denom, options, _chunk_size, grad_enabled):
@@ -18,17 +20,18 @@ class TritonSDFT(torch.autograd.Function):
 
         stats = sdft_forward(h, W, b, ht, Wt, bt, labels, kl_mask, options)
         loss, ce, kl = combine(ce_term_rows(stats.ce_rows, options), stats.div_rows, denom, options)
+        entropy, top1 = (stats.entropy, stats.top1) if options.metrics else no_metrics(stats.ce_rows)
         ctx.options, ctx.device_type = options, h.device.type
         ctx.need = gradients_needed(ctx, b is not None, grad_enabled)
         if any(ctx.need):
             ctx.stats = stats
             ctx.save_for_backward(h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, denom)
-        ctx.mark_non_differentiable(ce, kl)
-        return loss, ce, kl
+        ctx.mark_non_differentiable(ce, kl, entropy, top1)
+        return loss, ce, kl, entropy, top1
 
     @staticmethod
     @fused_backward
-    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl, _grad_entropy, _grad_top1):
         from .triton_backward import sdft_backward
 
         h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, denom = ctx.saved_tensors

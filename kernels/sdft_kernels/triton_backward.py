@@ -98,12 +98,14 @@ def logits_grad_tile(
     if HAS_TEACHER:
         z_t = logits_tile(
             ht_ptr, wt_ptr, bt_ptr, rows.to(tl.int64) * stride_ht, cols.to(tl.int64) * stride_wt, row_mask,
-            col_mask, cols, DT, teacher_logit_scale, teacher_softcap, teacher_inv_softcap, HAS_TEACHER_BIAS, HAS_TEACHER_LOGIT_SCALE,
+            col_mask, cols, DT, teacher_logit_scale, teacher_softcap, teacher_inv_softcap, HAS_TEACHER_BIAS,
+            HAS_TEACHER_LOGIT_SCALE,
             HAS_TEACHER_SOFTCAP, TEACHER_DOT_DTYPE, ACC, PRECISION, ROUND_LOGITS, BLOCK_N, BLOCK_V, BLOCK_D,
         )
     z_s = logits_tile(
         h_ptr, w_ptr, b_ptr, rows.to(tl.int64) * stride_h, cols.to(tl.int64) * stride_w, row_mask, col_mask,
-        cols, D, logit_scale, softcap, inv_softcap, HAS_BIAS, HAS_LOGIT_SCALE, HAS_SOFTCAP, DOT_DTYPE, ACC, PRECISION, ROUND_LOGITS,
+        cols, D, logit_scale, softcap, inv_softcap, HAS_BIAS, HAS_LOGIT_SCALE, HAS_SOFTCAP, DOT_DTYPE, ACC,
+        PRECISION, ROUND_LOGITS,
         BLOCK_N, BLOCK_V, BLOCK_D,
     )
     dz = logit_grad(

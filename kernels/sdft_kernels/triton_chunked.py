@@ -54,8 +54,10 @@ from .triton_math import (
     jsd_tile_sums,
     logit_grad,
     masked_divergence,
+    metrics_finish,
     sweep_finish,
     sweep_init,
+    sweep_metrics,
     sweep_student,
     sweep_teacher,
 )
@@ -73,7 +75,8 @@ class EpilogueConfig(NamedTuple):
 # gives C programs per chunk (C is in the thousands at real vocabularies).
 EPILOGUE_CONFIG = EpilogueConfig(block_n=1, block_v=4096, num_warps=8)
 # float32 logits of half-precision inputs (the default): the same bytes in flight from half the
-# width; 4096 wide, the softcap variant spilled on sm_90 (4 B).
+# width; 4096 wide, the softcap variant spilled on sm_90 (4 B). Also float32 inputs with the
+# metrics' running sums (4096 wide: 12 B spilled on sm_80 and sm_90).
 EPILOGUE_CONFIG_MIXED = EpilogueConfig(block_n=1, block_v=2048, num_warps=8)
 # float64 tiles take twice the registers: 4096 wide, the JSD variant spilled (52 B on sm_90);
 # 2048 wide, the softcap variant under triton 3.6 (4 B on sm_80).
@@ -122,12 +125,14 @@ def load_tile_pair(
     return z_s, z_t
 
 
-@presence_flags(HAS_BIAS="b_ptr", HAS_TEACHER="zt_ptr", HAS_TEACHER_BIAS="bt_ptr", COMPUTE_GRAD="ce_scale_ptr")
+@presence_flags(HAS_BIAS="b_ptr", HAS_TEACHER="zt_ptr", HAS_TEACHER_BIAS="bt_ptr", COMPUTE_GRAD="ce_scale_ptr",
+                METRICS="entropy_ptr")
 @triton.jit
 def sdft_chunk_epilogue_kernel(
     zs_ptr, zt_ptr, b_ptr, bt_ptr,  # [C, V] student / teacher logits (GEMM outputs), [V] biases; None: absent
     labels_ptr, kl_mask_ptr, ce_scale_ptr, kl_scale_ptr,  # [C] int64, uint8, ACC, ACC (scales None: no dz)
     ce_ptr, div_ptr,  # [C] ACC outputs: cross-entropy (0 if ignored), divergence (0 outside kl_mask)
+    entropy_ptr, top1_ptr,  # [C] ACC and uint8 metric outputs; None: not wanted
     dz_ptr,  # [C, V] logit gradient; may be zs_ptr itself
     C, V,  # sizes
     stride_zs, stride_zt, stride_dz,  # row strides in elements (columns are contiguous)
@@ -141,6 +146,7 @@ def sdft_chunk_epilogue_kernel(
     DIVERGENCE: tl.constexpr,  # FORWARD_KL/REVERSE_KL/JSD
     COMPUTE_GRAD: tl.constexpr,  # write dz (needs ce_scale/kl_scale)
     DFT: tl.constexpr,  # loss_type="dft": each row's cross-entropy weighted by its constant exp(-ce)
+    METRICS: tl.constexpr,  # store the student's entropy and top-1 per row
     ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -154,6 +160,8 @@ def sdft_chunk_epilogue_kernel(
                                                  OWN_TEACHER_SOFTCAP, ACC)
 
     m, sum_1, sum_s, z_label, m_t, sum_t, weighted = sweep_init(BLOCK_N, ACC)
+    xs = tl.zeros([BLOCK_N], ACC)  # the metrics' state (sweep_metrics); unused without METRICS
+    max_before = tl.full([BLOCK_N], float("-inf"), ACC)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
@@ -161,6 +169,8 @@ def sdft_chunk_epilogue_kernel(
         # both live, ptxas spilled the float32 JSD variant on sm_80.
         z_s = load_logit_tile(zs_ptr, b_ptr, zs_offsets, cols, row_mask, col_mask, logit_scale, softcap,
                               inv_softcap, HAS_BIAS, HAS_LOGIT_SCALE, HAS_SOFTCAP, ACC)
+        if METRICS:
+            xs, max_before = sweep_metrics(z_s, cols, col_mask, labels, m, sum_1, xs, max_before)
         m_new, sum_1, sum_s, z_label, alpha_s, e_s = sweep_student(
             z_s, cols, col_mask, labels, m, sum_1, sum_s, z_label, inv_tau, HAS_TEACHER,
         )
@@ -175,6 +185,10 @@ def sdft_chunk_epilogue_kernel(
     log_sum_1, ce, log_sum_s, log_sum_t, div, aux = sweep_finish(
         m, sum_1, sum_s, z_label, m_t, sum_t, weighted, labels, inv_tau, HAS_TEACHER, DIVERGENCE,
     )
+    if METRICS:
+        entropy, top1 = metrics_finish(m, sum_1, xs, z_label, max_before, labels)
+        tl.store(entropy_ptr + rows, entropy, mask=row_mask)
+        tl.store(top1_ptr + rows, top1.to(tl.uint8), mask=row_mask)
     if HAS_TEACHER:
         if DIVERGENCE == JSD:
             kl_t = tl.zeros([BLOCK_N], ACC)
@@ -223,15 +237,16 @@ def sdft_chunk_epilogue_kernel(
                      mask=row_mask[:, None] & col_mask[None, :])
 
 
-def default_epilogue_config(dtype: torch.dtype = torch.float32,
-                            dz_dtype: Optional[torch.dtype] = None) -> EpilogueConfig:
+def default_epilogue_config(dtype: torch.dtype = torch.float32, dz_dtype: Optional[torch.dtype] = None,
+                            metrics: bool = False) -> EpilogueConfig:
     """The epilogue's tiles for logits of ``dtype`` and a gradient of ``dz_dtype`` (default the
-    same) in this process (GPU or interpreter)."""
+    same) in this process (GPU or interpreter); ``metrics``: the launch stores the metrics."""
     if INTERPRET:
         return EPILOGUE_CONFIG_INTERPRET
     if dtype == torch.float64:
         return EPILOGUE_CONFIG_FP64
-    return EPILOGUE_CONFIG_MIXED if dz_dtype is not None and dz_dtype.itemsize < dtype.itemsize else EPILOGUE_CONFIG
+    narrower_dz = dz_dtype is not None and dz_dtype.itemsize < dtype.itemsize
+    return EPILOGUE_CONFIG_MIXED if narrower_dz or (metrics and dtype.itemsize == 4) else EPILOGUE_CONFIG
 
 
 def chunk_epilogue(
@@ -246,10 +261,13 @@ def chunk_epilogue(
     kl_scale: Optional[Tensor] = None,
     *,
     dz: Optional[Tensor] = None,
+    metrics: Optional[tuple[Tensor, Tensor]] = None,
     config: Optional[EpilogueConfig] = None,
 ) -> tuple[Tensor, Tensor]:
     """Masked loss rows ``(ce [C], div [C])`` of one chunk; with scales, the logit gradient is
-    written to ``dz`` (default: over ``z_s``, in place).
+    written to ``dz`` (default: over ``z_s``, in place); with ``metrics``, an ``(entropy [C]
+    float32/float64, top1 [C] bool)`` pair of outputs, the student's entropy at temperature 1
+    and whether the label is its first maximal logit (0 / False where the label is ignored).
 
     ``z_s``/``z_t``: ``[C, V]`` logits *before* bias and softcap (the kernel applies both), rows
     contiguous; ``labels [C]`` int64, ``kl_mask [C]`` bool; ``ce_scale``/``kl_scale [C]`` as in
@@ -264,10 +282,11 @@ def chunk_epilogue(
     div = torch.empty(C, device=z_s.device, dtype=acc_dtype)
     if C == 0:
         return ce, div
-    config = config or default_epilogue_config(z_s.dtype, dz.dtype)
+    config = config or default_epilogue_config(z_s.dtype, dz.dtype, metrics is not None)
     with on_device(z_s):  # the tensors' device, not the current one
         sdft_chunk_epilogue_kernel[(triton.cdiv(C, config.block_n),)](
-            z_s, z_t, b, bt, labels, kl_mask.view(torch.uint8), ce_scale, kl_scale, ce, div, dz,
+            z_s, z_t, b, bt, labels, kl_mask.view(torch.uint8), ce_scale, kl_scale, ce, div,
+            None if metrics is None else metrics[0], None if metrics is None else metrics[1].view(torch.uint8), dz,
             C, V, z_s.stride(0), 0 if z_t is None else z_t.stride(0), dz.stride(0),
             *scalar_args(options), **loss_flags(options), DFT=options.loss_type == "dft", ACC=tl_dtype(acc_dtype),
             BLOCK_N=config.block_n, BLOCK_V=config.block_v, num_warps=config.num_warps,
@@ -304,8 +323,9 @@ class TritonEpilogue:
         return dtype
 
     @staticmethod
-    def chunk(h, W, b, ht, Wt, bt, y, kl_mask, options, ce_scale, kl_scale, ws):
-        """``(ce [C], div [C] or None, dz [C, V] or None)``; ce/div masked, dz in ``h``'s dtype."""
+    def chunk(h, W, b, ht, Wt, bt, y, kl_mask, options, ce_scale, kl_scale, ws, metrics=False):
+        """``(ce [C], div [C] or None, dz [C, V] or None, (entropy, top1) or None)``; all
+        masked, dz in ``h``'s dtype."""
         rows = h.shape[0]
         if options.logits_dtype == "input":
             # Rounded as F.linear rounds them, bias included; dz then overwrites them in place.
@@ -320,5 +340,9 @@ class TritonEpilogue:
             z_t = None if ht is None else logits_into(ws.get("z_t", rows, acc), ht, Wt, None,
                                                       lambda w: ws.upcast(w, acc))
             dz = z_s if h.dtype == acc else ws.get("dz", rows, h.dtype)
-        ce, div = chunk_epilogue(z_s, z_t, b, bt, y, kl_mask, options, ce_scale, kl_scale, dz=dz)
-        return ce, (div if ht is not None else None), (dz if ce_scale is not None else None)
+        out = None
+        if metrics:
+            out = (torch.empty(rows, dtype=accumulation_dtype(h.dtype), device=h.device),
+                   torch.empty(rows, dtype=torch.bool, device=h.device))
+        ce, div = chunk_epilogue(z_s, z_t, b, bt, y, kl_mask, options, ce_scale, kl_scale, dz=dz, metrics=out)
+        return ce, (div if ht is not None else None), (dz if ce_scale is not None else None), out

@@ -63,6 +63,10 @@ EXTRA_FLAG_SETS = {
     "fkl+own-caps+scales": dict(HAS_BIAS=True, HAS_TEACHER=True, HAS_TEACHER_BIAS=True, HAS_SOFTCAP=True,
                                 HAS_TEACHER_SOFTCAP=True, OWN_TEACHER_SOFTCAP=True, HAS_LOGIT_SCALE=True,
                                 HAS_TEACHER_LOGIT_SCALE=True, DIVERGENCE=_FKL),
+    # The student's entropy and top-1, in the forward sweeps (the fused forward, the epilogue).
+    "ce-only+metrics": dict(FLAG_SETS["ce-only"], METRICS=True),
+    "fkl+softcap+metrics": dict(FLAG_SETS["fkl+softcap"], METRICS=True),
+    "jsd+metrics": dict(FLAG_SETS["jsd"], METRICS=True),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 ARCHS = (80, 90)
@@ -90,7 +94,8 @@ def all_variants() -> list[Variant]:
     a float32 teacher for a bfloat16 student (FrozenCopy of another dtype, a float32 cache),
     sizes or strides that are not multiples of 16 (D = 2100, a vocabulary of 50257), float64,
     bfloat16 logits rounded as the model's head would (``logits_dtype="input"``), teachers of
-    another family (their own softcaps and logit scales), and dynamic fine-tuning."""
+    another family (their own softcaps and logit scales), dynamic fine-tuning, and the
+    student's metrics."""
     main = [Variant(k, a, d, f) for k in KERNELS for a in ARCHS for d in ("fp32", "bf16") for f in FLAG_SETS]
     teacher = [Variant(k, a, "bf16", f, teacher_dtype="fp32") for k in FUSED for a in ARCHS
                for f in ("fkl+softcap", "rkl", "jsd")]
@@ -99,16 +104,21 @@ def all_variants() -> list[Variant]:
     fp64 = [Variant(k, a, "fp64", f) for k in KERNELS for a in ARCHS for f in ("fkl+softcap", "jsd")]
     rounded = [Variant(k, a, "bf16", f, rounded_logits=True) for k in KERNELS for a in ARCHS
                for f in ("fkl+softcap", "jsd")]
+    fp64_metrics = [Variant(k, a, "fp64", "fkl+softcap+metrics") for k in ("forward", "chunk_epilogue") for a in ARCHS]
     extra = [Variant(k, a, d, f, aligned=aligned) for k in KERNELS for a in ARCHS for d in ("fp32", "bf16")
              for f in EXTRA_FLAG_SETS for aligned in (True, False)
-             if (aligned or f == "fkl+own-caps+scales") and ("DFT" not in EXTRA_FLAG_SETS[f] or k == "chunk_epilogue")]
-    return main + teacher + odd + fp64 + rounded + extra
+             if (aligned or f in ("fkl+own-caps+scales", "fkl+softcap+metrics"))
+             and not set(EXTRA_FLAG_SETS[f]) & _ONLY_SOME - set(KERNELS[k][0].arg_names)]
+    return main + teacher + odd + fp64 + rounded + extra + fp64_metrics
 
+
+# Flags that only some kernels take (the others never see the feature).
+_ONLY_SOME = {"DFT", "METRICS"}
 
 # Pointer arguments by role: the teacher's inputs, the chunked path's logits (float32, or the
 # inputs' dtypes when rounded as the head would), the float32 (float64) statistics, the rest
 # in the student's dtype.
-_OTHER_POINTERS = {"labels_ptr": "*i64", "kl_mask_ptr": "*u8"}
+_OTHER_POINTERS = {"labels_ptr": "*i64", "kl_mask_ptr": "*u8", "top1_ptr": "*u8"}
 _STUDENT_POINTERS = {"h_ptr", "w_ptr", "b_ptr", "dh_ptr", "dw_ptr", "db_ptr", "dz_ptr"}
 _TEACHER_POINTERS = {"ht_ptr", "wt_ptr", "bt_ptr"}
 _LOGIT_POINTERS = {"zs_ptr": "student", "zt_ptr": "teacher"}
@@ -118,7 +128,8 @@ _FLOAT64_SCALARS = {"inv_tau", "softcap", "teacher_softcap", "logit_scale", "tea
 # which Triton specialises as a constexpr None.
 _OPTIONAL_POINTERS = {"b_ptr": "HAS_BIAS", "ht_ptr": "HAS_TEACHER", "wt_ptr": "HAS_TEACHER", "zt_ptr": "HAS_TEACHER",
                       "bt_ptr": "HAS_TEACHER_BIAS", "dw_ptr": "COMPUTE_DW", "dw_acc_ptr": "COMPUTE_DW",
-                      "db_ptr": "COMPUTE_DB", "ce_scale_ptr": "COMPUTE_GRAD", "kl_scale_ptr": "COMPUTE_GRAD"}
+                      "db_ptr": "COMPUTE_DB", "ce_scale_ptr": "COMPUTE_GRAD", "kl_scale_ptr": "COMPUTE_GRAD",
+                      "entropy_ptr": "METRICS", "top1_ptr": "METRICS"}
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
 
@@ -140,8 +151,11 @@ def variant_config(v: Variant):
     _, default_config = KERNELS[v.kernel]
     student = DTYPES[v.dtype]
     teacher = DTYPES[v.teacher_dtype or v.dtype]
+    metrics = _flags(v).get("METRICS", False)
     if v.kernel == "chunk_epilogue":
-        return default_epilogue_config(student if v.rounded_logits else accumulation_dtype(student), student)
+        return default_epilogue_config(student if v.rounded_logits else accumulation_dtype(student), student, metrics)
+    if v.kernel == "forward":
+        return default_forward_config(tile_dtype(student, teacher), v.aligned, metrics)
     if v.kernel.startswith("backward"):
         configs = default_backward_configs(tile_dtype(student, teacher), v.aligned, extra_transforms(_flags(v)))
         return configs[v.kernel == "backward_weight"]
@@ -168,10 +182,10 @@ def kernel_signature(kernel, v: Variant, config):
         ACC=tl.float64 if acc == "fp64" else tl.float32, PRECISION=dot_precision(),
         BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=getattr(config, "block_d", None),
         COMPUTE_DW=True, COMPUTE_DB=flags["HAS_BIAS"], COMPUTE_GRAD=True, ROUND_LOGITS=v.rounded_logits,
-        DFT=flags.get("DFT", False),
+        DFT=flags.get("DFT", False), METRICS=flags.get("METRICS", False),
     )
     # Each kernel takes the shared constexprs it has a parameter for.
-    constexprs = dict({k: v_ for k, v_ in flags.items() if k != "DFT"},
+    constexprs = dict({k: v_ for k, v_ in flags.items() if k not in _ONLY_SOME},
                       **{k: v_ for k, v_ in common.items() if k in kernel.arg_names})
     constexprs.update({name: None for name, flag in _OPTIONAL_POINTERS.items()
                        if name in kernel.arg_names and flag in kernel.arg_names and not constexprs[flag]})

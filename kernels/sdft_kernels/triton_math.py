@@ -64,6 +64,40 @@ def sweep_student(
 
 
 @triton.jit
+def sweep_metrics(
+    z_s, cols, col_mask, labels,  # one student tile, [BLOCK_V] indices and mask, [BLOCK_N] labels (-1: ignored)
+    m, sum_1,  # the student's running max and sum exp(z_s - m) *before* this tile (sweep_student after)
+    xs, max_before,  # [BLOCK_N] running sum exp(z_s - m) (z_s - m), max logit before the label's column
+):
+    """The metrics' running state after one more tile: ``(xs, max_before)``.
+
+    ``xs`` is kept relative to the running maximum, as ``sum_1`` is: when the maximum moves
+    from m to m', every old term exp(z - m)(z - m) becomes exp(m - m') exp(z - m)((z - m) +
+    (m - m')). The entropy is then ``log sum_1 - xs / sum_1`` (:func:`metrics_finish`) without
+    the cancellation of lse - E[z] at large logits.
+    """
+    m_new = tl.maximum(m, tl.max(tl.where(col_mask[None, :], z_s, float("-inf")), axis=1))
+    shift = finite_shift(m_new)
+    shifted = z_s - shift[:, None]
+    e = tl.where(col_mask[None, :], tl.exp(shifted), 0.0)
+    moved = tl.where(m == float("-inf"), 0.0, m - shift)  # no old terms while m is -inf
+    xs = tl.exp(m - shift) * (xs + moved * sum_1) + tl.sum(tl.where(e > 0.0, e * shifted, 0.0), axis=1)
+    before = col_mask[None, :] & (cols[None, :] < labels[:, None])
+    max_before = tl.maximum(max_before, tl.max(tl.where(before, z_s, float("-inf")), axis=1))
+    return xs, max_before
+
+
+@triton.jit
+def metrics_finish(m, sum_1, xs, z_label, max_before, labels):
+    """``(entropy, top1)`` of finished rows: the entropy at temperature 1 and whether the label
+    is the first maximal logit (argmax's pick); 0 / False where the label is ignored."""
+    counted = labels >= 0
+    entropy = tl.where(counted, tl.log(sum_1) - xs / sum_1, 0.0)
+    top1 = counted & (z_label >= m) & (z_label > max_before)
+    return entropy, top1
+
+
+@triton.jit
 def sweep_teacher(
     z_s, z_t, col_mask,  # [BLOCK_N, BLOCK_V] logits, [BLOCK_V] column mask
     alpha_s, e_s,  # from sweep_student on this tile

@@ -312,14 +312,18 @@ class _HostReads(TorchFunctionMode):
 
 
 @pytest.mark.parametrize("impl", ALL)
-def test_no_host_read_in_the_hot_path(impl):
+@pytest.mark.parametrize("metrics", [False, True], ids=["", "metrics"])
+def test_no_host_read_in_the_hot_path(impl, metrics):
     """With label validation off and a Python num_items, nothing reads a value back to the host:
-    on CUDA that would be a synchronisation per call. (The CPU build drops uncounted rows by
-    index, with one ``nonzero``, only on CPU, where it costs no synchronisation.)"""
+    on CUDA that would be a synchronisation per call; nor do the metrics. (The CPU build drops
+    uncounted rows by index, with one ``nonzero``, only on CPU, where it costs no
+    synchronisation.)"""
     p = make_problem(N=20, D=16, V=70, dtype=torch.float32, bias=True, kl_mask=True)
     with _HostReads() as reads:
-        loss = fused_linear_sdft_loss(p.h, p.W, p.labels, p.ht, p.Wt, student_bias=p.b, teacher_bias=p.bt,
-                                      kl_mask=p.kl_mask, impl=impl, validate_labels=False, num_items=13)
-        loss.backward()
+        out = fused_linear_sdft_loss(p.h, p.W, p.labels, p.ht, p.Wt, student_bias=p.b, teacher_bias=p.bt,
+                                     kl_mask=p.kl_mask, impl=impl, validate_labels=False, num_items=13,
+                                     metrics=metrics, return_components=True)
+        out.loss.backward()
+    assert (out.entropy is not None) == metrics
     allowed = {"nonzero"} if impl in ("torch", "triton_chunked") else set()
     assert set(reads.calls) <= allowed, reads.calls

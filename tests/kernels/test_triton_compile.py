@@ -32,13 +32,9 @@ def _ptxas_available() -> bool:
 
 @pytest.mark.skipif(not _ptxas_available(), reason="triton's ptxas is not available")
 def test_kernels_compile_without_spills():
-    # The subprocess must compile the kernels this test imports (a checkout's own), not whatever
-    # copy an installed package would find first.
-    import sdft_kernels
-
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(sdft_kernels.__file__)))
-    path = os.pathsep.join([package_root, *filter(None, [os.environ.get("PYTHONPATH")])])
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=path)
+    # tests/conftest.py puts the checkout's kernels first on PYTHONPATH: the subprocess compiles
+    # the kernels this test imports, not an installed copy.
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run(
         [sys.executable, "-m", "sdft_kernels.triton_compile_check"],
         env=env, capture_output=True, text=True, timeout=900,

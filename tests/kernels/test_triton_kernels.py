@@ -5,14 +5,15 @@ shapes are small; the tile config below is small too, so that every shape still 
 token blocks, vocabulary tiles and hidden chunks, each with a ragged tail.
 """
 
-from typing import NamedTuple, Optional
-
+import dataclasses
 import os
+from typing import NamedTuple, Optional
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributions import Categorical
 
 from sdft_kernels.options import LossOptions
 from sdft_kernels.reference import divergence_rows, transform_logits
@@ -31,6 +32,7 @@ pytestmark = pytest.mark.skipif(
 # N = 37 tokens -> 3 blocks of 16; V = 203 -> 4 tiles of 64; D = 50 -> 4 chunks of 16;
 # Dt = 34 -> 3 chunks. Every dimension ends on a partial tile.
 N, D, DT, V = 37, 50, 34, 203
+CORE_STATS = ForwardStats._fields[:8]  # the statistics; entropy and top1 only with metrics
 TILES = KernelConfig(block_n=16, block_v=64, block_d=16)
 IGNORE = -100
 
@@ -103,7 +105,11 @@ def statistics(x_s: Tensor, x_t: Optional[Tensor], p: Problem, o: LossOptions):
             aux = (logp_s.exp() * (logp_s - log_m)).sum(-1)
         objective = objective + (p.kl_scale.to(z_s.dtype) * tau**2 * div).sum()
         div = div * p.kl_mask
-    return ForwardStats(m, log_sum_1, log_sum_s, m_t, log_sum_t, ce, div, aux), objective
+    entropy = top1 = None
+    if o.metrics:  # the student's, at temperature 1, on the labelled rows
+        entropy = torch.where(counted, Categorical(logits=z_s.detach()).entropy(), 0.0)
+        top1 = (z_s.argmax(-1) == p.labels) & counted
+    return ForwardStats(m, log_sum_1, log_sum_s, m_t, log_sum_t, ce, div, aux, entropy, top1), objective
 
 
 def torch_stats_and_grads(p: Problem, o: LossOptions):
@@ -119,7 +125,7 @@ def torch_stats_and_grads(p: Problem, o: LossOptions):
     stats, objective = statistics(F.linear(h, W, b).to(acc), x_t, p, o)
     leaves = [h, W] + ([b] if b is not None else [])
     grads = list(torch.autograd.grad(objective, leaves)) + ([None] if b is None else [])
-    return ForwardStats(*(x.detach() for x in stats)), tuple(grads)
+    return ForwardStats(*(None if x is None else x.detach() for x in stats)), tuple(grads)
 
 
 def rounding_bounds(p: Problem, o: LossOptions):
@@ -131,7 +137,7 @@ def rounding_bounds(p: Problem, o: LossOptions):
     m_ce, m_div = rounding.row_magnitudes(logits.x_s, logits.x_t, p.labels, o)
     V = x_s.shape[1]
     bounds = {}
-    for field in ForwardStats._fields:
+    for field in CORE_STATS:
         value = getattr(stats, field)
         if not value.requires_grad:  # a constant 0 (aux of the forward KL): exactly 0 it must be
             bounds[field] = torch.zeros_like(value)
@@ -177,9 +183,11 @@ def assert_matches(name: str, got: Tensor, want: Tensor, rtol: float):
 
 
 def check_float64(p: Problem, o: LossOptions, grads=(True, True, True)):
+    o = dataclasses.replace(o, metrics=True)  # the metrics are stored beside the statistics
     stats, out = run_kernels(p, o, grads=grads)
     want_stats, want_grads = torch_stats_and_grads(p, o)
-    for field in ForwardStats._fields:
+    assert torch.equal(stats.top1, want_stats.top1)
+    for field in CORE_STATS + ("entropy",):
         got = getattr(stats, field)
         assert got.dtype == torch.float64, f"{field}: dtype {got.dtype}"
         assert_matches(field, got, getattr(want_stats, field), 1e-12)
@@ -250,7 +258,7 @@ def check_within_rounding(p_low: Problem, o: LossOptions, config: Optional[Kerne
     stats, grads = run_kernels(p_low, o, config=config)
     plain_stats, plain_grads = torch_stats_and_grads(p_low, o)
     for who, got_stats, got_grads in (("kernels", stats, grads), ("plain torch", plain_stats, plain_grads)):
-        for field in ForwardStats._fields:
+        for field in CORE_STATS:
             got = getattr(got_stats, field)
             assert got.dtype == torch.float32, f"{field}: dtype {got.dtype}"
             rounding.assert_within(f"{who} {field}", got, getattr(truth_stats, field), getattr(bound_stats, field))
@@ -291,7 +299,7 @@ def test_huge_logits_stay_finite(divergence):
 def test_no_tokens():
     p = make_problem(n=0)
     stats, (dh, dW, db) = run_kernels(p, LossOptions())
-    assert all(x.shape == (0,) for x in stats)
+    assert all(x.shape == (0,) for x in stats if x is not None)
     assert dh.shape == (0, D)
     assert torch.equal(dW, torch.zeros_like(p.W))
     assert torch.equal(db, torch.zeros_like(p.b))

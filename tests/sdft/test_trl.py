@@ -111,6 +111,40 @@ def test_dynamic_fine_tuning_is_sfttrainers(tmp_path, case):
     _equals_sfttrainer(tmp_path, case, make, {**extra, "loss_type": "dft"})
 
 
+@pytest.mark.parametrize("case", ["prompt-completion", "conversational, assistant only"])
+def test_logs_sfttrainers_entropy_and_token_accuracy(tmp_path, case):
+    """entropy and mean_token_accuracy, train and eval, equal the values SFTTrainer logs for the
+    same steps (kl_weight=0: the same weights at every step)."""
+    make, extra = CASES[case]
+    extra = {**extra, "eval_strategy": "steps", "eval_steps": 1, "per_device_eval_batch_size": 4}
+    theirs, _ = _train(trl.SFTTrainer, tmp_path / "sft", make(), extra, eval_dataset=make(7, start=20))
+    ours, _ = _train(SDFTSFTTrainer, tmp_path / "sdft", make(), extra, eval_dataset=make(7, start=20),
+                     teacher=FrozenCopy, sdft_loss=SDFTLoss(kl_weight=0.0))
+    names = ("entropy", "mean_token_accuracy", "eval_entropy", "eval_mean_token_accuracy")
+    seen = dict.fromkeys(names, 0)
+    assert len(ours.state.log_history) == len(theirs.state.log_history)
+    for mine, reference in zip(ours.state.log_history, theirs.state.log_history):
+        for name in names:
+            if name in reference:
+                assert mine[name] == pytest.approx(reference[name], rel=1e-5, abs=1e-6), (name, mine, reference)
+                seen[name] += 1
+    assert all(count >= 3 for count in seen.values()), seen
+    accuracies = [entry["mean_token_accuracy"] for entry in ours.state.log_history if "mean_token_accuracy" in entry]
+    assert any(0 < a < 1 for a in accuracies), accuracies
+
+
+def test_metric_for_best_model_eval_mean_token_accuracy(tmp_path):
+    tok = fx.tokenizer()
+    args = sgd_config(tmp_path, steps=2, accumulation=1, eval_strategy="steps", eval_steps=1, save_strategy="steps",
+                      save_steps=1, metric_for_best_model="eval_mean_token_accuracy", load_best_model_at_end=True)
+    trainer = SDFTSFTTrainer(model=fx.model(len(tok)), args=args, train_dataset=fx.prompt_completion(),
+                             eval_dataset=fx.prompt_completion(5, start=20), processing_class=tok)
+    trainer.train()
+    evaluated = [entry["eval_mean_token_accuracy"] for entry in trainer.state.log_history
+                 if "eval_mean_token_accuracy" in entry]
+    assert len(evaluated) == 2 and trainer.state.best_metric == max(evaluated)
+
+
 def _equals_sfttrainer(tmp_path, case, make, extra):
     theirs, their_grads = _train(trl.SFTTrainer, tmp_path / "sft", make(), extra)
     ours, our_grads = _train(SDFTSFTTrainer, tmp_path / "sdft", make(), extra, teacher=FrozenCopy,
@@ -479,11 +513,16 @@ def _step_equals_trls(tmp_path, student, teacher, beta, temperature, also=None):
         trainer.model.train()
         value = trainer.compute_loss(trainer.model, dict(inputs), num_items_in_batch=num_items)
         value.backward()
-        return value.detach(), {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+        grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+        return value.detach(), grads, trainer._metrics["train"]
 
     others = {"TRL's DistillationTrainer": (trl.DistillationTrainer, {}), **(also or {})}
     for name, (trainer_class, kwargs) in others.items():
-        expected, expected_grads = their_step(trainer_class, **kwargs)
+        expected, expected_grads, metrics = their_step(trainer_class, **kwargs)
+        if trainer_class is trl.DistillationTrainer and temperature == 1.0:
+            # The student's mean entropy, from the loss's own pass (TRL's: at the temperature).
+            (entropy,) = metrics["entropy"]
+            assert ours.state.log_history[0]["entropy"] == pytest.approx(entropy, rel=1e-5)
         torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0, msg=lambda m: f"{name}: {m}")
         (step,) = grads.steps
         assert step.keys() == expected_grads.keys()
