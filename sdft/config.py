@@ -21,7 +21,7 @@ import yaml
 
 from sdft_kernels.options import DEFAULT_IMPL, LossOptions, check_impl
 
-from .loss import DEFAULT_KL_POSITIONS, check_kl_positions
+from .loss import DEFAULT_KL_POSITIONS, check_chunk_size, check_kl_positions
 
 
 class ConfigError(ValueError):
@@ -45,16 +45,18 @@ class DataConfig:
 @dataclass(frozen=True)
 class LossConfig(LossOptions):
     """The ``loss:`` section: :class:`sdft_kernels.LossOptions`' fields, with its defaults
-    and checks (``softcap`` None: the model's own), plus where the divergence applies and
-    which implementation runs."""
+    and checks (``softcap`` None: the model's own), plus where the divergence applies, which
+    implementation runs and its chunk size: everything :meth:`sdft.SDFTLoss.from_config` reads."""
 
     kl_positions: str = DEFAULT_KL_POSITIONS  # "labels": supervised tokens; "all": every non-pad token
     impl: str = DEFAULT_IMPL
+    chunk_size: Optional[int] = None  # rows per chunk of the chunked paths; None: from a memory budget
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_kl_positions(self.kl_positions)
         check_impl(self.impl)
+        check_chunk_size(self.chunk_size)
 
     def options(self) -> LossOptions:
         """The loss settings alone."""

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from torch import Tensor, nn
 
 from sdft_kernels import LossOptions, SDFTLossOutput
 from sdft_kernels.fused_loss import sdft_loss
 from sdft_kernels.options import DEFAULT_IMPL, check_impl
+
+if TYPE_CHECKING:
+    from .config import LossConfig
 
 KL_POSITIONS = ("labels", "all")
 DEFAULT_KL_POSITIONS = "labels"
@@ -21,6 +24,13 @@ def check_kl_positions(kl_positions: str) -> str:
     if kl_positions not in KL_POSITIONS:
         raise ValueError(f"kl_positions must be one of {KL_POSITIONS}, got {kl_positions!r}")
     return kl_positions
+
+
+def check_chunk_size(chunk_size: Optional[int]) -> Optional[int]:
+    """``chunk_size`` if it is None or a positive int (rows per chunk of the chunked paths)."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size
 
 
 class SDFTLoss(nn.Module):
@@ -50,8 +60,16 @@ class SDFTLoss(nn.Module):
         # Validates every setting now, not at the first batch.
         self.options = options if options is not None else LossOptions(**settings)
         self.impl, self.kl_positions = check_impl(impl), check_kl_positions(kl_positions)
-        self.chunk_size = chunk_size
+        self.chunk_size = check_chunk_size(chunk_size)
         self._with_softcap: dict[tuple, LossOptions] = {}
+
+    @classmethod
+    def from_config(cls, config: "LossConfig") -> "SDFTLoss":
+        """The loss of a ``loss:`` section of ``sdft train`` (:class:`sdft.config.LossConfig`):
+        its :class:`~sdft_kernels.LossOptions` fields, ``impl``, ``kl_positions`` and
+        ``chunk_size``, each where this module keeps it."""
+        return cls(config.options(), impl=config.impl, kl_positions=config.kl_positions,
+                   chunk_size=config.chunk_size)
 
     def forward(
         self,

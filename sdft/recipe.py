@@ -244,7 +244,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         student = add_lora(student, cfg)
     freeze_report = _freeze(cfg, student)
     metrics = out / "metrics.jsonl"
-    loss = SDFTLoss(cfg.loss.options(), impl=cfg.loss.impl, kl_positions=cfg.loss.kl_positions)
+    loss = SDFTLoss.from_config(cfg.loss)
 
     if cfg.stage1_epochs > 0:
         stage1_final = out / "stage1" / "final"

@@ -175,6 +175,40 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     assert load_config(None, base).loss.options() == LossOptions()
 
 
+def test_every_loss_setting_reaches_the_loss(tmp_path, monkeypatch):
+    """Each key of the ``loss:`` section, set away from its default, is where SDFTLoss keeps it,
+    and the recipe builds its loss from the section (chunk_size included)."""
+    import dataclasses
+
+    from sdft import recipe
+    from sdft.config import LossConfig
+    from sdft.loss import SDFTLoss
+
+    changed = dict(ce_weight=0.5, kl_weight=0.25, temperature=2.0, divergence="jsd", jsd_beta=0.3, ignore_index=-1,
+                   reduction="sum", validate_labels=False, logits_dtype="input", student_softcap=20.0,
+                   teacher_softcap=40.0, student_logit_scale=0.5, teacher_logit_scale=2.0, loss_type="dft",
+                   metrics=True, kl_positions="all", impl="torch", chunk_size=7)
+    fields = {f.name for f in dataclasses.fields(LossConfig)}
+    assert fields == set(changed) | {"softcap"}, "give the new loss key a value here"  # softcap: excludes the pair
+    cfg = load_config(None, ["--model=x", "--data.train_file=y.jsonl"] + [f"--loss.{k}={v}" for k, v in changed.items()])
+    loss = SDFTLoss.from_config(cfg.loss)
+    got = {**dataclasses.asdict(loss.options), "kl_positions": loss.kl_positions, "impl": loss.impl,
+           "chunk_size": loss.chunk_size}
+    assert got == {**changed, "softcap": None}
+    with pytest.raises(ConfigError, match="loss: chunk_size must be a positive int or None, got 0"):
+        load_config(None, ["--model=x", "--data.train_file=y.jsonl", "--loss.chunk_size=0"])
+
+    ws = workspace(tmp_path)
+    losses = []
+    run_stage = recipe._run_stage
+    monkeypatch.setattr(recipe, "_run_stage", lambda cfg, name, student, teacher, loss, *a: losses.append(loss)
+                        or run_stage(cfg, name, student, teacher, loss, *a))
+    train(load_config(None, _overrides(ws, tmp_path / "run", max_steps=1, **{"loss.chunk_size": 5,
+                                                                            "loss.kl_weight": 0.5})))
+    ((loss,),) = [losses]
+    assert (loss.chunk_size, loss.options.kl_weight) == (5, 0.5)
+
+
 def test_bad_rows_are_counted_and_too_many_fail(tmp_path):
     ws = workspace(tmp_path, n_facts=20, bad_rows=2)
     out = tmp_path / "run"
