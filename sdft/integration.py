@@ -23,26 +23,7 @@ from .sharding import check_head_reachable, check_whole, head_owner, run_inside
 from .teacher import TeacherSource
 
 
-class CausalLMLossOutput(SDFTLossOutput):
-    """``(loss, ce, kl, n_tokens)``, as :class:`SDFTLossOutput` (it unpacks to those four, and
-    carries its ``entropy`` / ``top1`` when the loss computes metrics), plus ``aux``: the MoE
-    load-balancing term added to the loss, already included in ``loss`` here (the model's own
-    forward adds it with its coefficient), and ``aux_loss``: the unweighted load-balancing
-    loss, what the model's own output calls ``aux_loss``. Both detached scalars, None when the
-    model adds no such term."""
-
-    aux: Optional[Tensor] = None  # the class defaults also cover copies made by _replace()
-    aux_loss: Optional[Tensor] = None
-
-    def __new__(cls, loss: Tensor, ce: Tensor, kl: Tensor, n_tokens: Tensor, aux: Optional[Tensor] = None,
-                aux_loss: Optional[Tensor] = None, *, entropy: Optional[Tensor] = None,
-                top1: Optional[Tensor] = None):
-        self = super().__new__(cls, loss, ce, kl, n_tokens, entropy=entropy, top1=top1)
-        self.aux, self.aux_loss = aux, aux_loss
-        return self
-
-    def __repr__(self) -> str:
-        return f"{super().__repr__()[:-1]}, aux={self.aux!r}, aux_loss={self.aux_loss!r})"
+CausalLMLossOutput = SDFTLossOutput  # its former name: aux and aux_loss are fields of the one output type
 
 
 def shifted_targets(batch: Mapping[str, Tensor], ignore_index: int = -100) -> tuple[Tensor, Optional[Tensor]]:
@@ -83,7 +64,7 @@ def causal_lm_loss(
     check_head: bool = True,
     wrapper: Optional[nn.Module] = None,
     aux_weight: Optional[float] = None,
-) -> CausalLMLossOutput:
+) -> SDFTLossOutput:
     """SDFT loss of ``model`` on ``batch`` (``input_ids`` ``[B, T]``, optional ``attention_mask``
     and ``labels`` ``[B, T]`` aligned with the inputs, -100 on prompt tokens), against
     ``teacher`` (None: plain CE). A packed or padding-free batch carries ``position_ids``
@@ -100,7 +81,9 @@ def causal_lm_loss(
 
     The first call per model instance compares this path with the model's own forward on a
     short probe row and raises if they disagree (``sdft.head_check``); ``check_head=False``
-    skips that. Returns ``(loss, ce, kl, n_tokens)`` with ``aux`` as an attribute.
+    skips that. Returns :class:`sdft_kernels.SDFTLossOutput`: ``loss``, ``ce``, ``kl``,
+    ``n_tokens``, the loss's ``entropy`` / ``top1`` when it computes metrics, and ``aux`` /
+    ``aux_loss`` for an MoE model's load-balancing term (None otherwise).
 
     ``wrapper``: the DDP, FSDP1 (``FullyShardedDataParallel``) or DeepSpeed wrapper around
     ``model``, or ``model`` itself under FSDP2's ``fully_shard``, for a training loop that holds
@@ -137,14 +120,7 @@ def causal_lm_loss(
         return step(batch)
     # The decoder's inputs pass through the wrapper (which may move or cast them); the rest of
     # the batch (labels, example ids for a cache) stays as given.
-    inner = []
-
-    def inside(**passed: Tensor) -> CausalLMLossOutput:
-        inner.append(step({**batch, **passed}))
-        return inner[0]
-
-    returned = run_inside(wrapper, inside, **decoder_inputs(batch))
-    return _rebuilt(returned, inner[0])
+    return _as_output(run_inside(wrapper, lambda **passed: step({**batch, **passed}), **decoder_inputs(batch)))
 
 
 def decoder_inputs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -166,20 +142,13 @@ class _LossStep:
         self.model, self.teacher, self.loss, self.num_items = model, teacher, loss, num_items
         self.labels, self.target_mask, self.aux_loss, self.aux_weight = labels, target_mask, aux_loss, aux_weight
 
-    def __call__(self, batch: Mapping[str, Tensor]) -> CausalLMLossOutput:
+    def __call__(self, batch: Mapping[str, Tensor]) -> SDFTLossOutput:
         owner = head_owner(self.model)
         if owner is None:
             return self._loss(batch)
-        result = []
+        return _as_output(run_inside(owner, lambda: self._loss(batch)))
 
-        def inside() -> CausalLMLossOutput:
-            result.append(self._loss(batch))
-            return result[0]
-
-        returned = run_inside(owner, inside)
-        return _rebuilt(returned, result[0])
-
-    def _loss(self, batch: Mapping[str, Tensor]) -> CausalLMLossOutput:
+    def _loss(self, batch: Mapping[str, Tensor]) -> SDFTLossOutput:
         model, loss, labels, target_mask, aux_loss = self.model, self.loss, self.labels, self.target_mask, self.aux_loss
         decoded = decoder_forward(model, batch["input_ids"], batch.get("attention_mask"),
                                   output_router_logits=aux_loss is not None, **sequence_kwargs(batch))
@@ -205,21 +174,20 @@ class _LossStep:
             kl_mask=None if kl_mask is None else kl_mask.reshape(-1),
             num_items=self.num_items, softcap=head.softcap, teacher_softcap=teacher_softcap,
         )
-        metrics = dict(entropy=out.entropy, top1=out.top1)
         if aux_loss is None:
-            return CausalLMLossOutput(*out, **metrics)
+            return out
         # Added per call to the (micro-)batch's loss, as the model's own forward adds it.
         balance = aux_loss.balance(decoded.router_logits, batch.get("attention_mask"))
         aux = ((aux_loss.coef if self.aux_weight is None else self.aux_weight) * balance).to(out.loss.dtype)
-        return CausalLMLossOutput(out.loss + aux, out.ce, out.kl, out.n_tokens, aux.detach(),
-                                  balance.detach().to(out.loss.dtype), **metrics)
+        return out._replace(loss=out.loss + aux, aux=aux.detach(), aux_loss=balance.detach().to(out.loss.dtype))
 
 
-def _rebuilt(returned, ours: CausalLMLossOutput) -> CausalLMLossOutput:
-    """The output of a loss run inside a wrapper's forward. A wrapper may rebuild it from its
-    four fields (DDP, FSDP, DeepSpeed put hooks on them): its tensors are the ones to
-    backpropagate from; the detached extras (aux, aux_loss, metrics) come from ours."""
-    return CausalLMLossOutput(*returned[:4], ours.aux, ours.aux_loss, entropy=ours.entropy, top1=ours.top1)
+def _as_output(returned) -> SDFTLossOutput:
+    """The output of a loss run inside a wrapper's forward, as the wrapper returns it: its
+    tensors carry the hooks the backward needs (DDP, FSDP, DeepSpeed). Wrappers rebuild a
+    NamedTuple field by field, so every field is there; one that returns a plain tuple gets
+    its field names back."""
+    return returned if isinstance(returned, SDFTLossOutput) else SDFTLossOutput(*returned)
 
 
 def _flatten(hidden: Tensor, scale: float) -> Tensor:
@@ -233,7 +201,6 @@ class SDFTModel(nn.Module):
 
     The student is a registered submodule (so wrappers see and synchronise its parameters);
     the teacher is deliberately not, so it is neither trained, saved nor broadcast.
-    ``last_parts``: the last forward's output, detached, with its ``aux`` and ``aux_loss``.
 
     The loss is this module's forward, so a wrapper around it (DDP; FSDP1 ``FULL_SHARD`` or
     FSDP2 ``fully_shard`` of the decoder layers and then of this module; a DeepSpeed engine,
@@ -251,12 +218,6 @@ class SDFTModel(nn.Module):
         self.check_head = check_head  # see causal_lm_loss
         self.__dict__["teacher"] = teacher  # plain attribute on purpose: not a submodule
 
-    def forward(self, num_items_in_batch: Union[None, int, Tensor] = None, **batch: Tensor) -> CausalLMLossOutput:
-        out = causal_lm_loss(self.student, batch, self.teacher, self.loss, num_items_in_batch,
-                             check_head=self.check_head)
-        # A wrapper may rebuild the returned tuple from its four fields (accelerate's mixed
-        # precision does), which drops aux, aux_loss and the metrics: the parts stay readable
-        # here, detached.
-        self.__dict__["last_parts"] = CausalLMLossOutput(out.loss.detach(), *out[1:], out.aux, out.aux_loss,
-                                                         entropy=out.entropy, top1=out.top1)
-        return out
+    def forward(self, num_items_in_batch: Union[None, int, Tensor] = None, **batch: Tensor) -> SDFTLossOutput:
+        return causal_lm_loss(self.student, batch, self.teacher, self.loss, num_items_in_batch,
+                              check_head=self.check_head)

@@ -4,7 +4,8 @@ where ``sdft train`` and the demo put a student, its teacher, the loss and an op
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Sequence
+import warnings
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -24,14 +25,14 @@ class SDFTTrainer(Trainer):
     An existing Trainer script becomes SDFT by changing the class and passing a teacher::
 
         trainer = SDFTTrainer(model=model, args=args, train_dataset=ds, data_collator=collator,
-                              teacher=FrozenCopy(model), sdft_loss=SDFTLoss(kl_weight=1.0))
+                              teacher=FrozenCopy(model), loss=SDFTLoss(kl_weight=1.0))
 
     ``num_items_in_batch``, the count of targets in the whole accumulated batch, normalises the
     mean, so gradient accumulation matches one large batch. The Trainer's own count is replaced
     by exactly what the loss counts (:func:`count_loss_targets`: labels shifted, padding
     masked, the loss's ``ignore_index``), whether the model is the plain student or an
     :class:`SDFTModel`, which the Trainer would not recognise as a causal LM. ``model`` may be
-    an :class:`SDFTModel` (then ``teacher``/``sdft_loss`` come from it); that form runs the step
+    an :class:`SDFTModel` (then ``teacher``/``loss`` come from it); that form runs the step
     through the model's ``forward``. A plain student under DDP, FSDP or DeepSpeed runs the loss
     inside the wrapper's forward (:func:`causal_lm_loss`'s ``wrapper``). With ``bf16=True`` /
     ``fp16=True`` the loss, the student's and the teacher's decoders included, runs under the
@@ -44,21 +45,23 @@ class SDFTTrainer(Trainer):
     ``optimizer_factory``: builds the optimizer from the model as the Trainer holds it when it
     creates its optimizer (after FSDP has wrapped it), in place of the Trainer's default; it is
     how :func:`build_trainer` gives its optimizer under FSDP, where the Trainer takes none.
+    ``sdft_loss=``, the former name of ``loss=``, is still accepted, with a ``FutureWarning``.
     """
 
-    def __init__(self, *args, teacher: Optional[TeacherSource] = None, sdft_loss: Optional[SDFTLoss] = None,
+    def __init__(self, *args, teacher: Optional[TeacherSource] = None, loss: Optional[SDFTLoss] = None,
                  check_head: bool = True,
                  optimizer_factory: Optional[Callable[[nn.Module], torch.optim.Optimizer]] = None, **kwargs):
+        loss = renamed_keyword(kwargs, "sdft_loss", "loss", loss, type(self).__name__)
         super().__init__(*args, **kwargs)
         self._optimizer_factory = optimizer_factory
         self.check_head = check_head  # for a plain student; an SDFTModel carries its own (causal_lm_loss)
         inner = self.accelerator.unwrap_model(self.model)
         if isinstance(inner, SDFTModel):
             teacher = inner.teacher if teacher is None else teacher
-            sdft_loss = inner.loss if sdft_loss is None else sdft_loss
+            loss = inner.loss if loss is None else loss
         self.teacher = teacher
         self._place_teacher()
-        self.sdft_loss = SDFTLoss() if sdft_loss is None else sdft_loss
+        self.loss = SDFTLoss() if loss is None else loss
         # What the fused path refuses (a model it cannot reproduce, a PEFT prompt-learning kind it
         # does not support) is refused now, not at the first step.
         check_supported(inner.student if isinstance(inner, SDFTModel) else inner)
@@ -72,6 +75,13 @@ class SDFTTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self._last_components: dict[str, float] = {}
         self._tokens_seen = 0  # a tensor after the first step: summed without a host sync
+
+    @property
+    def sdft_loss(self) -> SDFTLoss:
+        """The former name of ``loss``, for one release."""
+        warnings.warn(f"{type(self).__name__}.sdft_loss is renamed {type(self).__name__}.loss", FutureWarning,
+                      stacklevel=2)
+        return self.loss
 
     def _place_teacher(self) -> None:
         """A FrozenCopy teacher sharded as the student will be, or on the training device."""
@@ -109,7 +119,7 @@ class SDFTTrainer(Trainer):
         if num_items is None or not batch_samples:
             return batch_samples, num_items
         device = args[2] if len(args) > 2 else kwargs.get("device", self.args.device)
-        ignore = self.sdft_loss.options.ignore_index
+        ignore = self.loss.options.ignore_index
         count = sum(count_loss_targets(batch, ignore) for batch in batch_samples).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             count = self.accelerator.gather(count).sum()
@@ -139,16 +149,16 @@ class SDFTTrainer(Trainer):
                 # Under DDP, FSDP or DeepSpeed the loss runs inside the wrapper's forward, which
                 # synchronises the gradients and gathers sharded parameters (causal_lm_loss's wrapper).
                 wrapper = model if wrapper_kind(model) is not None else None
-                out = causal_lm_loss(inner, inputs, self.teacher, self.sdft_loss, num_items_in_batch,
+                out = causal_lm_loss(inner, inputs, self.teacher, self.loss, num_items_in_batch,
                                      check_head=self.check_head, wrapper=wrapper,
                                      aux_weight=self._aux_weight(num_items_in_batch))
         loss = out.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's tokens, and DDP averages gradients.
             loss = loss * self.accelerator.num_processes
-        # From an SDFTModel, its own record: a mixed-precision wrapper rebuilds what it returns
-        # without the MoE parts.
-        self._record_components(getattr(inner, "last_parts", out) if isinstance(inner, SDFTModel) else out)
+        # Every part is a field of the output, so it survives the rebuild of a mixed-precision
+        # wrapper around an SDFTModel (accelerate's convert_outputs_to_fp32).
+        self._record_components(out)
         return (loss, out) if return_outputs else loss
 
     def _aux_weight(self, num_items_in_batch) -> Optional[float]:
@@ -177,6 +187,20 @@ class SDFTTrainer(Trainer):
             for name, value in self._last_components.items():
                 logs[name] = round(float(value), 6) if torch.is_tensor(value) else value
         super().log(logs, *args, **kwargs)
+
+
+def renamed_keyword(kwargs: dict, old: str, new: str, value: Any, owner: str) -> Any:
+    """``value`` (given as ``new=``), or what ``kwargs`` holds under ``old``, the keyword's
+    former name, which is removed from ``kwargs`` and warned about (``FutureWarning``): accepted
+    for one release."""
+    if old not in kwargs:
+        return value
+    given = kwargs.pop(old)
+    if value is not None:
+        raise TypeError(f"{owner} got both {new}= and {old}= (its former name): pass {new}= only")
+    warnings.warn(f"{owner}({old}=...) is renamed {owner}({new}=...); {old}= will be removed in the next release",
+                  FutureWarning, stacklevel=3)
+    return given
 
 
 def count_loss_targets(batch: Mapping[str, Tensor], ignore_index: int = -100) -> Tensor:

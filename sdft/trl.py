@@ -37,7 +37,7 @@ from .loss import SDFTLoss
 from .model_head import head_spec
 from .sharding import check_whole
 from .teacher import TeacherSource
-from .trainer import SDFTTrainer
+from .trainer import SDFTTrainer, renamed_keyword
 
 
 class SDFTSFTTrainer(SDFTTrainer, SFTTrainer):
@@ -56,10 +56,11 @@ class SDFTSFTTrainer(SDFTTrainer, SFTTrainer):
             by token content: ``trainer.teacher = HiddenStateCache.build(teacher_model,
             trainer.train_dataset, path, id_field=None)``. None: plain cross-entropy (the
             paper's stage 1).
-        sdft_loss: the loss settings (:class:`sdft.SDFTLoss`; default: the paper's lambda 1,
+        loss: the loss settings (:class:`sdft.SDFTLoss`; default: the paper's lambda 1,
             tau 0.5, forward KL). ``SFTConfig(loss_type="dft")`` switches its cross-entropy to
             dynamic fine-tuning (each token's cross-entropy weighted by its detached
             probability, as ``SFTTrainer`` computes it; the divergence is unchanged).
+            ``sdft_loss=``, its former name, is still accepted, with a ``FutureWarning``.
         check_head: compare the fused path with the model's own forward once
             (:func:`sdft.causal_lm_loss`).
 
@@ -98,7 +99,8 @@ class SDFTSFTTrainer(SDFTTrainer, SFTTrainer):
     """
 
     def __init__(self, *args, teacher: Union[None, TeacherSource, type] = None,
-                 sdft_loss: Optional[SDFTLoss] = None, check_head: bool = True, **kwargs):
+                 loss: Optional[SDFTLoss] = None, check_head: bool = True, **kwargs):
+        loss = renamed_keyword(kwargs, "sdft_loss", "loss", loss, type(self).__name__)
         sft_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         _refuse_other_losses(sft_args, kwargs.get("compute_loss_func"))
         # SFTTrainer's metrics come from the loss's own pass; SFTConfig(loss_type="dft") is an
@@ -106,10 +108,10 @@ class SDFTSFTTrainer(SDFTTrainer, SFTTrainer):
         settings = {"metrics": True}
         if getattr(sft_args, "loss_type", "nll") == "dft":
             settings["loss_type"] = "dft"
-        if sdft_loss is not None or not _is_sdft_model(kwargs.get("model", args[0] if args else None)):
-            sdft_loss = _with_settings(sdft_loss, **settings)
+        if loss is not None or not _is_sdft_model(kwargs.get("model", args[0] if args else None)):
+            loss = _with_settings(loss, **settings)
         build_teacher = isinstance(teacher, type)
-        super().__init__(*args, teacher=None if build_teacher else teacher, sdft_loss=sdft_loss,
+        super().__init__(*args, teacher=None if build_teacher else teacher, loss=loss,
                          check_head=check_head, **kwargs)
         if build_teacher:  # from the model as SFTTrainer left it: loaded, PEFT-wrapped, on its device
             self.teacher = teacher(self.model)

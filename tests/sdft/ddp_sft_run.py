@@ -38,7 +38,7 @@ def main(out: Path) -> None:
     trainer = Recording(model=fx.model(len(tok), dtype=torch.float64), args=args,
                         train_dataset=fx.prompt_completion(n=8), processing_class=tok,
                         teacher=FrozenCopy(fx.model(len(tok), seed=1, dtype=torch.float64)),
-                        sdft_loss=SDFTLoss(kl_weight=KL_WEIGHT, temperature=TAU))
+                        loss=SDFTLoss(kl_weight=KL_WEIGHT, temperature=TAU))
     trainer.recorded = []
     trainer.train()
     rank = trainer.args.process_index

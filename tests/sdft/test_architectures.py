@@ -24,7 +24,7 @@ from sdft.integration import CausalLMLossOutput
 from sdft.teacher import FrozenCopy
 from sdft_kernels import SDFTLossOutput
 from tests.sdft.causal_lm_sweep import MODEL_TYPES, RTOL, build_tiny, grads, sweep_one, worst_gradient_error
-from tests.sdft.tiny_models import make_batch, perturbed_copy, tiny_config
+from tests.sdft.tiny_models import make_batch, perturbed_copy, tiny_config, tiny_model
 
 
 # What this transformers version must give: a class that stops matching, or a refusal that
@@ -164,13 +164,19 @@ def test_moe_aux_loss_refuses_non_mean_reductions():
         causal_lm_loss(_mixtral(output_router_logits=True), make_batch(), loss=SDFTLoss(reduction="sum"))
 
 
-def test_output_is_still_four_fields():
-    out = causal_lm_loss(_mixtral(output_router_logits=True), make_batch())
-    assert isinstance(out, SDFTLossOutput) and isinstance(out, CausalLMLossOutput)
-    loss, ce, kl, n_tokens = out
-    assert loss is out.loss and len(out) == 4
-    assert "aux=" in repr(out)
-    assert out._replace(loss=loss.detach()).aux is None  # copies carry no aux: it was part of the loss
+def test_aux_and_metrics_are_fields_that_every_rebuild_keeps():
+    """aux, aux_loss, entropy and top1 are fields of the one output type: a rebuild field by
+    field (what accelerate, DDP and FSDP do: ``type(out)(*fields)``), ``_replace`` and the old
+    name keep them."""
+    out = causal_lm_loss(_mixtral(output_router_logits=True), make_batch(), loss=SDFTLoss(metrics=True))
+    assert type(out) is SDFTLossOutput and CausalLMLossOutput is SDFTLossOutput
+    assert out._fields == ("loss", "ce", "kl", "n_tokens", "entropy", "top1", "aux", "aux_loss")
+    for copy in (type(out)(*out), type(out)._make(iter(out)), out._replace(loss=out.loss.detach())):
+        for name in ("entropy", "top1", "aux", "aux_loss"):
+            assert getattr(copy, name) is getattr(out, name) is not None, name
+    assert "aux=" in repr(out) and "entropy=" in repr(out)
+    plain = causal_lm_loss(tiny_model("llama"), make_batch())
+    assert (plain.entropy, plain.top1, plain.aux, plain.aux_loss) == (None,) * 4
 
 
 # ---------------------------------------------------------------------------------------------

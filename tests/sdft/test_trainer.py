@@ -45,7 +45,7 @@ def test_sdft_trainer_trains_and_logs(tmp_path):
                              num_train_epochs=6, learning_rate=3e-3, logging_steps=1, save_strategy="no",
                              report_to=[], use_cpu=True, seed=0, remove_unused_columns=False)
     trainer = SDFTTrainer(model=model, args=args, train_dataset=ds, data_collator=_collate,
-                          teacher=FrozenCopy(model), sdft_loss=SDFTLoss(kl_weight=0.5))
+                          teacher=FrozenCopy(model), loss=SDFTLoss(kl_weight=0.5))
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     kls = [h["kl"] for h in trainer.state.log_history if "kl" in h]
@@ -95,7 +95,7 @@ def test_accumulated_step_equals_the_full_batch_objective(tmp_path, wrap):
     ds = Dataset.from_list(rows)
     trainer = SDFTTrainer(model=model, args=args, train_dataset=ds, data_collator=_labels_are_inputs,
                           teacher=FrozenCopy(teacher_model) if wrap == "plain" else None,
-                          sdft_loss=loss if wrap == "plain" else None)
+                          loss=loss if wrap == "plain" else None)
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(ds)
     trainer.train()
     for name, param in student.named_parameters():
@@ -144,7 +144,8 @@ def test_bf16_reaches_the_decoder_as_in_the_trainer(tmp_path, wrap):
 
 def test_moe_auxiliary_term_is_logged_under_bf16(tmp_path):
     """An MoE student's load-balancing term (aux) is logged from an SDFTModel as from the plain
-    student, under bf16 too, where accelerate rebuilds the model's returned tuple."""
+    student, under bf16 too, where accelerate rebuilds the model's returned tuple: aux, aux_loss
+    and the loss's metrics are fields of the output, which that rebuild keeps."""
     from transformers import AutoModelForCausalLM
 
     from tests.sdft.tiny_models import VOCAB, tiny_config
@@ -155,12 +156,21 @@ def test_moe_auxiliary_term_is_logged_under_bf16(tmp_path):
         torch.manual_seed(0)
         student = AutoModelForCausalLM.from_config(tiny_config("mixtral", vocab_size=VOCAB, output_router_logits=True,
                                                                router_aux_loss_coef=0.5))
-        trainer = SDFTTrainer(model=student if wrap == "plain" else SDFTModel(student),
+        loss = SDFTLoss(metrics=True)
+        trainer = SDFTTrainer(model=student if wrap == "plain" else SDFTModel(student, loss=loss),
                               args=_bf16_args(tmp_path / wrap), train_dataset=Dataset.from_list(rows),
-                              data_collator=_collate)
+                              data_collator=_collate, loss=loss if wrap == "plain" else None)
         trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(rows)
         trainer.train()
         logged[wrap] = [entry["aux"] for entry in trainer.state.log_history if "loss" in entry]
+        if wrap == "SDFTModel":
+            # The prepared model's forward is accelerate's: autocast, then the outputs rebuilt in float32.
+            assert getattr(trainer.model, "_original_forward", None) is not None
+            batch = {k: v.to(trainer.args.device) for k, v in _collate(rows[:2]).items()}
+            with torch.no_grad():
+                _, out = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+            assert out.aux is not None and out.aux_loss is not None
+            assert out.entropy.shape == out.top1.shape == (int(batch["input_ids"][:, 1:].numel()),)
     assert len(logged["plain"]) == 2 and min(logged["plain"]) > 0
     assert logged["SDFTModel"] == pytest.approx(logged["plain"], rel=1e-6)
 
@@ -191,7 +201,7 @@ def test_plain_model_under_ddp_runs_its_forward_through_the_wrapper(tmp_path, mo
         trainer = SDFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"input_ids": [3, 4, 5]}]),
                               data_collator=_collate, teacher=teacher)
         batch = _collate([{"input_ids": [3, 4, 5, 6, 7]}, {"input_ids": [8, 9, 10]}])
-        expected = causal_lm_loss(model, batch, teacher, trainer.sdft_loss)
+        expected = causal_lm_loss(model, batch, teacher, trainer.loss)
         expected.loss.backward()
         expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         model.zero_grad()
@@ -247,3 +257,23 @@ def test_build_trainers_optimizer_from_the_wrapped_model_decays_by_the_students_
         assert decayed == expected and undecayed == set(names.values()) - expected
     finally:
         dist.destroy_process_group()
+
+
+def test_sdft_loss_is_the_former_name_of_loss(tmp_path):
+    """``loss=`` as on build_trainer, SDFTModel and causal_lm_loss; ``sdft_loss=`` still works
+    for one release, with a FutureWarning naming the new keyword."""
+    import warnings
+
+    loss = SDFTLoss(kl_weight=0.5)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    with pytest.warns(FutureWarning, match=r"SDFTTrainer\(sdft_loss=\.\.\.\) is renamed SDFTTrainer\(loss=\.\.\.\)"):
+        trainer = SDFTTrainer(model=tiny_model("llama"), args=args, sdft_loss=loss)
+    assert trainer.loss is loss
+    with pytest.warns(FutureWarning, match=r"SDFTTrainer.sdft_loss is renamed SDFTTrainer.loss"):
+        assert trainer.sdft_loss is loss
+    with pytest.raises(TypeError, match="both loss= and sdft_loss="):
+        SDFTTrainer(model=tiny_model("llama"), args=args, loss=loss, sdft_loss=loss)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert SDFTTrainer(model=tiny_model("llama"), args=args, loss=loss).loss is loss
+    assert not [w for w in caught if "sdft_loss" in str(w.message)]

@@ -119,7 +119,7 @@ def test_logs_sfttrainers_entropy_and_token_accuracy(tmp_path, case):
     extra = {**extra, "eval_strategy": "steps", "eval_steps": 1, "per_device_eval_batch_size": 4}
     theirs, _ = _train(trl.SFTTrainer, tmp_path / "sft", make(), extra, eval_dataset=make(7, start=20))
     ours, _ = _train(SDFTSFTTrainer, tmp_path / "sdft", make(), extra, eval_dataset=make(7, start=20),
-                     teacher=FrozenCopy, sdft_loss=SDFTLoss(kl_weight=0.0))
+                     teacher=FrozenCopy, loss=SDFTLoss(kl_weight=0.0))
     names = ("entropy", "mean_token_accuracy", "eval_entropy", "eval_mean_token_accuracy")
     seen = dict.fromkeys(names, 0)
     assert len(ours.state.log_history) == len(theirs.state.log_history)
@@ -155,7 +155,7 @@ def _equals_sfttrainer(tmp_path, case, make, extra):
     theirs, their_grads = _train(trl.SFTTrainer, tmp_path / "sft", make(), extra,
                                  model=fx.model(vocab, dtype=torch.float64))
     ours, our_grads = _train(SDFTSFTTrainer, tmp_path / "sdft", make(), extra, teacher=FrozenCopy,
-                             sdft_loss=SDFTLoss(kl_weight=0.0), model=fx.model(vocab, dtype=torch.float64))
+                             loss=SDFTLoss(kl_weight=0.0), model=fx.model(vocab, dtype=torch.float64))
 
     assert len(ours.recorded) == len(theirs.recorded) == 6
     for (their_inputs, their_count, their_loss), (our_inputs, our_count, our_loss) in zip(theirs.recorded,
@@ -198,7 +198,7 @@ def test_mixed_precision_reaches_the_decoder_as_in_sfttrainer(tmp_path, precisio
     watch = {name: WatchDecoder() for name in ("sft", "sdft")}
     theirs, _ = _train(trl.SFTTrainer, tmp_path / "sft", fx.prompt_completion(), extra, callbacks=[watch["sft"]])
     ours, _ = _train(SDFTSFTTrainer, tmp_path / "sdft", fx.prompt_completion(), extra, callbacks=[watch["sdft"]],
-                     teacher=FrozenCopy, sdft_loss=SDFTLoss(kl_weight=0.0))
+                     teacher=FrozenCopy, loss=SDFTLoss(kl_weight=0.0))
     their_run, our_run = watch["sft"].activity, watch["sdft"].activity
     assert their_run.dtypes[True] == {HALF[precision]}  # what the oracle runs in
     assert our_run.dtypes[True] == {HALF[precision]}
@@ -223,7 +223,7 @@ def test_the_teachers_decoder_runs_under_the_trainers_autocast(tmp_path, teacher
     trainer = SDFTSFTTrainer(model=fx.model(len(tok)), args=sgd_config(tmp_path, steps=1, **mixed_precision("bf16")),
                              train_dataset=fx.prompt_completion(), processing_class=tok,
                              teacher={"FrozenCopy": FrozenCopy, "AdapterDisabled": AdapterDisabled}[teacher],
-                             sdft_loss=SDFTLoss(kl_weight=0.5), check_head=False, **extra)
+                             loss=SDFTLoss(kl_weight=0.5), check_head=False, **extra)
     watched = trainer.teacher.model if teacher == "FrozenCopy" else trainer.teacher.peft_model
     activity = DecoderActivity(watched)
     trainer.train()
@@ -250,7 +250,7 @@ def test_moe_auxiliary_loss_is_sfttrainers(tmp_path):
     extra = dict(steps=3, logging_steps=2, router_aux_loss_coef=0.5)
     theirs, their_grads = _train(trl.SFTTrainer, tmp_path / "sft", fx.prompt_completion(), extra, model=moe())
     ours, our_grads = _train(SDFTSFTTrainer, tmp_path / "sdft", fx.prompt_completion(), extra, model=moe(),
-                             teacher=FrozenCopy, sdft_loss=SDFTLoss(kl_weight=0.0))
+                             teacher=FrozenCopy, loss=SDFTLoss(kl_weight=0.0))
     assert theirs.aux_loss_enabled and ours.aux_loss_enabled
     for (_, _, our_loss), (_, _, their_loss) in zip(ours.recorded, theirs.recorded, strict=True):
         torch.testing.assert_close(our_loss, their_loss, rtol=1e-6, atol=0)
@@ -299,7 +299,7 @@ def test_one_step_with_a_teacher_equals_the_materialised_objective(tmp_path, cas
     teacher_model = fx.model(len(tok), seed=1, dtype=torch.float64)  # another model: a large divergence
     kl_weight, tau = 0.7, 0.5
     trainer, _ = _train(SDFTSFTTrainer, tmp_path, make(), dict(extra, steps=1), model=copy.deepcopy(start),
-                        teacher=FrozenCopy(teacher_model), sdft_loss=SDFTLoss(kl_weight=kl_weight, temperature=tau))
+                        teacher=FrozenCopy(teacher_model), loss=SDFTLoss(kl_weight=kl_weight, temperature=tau))
     micro_batches = [inputs for inputs, _, _ in trainer.recorded]
     assert len(micro_batches) == 2
     expected = materialised_step(start, teacher_model, micro_batches, kl_weight, tau, lr=0.1)
@@ -346,7 +346,7 @@ def test_lora_student_with_the_adapters_off_teacher(tmp_path):
     initial = InitialAdapters()
     trainer, _ = _train(SDFTSFTTrainer, tmp_path, fx.prompt_completion(), dict(steps=1), model=base,
                         callbacks=[initial], peft_config=lora, teacher=AdapterDisabled,
-                        sdft_loss=SDFTLoss(kl_weight=0.7, temperature=0.5))
+                        loss=SDFTLoss(kl_weight=0.7, temperature=0.5))
 
     teacher = trainer.teacher
     assert isinstance(teacher, AdapterDisabled) and teacher.peft_model is trainer.model
@@ -385,7 +385,7 @@ def test_prefix_tuning_is_sfttrainers_and_prompt_tuning_is_refused(tmp_path):
                                  peft_config=copy.deepcopy(prefix), model=fx.model(vocab, dtype=torch.float64))
     ours, our_grads = _train(SDFTSFTTrainer, tmp_path / "sdft", fx.prompt_completion(), extra,
                              peft_config=copy.deepcopy(prefix), teacher=AdapterDisabled,
-                             sdft_loss=SDFTLoss(kl_weight=0.0), model=fx.model(vocab, dtype=torch.float64))
+                             loss=SDFTLoss(kl_weight=0.0), model=fx.model(vocab, dtype=torch.float64))
     for (_, _, our_loss), (_, _, their_loss) in zip(ours.recorded, theirs.recorded, strict=True):
         torch.testing.assert_close(our_loss.float(), their_loss.float(), rtol=2e-6, atol=0)
     for mine, reference in zip(our_grads, their_grads, strict=True):
@@ -418,7 +418,7 @@ def test_the_papers_two_stage_recipe(tmp_path):
     after_stage1 = {n: p.detach().clone() for n, p in stage1.model.named_parameters()}
 
     stage2 = SDFTSFTTrainer(model=stage1.model, args=sgd_config(tmp_path / "2", steps=4), train_dataset=everything,
-                            processing_class=tok, teacher=FrozenCopy, sdft_loss=SDFTLoss(kl_weight=1.0))
+                            processing_class=tok, teacher=FrozenCopy, loss=SDFTLoss(kl_weight=1.0))
     snapshot = stage2.teacher.model
     assert snapshot is not stage2.model
     for name, param in snapshot.named_parameters():
@@ -443,7 +443,7 @@ def test_the_recipe_with_lora(tmp_path):
     after_stage1 = {n: p.detach().clone() for n, p in merged.named_parameters()}
     stage2 = SDFTSFTTrainer(model=merged, args=sgd_config(tmp_path / "2", steps=3),
                             train_dataset=fx.prompt_completion(18), processing_class=tok, peft_config=lora,
-                            teacher=AdapterDisabled, sdft_loss=SDFTLoss(kl_weight=1.0))
+                            teacher=AdapterDisabled, loss=SDFTLoss(kl_weight=1.0))
     stage2.train()
     kls = [h["kl"] for h in stage2.state.log_history if "kl" in h]
     assert kls[0] < 1e-6 < max(kls)  # new adapters start at zero: the student starts as its teacher
@@ -460,7 +460,7 @@ def test_evaluation_reports_the_sdft_loss(tmp_path):
     eval_rows = fx.prompt_completion(5, start=3)
     args = sgd_config(tmp_path, per_device_eval_batch_size=8)
     trainer = SDFTSFTTrainer(model=model, args=args, train_dataset=fx.prompt_completion(), eval_dataset=eval_rows,
-                             processing_class=tok, teacher=teacher, sdft_loss=SDFTLoss(kl_weight=0.5))
+                             processing_class=tok, teacher=teacher, loss=SDFTLoss(kl_weight=0.5))
     metrics = trainer.evaluate()
     batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(len(trainer.eval_dataset))])
     from sdft import causal_lm_loss
@@ -614,7 +614,7 @@ def test_a_hidden_state_cache_built_from_the_trainers_dataset(tmp_path, packing)
     for source in ("live", "cache"):
         trainer = recording(SDFTSFTTrainer)(model=fx.model(len(tok)), args=sgd_config(tmp_path / source, steps=1, **extra),
                                             train_dataset=fx.prompt_completion(), processing_class=tok,
-                                            teacher=FrozenCopy(teacher_model), sdft_loss=SDFTLoss(kl_weight=0.7))
+                                            teacher=FrozenCopy(teacher_model), loss=SDFTLoss(kl_weight=0.7))
         if source == "cache":
             assert ("seq_lengths" in trainer.train_dataset.column_names) == packing
             trainer.teacher = HiddenStateCache.build(teacher_model, trainer.train_dataset, tmp_path / "cache",
