@@ -261,6 +261,20 @@ def build_trainer(
     return trainer
 
 
+def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
+    """Optimizer parameter groups of the trainable (``requires_grad``) parameters, for an
+    optimizer of your own (:func:`build_trainer` builds its AdamW with the same rule).
+
+    Tensors with 2+ dimensions (matrices, embeddings) get ``weight_decay``; 1-D ones (biases,
+    norm scales) get none, as in nanoGPT. Empty groups are dropped. Frozen tensors are left out,
+    so the optimizer allocates no state for them.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
 def _param_groups_by_name(model: nn.Module, decays: dict[str, bool], weight_decay: float) -> list[dict]:
     """AdamW groups of ``model``'s trainable parameters (an SDFTModel, perhaps wrapped), decay
     decided by the student's parameter of the same name (wrapper prefixes removed)."""

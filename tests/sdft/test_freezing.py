@@ -19,9 +19,9 @@ from sdft.freezing import (
     PartialMask,
     freeze,
     masked_optimizer,
-    param_groups,
     resolve_groups,
 )
+from sdft.trainer import param_groups
 
 VOCAB = 100
 _DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -317,6 +317,21 @@ def test_param_groups_split_decay_and_skip_frozen():
     assert all(p.dim() < 2 for p in no_decay["params"])
     grouped = {id(p) for group in (decay, no_decay) for p in group["params"]}
     assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_public_names_keep_their_import_paths():
+    """The jobs moved to modules of their own; ``sdft.freezing`` still exports every name,
+    param_groups (beside the trainer factory now) included."""
+    import sdft.freezing as freezing
+    from sdft import freeze_masks, freeze_report, freeze_spec, trainer
+
+    assert freezing.param_groups is trainer.param_groups
+    assert (freezing.PartialMask, freezing.GROUPS, freezing.resolve_groups) == (
+        freeze_spec.PartialMask, freeze_spec.GROUPS, freeze_spec.resolve_groups)
+    assert (freezing.masked_optimizer, freezing.FrozenEntries) == (freeze_masks.masked_optimizer,
+                                                                   freeze_masks.FrozenEntries)
+    assert (freezing.FreezeReport, freezing.GroupCount) == (freeze_report.FreezeReport, freeze_report.GroupCount)
+    assert all(hasattr(freezing, name) for name in freezing.__all__)
 
 
 # --------------------------------------------------------------------------------------------
