@@ -113,3 +113,16 @@ def test_adapter_disabled_teacher_is_the_base_model():
     assert not out.hidden.requires_grad
     with_adapters.loss.backward()
     assert all(p.grad is not None for n, p in lora.named_parameters() if "lora_" in n)
+
+
+def test_public_names_keep_their_import_paths():
+    """HiddenStateCache and its fingerprints live in sdft.hidden_state_cache, what a teacher
+    gives in sdft.teacher_output; sdft.teacher still exports them all."""
+    import sdft.teacher as teacher
+    from sdft import hidden_state_cache, teacher_output
+
+    for name in ("HiddenStateCache", "token_fingerprint", "model_fingerprint", "final_hidden_width"):
+        assert getattr(teacher, name) is getattr(hidden_state_cache, name), name
+    for name in ("TeacherOutput", "TeacherSource"):
+        assert getattr(teacher, name) is getattr(teacher_output, name), name
+    assert all(hasattr(teacher, name) for name in teacher.__all__)
