@@ -7,6 +7,7 @@ fail here, before any model is loaded, naming the key::
     data: {train_file: facts.jsonl, known_field: known}
     loss: {kl_weight: 1.0, temperature: 0.5}
     stage1_epochs: 1          # the paper's two-stage recipe: task-format stage, then SDFT
+    eval: {heldout_file: heldout.jsonl, steps: 50}   # forgetting of held-out known facts
 """
 
 from __future__ import annotations
@@ -72,6 +73,20 @@ class TeacherConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The ``eval:`` section: forgetting measured during training. ``heldout_file`` holds rows the
+    model already knows and does not train on (prompt / response fields as ``data:`` names
+    them); their greedy exact-match accuracy is logged as ``old_facts`` at the start of each
+    stage, every ``steps`` optimizer steps and at its end, and its drop since the stage began
+    as ``forgetting``."""
+
+    heldout_file: Optional[str] = None  # None: no evaluation
+    steps: int = 0  # also every this many optimizer steps; 0: only at the start and end of each stage
+    max_rows: Optional[int] = 256  # a seeded subset, the same rows at every evaluation
+    max_new_tokens: int = 32
+
+
+@dataclass
 class LoraSection:
     r: int = 0  # 0: full fine-tuning; > 0: train LoRA adapters (needs peft)
     alpha: float = 16.0
@@ -88,6 +103,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     lora: LoraSection = field(default_factory=LoraSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     freeze: list[str] = field(default_factory=list)  # sdft.freezing specs, e.g. ["ffn"]
     train_only: Optional[str] = None  # e.g. "attention"
     batch_size: int = 8
@@ -151,6 +167,18 @@ class TrainConfig:
             raise ConfigError("fsdp and deepspeed: choose one")
         if self.fsdp_config and not self.fsdp:
             raise ConfigError("fsdp_config: set fsdp: true as well (the config alone turns nothing on)")
+        if self.eval.heldout_file is not None:
+            if not Path(self.eval.heldout_file).is_file():
+                raise ConfigError(f"eval.heldout_file: no such file {self.eval.heldout_file!r}")
+            if self.fsdp or self.deepspeed:
+                raise ConfigError("eval.heldout_file: the held-out evaluation generates with the whole student on the "
+                                  "first process, which FSDP and DeepSpeed shard; train without it there")
+        if self.eval.steps < 0:
+            raise ConfigError(f"eval.steps: must be >= 0, got {self.eval.steps}")
+        for name in ("max_rows", "max_new_tokens"):
+            value = getattr(self.eval, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"eval.{name}: must be >= 1, got {value}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype: one of float32, bfloat16, float16, got {self.dtype!r}")
 

@@ -53,7 +53,16 @@ class DataReport:
 
 
 def load_rows(cfg: DataConfig):
-    """The rows of a local file (by extension) or of a hub dataset.
+    """The rows of a local file (:func:`read_rows`) or of a hub dataset."""
+    import datasets
+
+    if not cfg.train_file:
+        return datasets.load_dataset(cfg.dataset, split=cfg.split)
+    return read_rows(Path(cfg.train_file), "data.train_file")
+
+
+def read_rows(path: Path, key: str):
+    """The rows of a local file, by extension; ``key`` names the setting it came from in errors.
 
     A ``.jsonl`` file is read line by line: a line that is not a JSON object becomes a
     :class:`BadRow` naming the file and line, counted against ``data.max_bad_fraction`` like any
@@ -62,23 +71,36 @@ def load_rows(cfg: DataConfig):
     """
     import datasets
 
-    if not cfg.train_file:
-        return datasets.load_dataset(cfg.dataset, split=cfg.split)
-    path = Path(cfg.train_file)
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise DataError(f"data.train_file: unsupported extension {path.suffix!r} (use {', '.join(_FORMATS)})")
+        raise DataError(f"{key}: unsupported extension {path.suffix!r} (use {', '.join(_FORMATS)})")
     if not path.is_file():
-        raise DataError(f"data.train_file: {path} does not exist")
+        raise DataError(f"{key}: {path} does not exist")
     if path.suffix.lower() == ".jsonl":
         rows = _read_jsonl(path)
     else:
         try:
             rows = datasets.load_dataset(fmt, data_files=str(path), split="train")
         except Exception as err:  # datasets raises many types; the message is what matters
-            raise DataError(f"data.train_file: cannot read {path} as {fmt}: {err}") from err
+            raise DataError(f"{key}: cannot read {path} as {fmt}: {err}") from err
     if len(rows) == 0:
-        raise DataError(f"data.train_file: {path} has no rows")
+        raise DataError(f"{key}: {path} has no rows")
+    return rows
+
+
+def heldout_qa_rows(path: Path, cfg: DataConfig) -> list[dict]:
+    """The rows of ``eval.heldout_file`` as question / answer pairs: each row's
+    ``cfg.prompt_field`` and ``cfg.response_field``, as the training rows name them. A row that
+    is malformed or lacks either field fails, named (the set is small and scored as a whole)."""
+    rows = []
+    for number, row in enumerate(read_rows(path, "eval.heldout_file"), 1):
+        if isinstance(row, BadRow):
+            raise DataError(f"eval.heldout_file: {row.where}: {row.reason}")
+        prompt, response = row.get(cfg.prompt_field), row.get(cfg.response_field)
+        if prompt is None or response is None or not str(response).strip():
+            raise DataError(f"eval.heldout_file: row {number} of {path} needs {cfg.prompt_field!r} and a non-empty "
+                            f"{cfg.response_field!r} (held-out rows are prompt/response pairs), got keys {sorted(row)}")
+        rows.append({"question": str(prompt), "answer": str(response)})
     return rows
 
 

@@ -9,6 +9,9 @@ answer field (the answer a string or a list of accepted aliases)::
     evaluator(model, step=0)          # {"task": 1.0, "task_correct": 900, "task_n": 900, ...}
     evaluator.forgetting()            # drop of held-out known accuracy from start and from peak
 
+``sdft train`` runs a :class:`ForgettingEval` on ``eval.heldout_file`` during training
+(:class:`sdft.recipe.HeldOutForgetting`).
+
 The metrics are the paper's (Kaplan et al., arXiv 2604.15574): accuracy on the training Known
 facts ("task"), on the training Unknown facts ("new_facts") and on held-out Known facts
 ("old_facts"), whose drop during fine-tuning is the forgetting. Known / Unknown follow SliCK

@@ -41,7 +41,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
 
 from .config import TrainConfig, to_dict
-from .data import DataError, DataReport, PadCollator, load_rows, tokenize_rows
+from .data import DataError, DataReport, PadCollator, heldout_qa_rows, load_rows, tokenize_rows
+from .evaluate import ForgettingEval
 from .freezing import freeze
 from .loss import SDFTLoss
 from .sharding import full_state_dict
@@ -85,6 +86,39 @@ class _TokensPerSecond(TrainerCallback):
         self.last = (now, seen)
 
 
+class HeldOutForgetting(TrainerCallback):
+    """Scores the student on the held-out known rows (``eval.heldout_file``) at the start of a
+    stage, every ``eval.steps`` optimizer steps and at its end, and appends ``old_facts`` (greedy
+    exact-match accuracy, with its ``_correct`` / ``_n`` counts) and ``forgetting`` (its drop since
+    the stage began; positive = forgotten) to the metrics file. The first process scores; the
+    others go on (a DDP student is whole on each process)."""
+
+    def __init__(self, evaluator: ForgettingEval, student, path: Path, stage: str, every: int):
+        self.evaluator, self.student, self.path, self.stage, self.every = evaluator, student, path, stage, every
+        self.scored_step: Optional[int] = None
+
+    def _score(self, state) -> None:
+        if not state.is_world_process_zero or self.scored_step == state.global_step:
+            return
+        self.scored_step = state.global_step
+        scores = self.evaluator(self.student, step=state.global_step)
+        record = {"stage": self.stage, "step": state.global_step,
+                  **{k: v for k, v in scores.items() if k.startswith("old_facts")},
+                  "forgetting": self.evaluator.forgetting("old_facts")["drop_from_start"]}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._score(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.every and state.global_step % self.every == 0:
+            self._score(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._score(state)
+
+
 def training_arguments(cfg: TrainConfig, output_dir: Path, epochs: float) -> TrainingArguments:
     """The ``TrainingArguments`` of one stage. Every field of :class:`TrainConfig` that is a
     training argument is passed here, and the optimizer is built from these arguments
@@ -106,16 +140,22 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, epochs: float) -> Tra
     return args
 
 
-def _run_stage(cfg, name, student, teacher, loss, examples, tokenizer, metrics_path, resume, epochs, freeze_report):
-    """Train ``student`` in place on ``examples``; returns the trainer."""
+def _run_stage(cfg, name, student, teacher, loss, examples, tokenizer, metrics_path, resume, epochs, freeze_report,
+               heldout=None):
+    """Train ``student`` in place on ``examples``; returns the trainer. ``heldout``: the
+    question / answer rows of ``eval.heldout_file``, scored during the stage."""
     from datasets import Dataset
 
     out = Path(cfg.output_dir) / name
     tokens_per_s = _TokensPerSecond()
+    callbacks = [tokens_per_s, MetricsJsonl(metrics_path, name)]
+    if heldout:
+        evaluator = ForgettingEval(tokenizer, {"heldout_known": heldout}, max_rows=cfg.eval.max_rows, seed=cfg.seed,
+                                   batch_size=cfg.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
+        callbacks.append(HeldOutForgetting(evaluator, student, metrics_path, name, cfg.eval.steps))
     trainer = build_trainer(student, training_arguments(cfg, out, epochs), Dataset.from_list(examples),
                             PadCollator(tokenizer.pad_token_id, cfg.loss.ignore_index), teacher=teacher, loss=loss,
-                            freeze_report=freeze_report, callbacks=[tokens_per_s, MetricsJsonl(metrics_path, name)],
-                            check_head=cfg.check_head)
+                            freeze_report=freeze_report, callbacks=callbacks, check_head=cfg.check_head)
     tokens_per_s.trainer = trainer
     checkpoint = newest_complete_checkpoint(out) if resume else None
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -236,6 +276,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     tokenizer = load_tokenizer(cfg)
     examples, data_report = tokenize_rows(load_rows(cfg.data), tokenizer, cfg.data, cfg.loss.ignore_index)
     _write_data_report(out, data_report)
+    heldout = heldout_qa_rows(Path(cfg.eval.heldout_file), cfg.data) if cfg.eval.heldout_file else None
     if cfg.stage1_epochs > 0 and not any(ex["known"] for ex in examples):
         raise DataError(f"stage 1 needs known rows, but no row has {cfg.data.known_field}=true")
     torch.manual_seed(cfg.seed)
@@ -257,7 +298,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         else:
             known = [ex for ex in examples if ex["known"]]
             stage1 = _run_stage(cfg, "stage1", student, None, loss, known, tokenizer, metrics,  # no teacher: CE
-                                resume, cfg.stage1_epochs, freeze_report)
+                                resume, cfg.stage1_epochs, freeze_report, heldout)
             save_result(stage1, student, tokenizer, stage1_final)
             if _sharded(stage1):  # the wrapper sharded the student in place: stage 2 starts from the saved result
                 if cfg.lora.r > 0:
@@ -268,7 +309,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     teacher = _make_teacher(cfg, student, examples, tokenizer)
     trainer = _run_stage(cfg, "stage2" if cfg.stage1_epochs > 0 else "train", student, teacher, loss, examples,
-                         tokenizer, metrics, resume, cfg.epochs, freeze_report)
+                         tokenizer, metrics, resume, cfg.epochs, freeze_report, heldout)
     final = out / "final"
     save_result(trainer, student, tokenizer, final)
     return final

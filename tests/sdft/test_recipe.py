@@ -209,6 +209,43 @@ def test_every_loss_setting_reaches_the_loss(tmp_path, monkeypatch):
     assert (loss.chunk_size, loss.options.kl_weight) == (5, 0.5)
 
 
+def test_heldout_known_rows_are_scored_during_training_as_forgetting(tmp_path):
+    """eval.heldout_file: the student's exact-match accuracy on those rows is logged at the
+    start, every eval.steps and at the end, equal to the accuracy of the model at that step
+    (the initial model, the saved final one), with its drop since the start as forgetting."""
+    from transformers import AutoTokenizer
+
+    from sdft.evaluate import accuracy
+
+    ws = workspace(tmp_path)
+    rows = [json.loads(line) for line in Path(ws["data"]).read_text().splitlines()][:6]
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    train(load_config(None, _overrides(ws, out, max_steps=40, **{"eval.heldout_file": str(heldout),
+                                                                "eval.steps": 15})))
+    scored = [r for r in _metrics(out) if "old_facts" in r]
+    assert [r["step"] for r in scored] == [0, 15, 30, 40]
+    assert all(r["old_facts_n"] == 6 and r["stage"] == "train" for r in scored)
+    for r in scored:
+        assert r["forgetting"] == pytest.approx(scored[0]["old_facts"] - r["old_facts"])
+    qa = [{"question": row["prompt"], "answer": row["response"]} for row in rows]
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    for record, folder in ((scored[0], ws["model"]), (scored[-1], out / "final")):
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        assert record["old_facts"] == accuracy(model, tokenizer, qa, max_new_tokens=32)[0], folder
+    assert scored[-1]["old_facts"] > 0  # the rows were trained on: the score moved
+
+    base = ["--model=x", f"--data.train_file={ws['data']}"]
+    with pytest.raises(ConfigError, match="eval.heldout_file: no such file 'nope.jsonl'"):
+        load_config(None, base + ["--eval.heldout_file=nope.jsonl"])
+    with pytest.raises(ConfigError, match="eval.heldout_file: .*FSDP and DeepSpeed"):
+        load_config(None, base + [f"--eval.heldout_file={heldout}", "--fsdp=true"])
+    heldout.write_text(json.dumps({"prompt": "what color is kara ?"}) + "\n")
+    with pytest.raises(DataError, match="eval.heldout_file: row 1 of .* needs 'prompt' and a non-empty 'response'"):
+        train(load_config(None, _overrides(ws, tmp_path / "bad", **{"eval.heldout_file": str(heldout)})))
+
+
 def test_bad_rows_are_counted_and_too_many_fail(tmp_path):
     ws = workspace(tmp_path, n_facts=20, bad_rows=2)
     out = tmp_path / "run"
@@ -343,7 +380,7 @@ TRAINING_ARGUMENTS = {
 NOT_TRAINING_ARGUMENTS = {
     "model", "tokenizer", "dtype", "gradient_checkpointing",  # the model load (load_student)
     "check_head",  # SDFTModel's one-time comparison with the model's own forward
-    "data", "loss", "teacher", "lora", "freeze", "train_only",  # their own sections and steps
+    "data", "loss", "teacher", "lora", "eval", "freeze", "train_only",  # their own sections and steps
     "stage1_epochs",  # the epochs of stage 1's TrainingArguments
     "fsdp", "fsdp_config", "deepspeed",  # training arguments: test_sharding_keys_reach_the_training_arguments
 }
