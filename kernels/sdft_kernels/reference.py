@@ -2,7 +2,10 @@
 
 Tests, benchmarks and documentation compare every fast path against this file. It builds the
 full ``[N, V]`` logits of student and teacher, so it is only meant for checking and for small
-problems.
+problems. It shares no code with the fast paths beyond :class:`LossOptions`: which positions
+count, what ``"mean"`` divides by and how the terms combine are written out here again in plain
+torch (the fast paths take them from :mod:`sdft_kernels.reduction`), so that a bug there cannot
+pass unnoticed by agreeing with itself.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from torch import Tensor
 
 from .loss_output import SDFTLossOutput
 from .options import LossOptions, jsd_log_weights
-from .reduction import accumulation_dtype, ce_term_rows, combine, counted_masks, normaliser
 
 
 def apply_softcap(logits: Tensor, softcap: Optional[float]) -> Tensor:
@@ -118,8 +120,9 @@ def reference_sdft_loss(
     if teacher_hidden is not None:
         teacher_hidden, teacher_weight, teacher_bias = gemm_inputs(teacher_hidden, teacher_weight, teacher_bias,
                                                                    o.logits_dtype)
-    acc = accumulation_dtype(student_hidden.dtype)
-    label_mask, kl_rows = counted_masks(labels, kl_mask, o.ignore_index)
+    acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    label_mask = labels != o.ignore_index
+    kl_rows = label_mask if kl_mask is None else kl_mask.bool()
     if teacher_hidden is None:
         kl_rows = torch.zeros_like(label_mask)
     # Positions counted by neither term contribute nothing, not even a NaN in their hidden state.
@@ -144,11 +147,32 @@ def reference_sdft_loss(
     else:
         kl_rows_val = torch.zeros_like(ce_rows)
 
-    loss, ce, kl = combine(ce_term_rows(ce_rows, o), kl_rows_val, normaliser(label_mask, num_items, acc), o)
+    if o.loss_type == "dft":  # each row's cross-entropy weighted by its probability of the label, a constant
+        ce_rows = ce_rows * torch.exp(-ce_rows.detach())
+    ce, kl = (_reduce(rows, o.reduction, label_mask, num_items) for rows in (ce_rows, kl_rows_val))
+    loss = o.ce_weight * ce + o.kl_weight * o.temperature**2 * kl
     entropy = top1 = None
     if o.metrics:
         entropy, top1 = student_metrics(z_s.detach(), labels, label_mask)
     return SDFTLossOutput(loss, ce.detach(), kl.detach(), label_mask.sum(), entropy=entropy, top1=top1)
+
+
+def _reduce(rows: Tensor, reduction: str, label_mask: Tensor, num_items: Union[None, int, float, Tensor]) -> Tensor:
+    """``rows`` ``[N]`` reduced: kept (``"none"``), summed, or summed and divided by
+    ``num_items`` (default: the labelled count), a divisor of at least 1 so that a batch with
+    nothing to count gives 0."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    if num_items is None:
+        count = label_mask.sum()
+    elif isinstance(num_items, Tensor):  # a one-element tensor, of any shape
+        count = num_items.detach().reshape(()).to(rows.device)
+    else:
+        count = torch.tensor(float(num_items), dtype=rows.dtype, device=rows.device)
+    return total / count.to(rows.dtype).clamp_min(1)
 
 
 def student_metrics(z_s: Tensor, labels: Tensor, label_mask: Tensor) -> tuple[Tensor, Tensor]:
