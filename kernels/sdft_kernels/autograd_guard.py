@@ -7,16 +7,20 @@ import functools
 
 import torch
 
+from .loss_inputs import LossInputs
 
-def gradients_needed(ctx, has_bias: bool, grad_enabled: bool) -> tuple[bool, bool, bool]:
-    """Which of (hidden, weight, bias) gradients a forward must prepare for.
+
+def gradients_needed(ctx, grad_enabled: bool) -> tuple[bool, bool, bool]:
+    """Which of the student's (hidden, weight, bias) gradients a forward must prepare for; the
+    :class:`LossInputs` are the last arguments of its ``apply``.
 
     ``grad_enabled`` is the grad mode at the call: under ``torch.no_grad()`` (an evaluation
     step) ``ctx.needs_input_grad`` still follows ``requires_grad``, and no gradient may be
-    formed.
+    formed. An absent bias needs none.
     """
-    need = ctx.needs_input_grad
-    return (grad_enabled and need[0], grad_enabled and need[1], grad_enabled and has_bias and need[2])
+    need = LossInputs(*ctx.needs_input_grad[-len(LossInputs._fields):])
+    return (grad_enabled and need.student_hidden, grad_enabled and need.student_weight,
+            grad_enabled and need.student_bias)
 
 
 def fused_backward(backward):

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from .autograd_guard import fused_backward, gradients_needed
-from .options import LossOptions
+from .loss_inputs import LossInputs
+from .options import LossOptions, RunSettings
 from .reduction import accumulation_dtype, ce_term_rows, combine, row_scales
 from .weight_grad import accumulate_weight_grad, weight_grad_dtype
 
@@ -116,18 +117,22 @@ def _counted_rows(rows: Tensor, h: Tensor) -> tuple[Optional[Tensor], Tensor]:
 
 
 def chunked_sdft(
-    h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, options: LossOptions,
-    ce_scale: Optional[Tensor], kl_scale: Optional[Tensor],
-    need: tuple[bool, bool, bool], chunk_size: Optional[int], epilogue: Epilogue, metrics: bool = False,
+    inputs: LossInputs, options: LossOptions, run: RunSettings,
+    ce_scale: Optional[Tensor], kl_scale: Optional[Tensor], need: tuple[bool, bool, bool], metrics: bool = False,
 ) -> tuple[Tensor, Tensor, Grads, Optional[tuple[Tensor, Tensor]]]:
     """Masked loss rows ``ce_rows [N]``, ``div_rows [N]``, with scales the gradients, and with
     ``metrics`` the student's ``(entropy [N], top1 [N])`` (0 / False where the label is ignored).
 
-    ``need`` says which of (hidden, weight, bias) gradients to form; ``ce_scale``/``kl_scale``
-    ``[N]`` are the per-row factors of :func:`sdft_kernels.reduction.row_scales` (the epilogue
-    weights ``ce_scale`` by ``exp(-ce)`` itself for ``loss_type="dft"``: only it knows the
-    row's cross-entropy before the gradient).
+    ``inputs`` are counted (:meth:`LossInputs.counted`); ``run`` gives the epilogue and the
+    chunk size. ``need`` says which of (hidden, weight, bias) gradients to form;
+    ``ce_scale``/``kl_scale`` ``[N]`` are the per-row factors of
+    :func:`sdft_kernels.reduction.row_scales` (the epilogue weights ``ce_scale`` by ``exp(-ce)``
+    itself for ``loss_type="dft"``: only it knows the row's cross-entropy before the gradient).
     """
+    h, W, b = inputs.student_hidden, inputs.student_weight, inputs.student_bias
+    ht, Wt, bt = inputs.teacher_hidden, inputs.teacher_weight, inputs.teacher_bias
+    labels, label_mask, kl_mask = inputs.labels, inputs.label_mask, inputs.kl_mask
+    epilogue = run.epilogue
     N, V = h.shape[0], W.shape[0]
     acc = accumulation_dtype(h.dtype)
     ce_rows = torch.zeros(N, dtype=acc, device=h.device)
@@ -142,7 +147,7 @@ def chunked_sdft(
         ht = torch.where(kl_mask.unsqueeze(1), ht, ht.new_zeros(()))
     index, h = _counted_rows(label_mask | kl_mask, h)
     M = N if index is None else index.numel()
-    step = chunk_rows(M, V, epilogue, h.dtype, None if ht is None else ht.dtype, options, chunk_size)
+    step = chunk_rows(M, V, epilogue, h.dtype, None if ht is None else ht.dtype, options, run.chunk_size)
     ws = Workspace(min(step, max(M, 1)), V, acc, h.device)
 
     # Every row of d_h is written by some chunk unless rows were dropped; d_w is overwritten by
@@ -222,30 +227,30 @@ def forms_gradient_in_forward(options: LossOptions, dtype: torch.dtype) -> bool:
 
 
 class ChunkedSDFT(torch.autograd.Function):
-    """Autograd glue for :func:`chunked_sdft`; returns ``(loss, ce, kl, entropy, top1)``, the
-    metrics empty without ``options.metrics``."""
+    """Autograd glue for :func:`chunked_sdft`: ``apply(options, run, *inputs)`` with counted
+    :class:`LossInputs` returns ``(loss, ce, kl, entropy, top1)``, the metrics empty without
+    ``options.metrics``."""
 
     @staticmethod
-    def forward(ctx, h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, denom, options, chunk_size,
-                grad_enabled, epilogue):
-        need = gradients_needed(ctx, b is not None, grad_enabled)
-        eager = any(need) and forms_gradient_in_forward(options, h.dtype)
+    def forward(ctx, options: LossOptions, run: RunSettings, *tensors):
+        inputs = LossInputs(*tensors)
+        need = gradients_needed(ctx, run.grad_enabled)
+        eager = any(need) and forms_gradient_in_forward(options, inputs.student_hidden.dtype)
+        denom = inputs.num_items
         ce_scale = kl_scale = None
         if eager:  # the upstream gradient will be a scalar: form the gradients now.
             ce_scale, kl_scale = row_scales(torch.ones((), dtype=denom.dtype, device=denom.device),
-                                            denom, label_mask, kl_mask, options)
-        ce_rows, div_rows, grads, row_metrics = chunked_sdft(
-            h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, options, ce_scale, kl_scale, need, chunk_size,
-            epilogue, options.metrics,
-        )
+                                            denom, inputs.label_mask, inputs.kl_mask, options)
+        ce_rows, div_rows, grads, row_metrics = chunked_sdft(inputs, options, run, ce_scale, kl_scale, need,
+                                                             options.metrics)
         loss, ce, kl = combine(ce_term_rows(ce_rows, options), div_rows, denom, options)
         entropy, top1 = row_metrics if row_metrics is not None else no_metrics(ce_rows)
-        ctx.options, ctx.chunk_size, ctx.need, ctx.eager, ctx.epilogue = options, chunk_size, need, eager, epilogue
-        ctx.device_type = h.device.type
+        ctx.options, ctx.run, ctx.need, ctx.eager = options, run, need, eager
+        ctx.device_type = inputs.student_hidden.device.type
         if eager:
             ctx.grads = grads
         elif any(need):
-            ctx.save_for_backward(h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, denom)
+            ctx.save_for_backward(*inputs)
         ctx.mark_non_differentiable(ce, kl, entropy, top1)
         return loss, ce, kl, entropy, top1
 
@@ -266,10 +271,8 @@ class ChunkedSDFT(torch.autograd.Function):
             # grad_loss stays float32 (a loss scale of 65536 overflows float16).
             d_h, d_w, d_b = (None if t is None else t.mul_(grad_loss) for t in g)
         else:
-            h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, denom = ctx.saved_tensors
-            ce_scale, kl_scale = row_scales(grad_loss, denom, label_mask, kl_mask, ctx.options)
-            _, _, (d_h, d_w, d_b), _ = chunked_sdft(
-                h, W, b, ht, Wt, bt, labels, label_mask, kl_mask, ctx.options,
-                ce_scale, kl_scale, ctx.need, ctx.chunk_size, ctx.epilogue,
-            )
-        return d_h, d_w, d_b, None, None, None, None, None, None, None, None, None, None, None
+            inputs = LossInputs(*ctx.saved_tensors)
+            ce_scale, kl_scale = row_scales(grad_loss, inputs.num_items, inputs.label_mask, inputs.kl_mask,
+                                            ctx.options)
+            _, _, (d_h, d_w, d_b), _ = chunked_sdft(inputs, ctx.options, ctx.run, ce_scale, kl_scale, ctx.need)
+        return None, None, *LossInputs.gradients(d_h, d_w, d_b)  # nothing for options and run

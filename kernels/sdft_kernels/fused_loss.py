@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from .options import DEFAULT_IMPL, TRITON_IMPLS, LossOptions, check_impl
-from .reduction import counted_masks, normaliser
 from .chunk_loop import ChunkedSDFT
+from .loss_inputs import LossInputs
 from .loss_output import SDFTLossOutput
-from .reduction import accumulation_dtype
+from .options import DEFAULT_IMPL, TRITON_IMPLS, LossOptions, RunSettings
 from .reference import gemm_inputs, reference_sdft_loss
 from .torch_epilogue import TorchEpilogue
 from .validation import check_inputs, check_label_range
@@ -165,72 +165,70 @@ def sdft_loss(
 ) -> Union[Tensor, SDFTLossOutput]:
     """:func:`fused_linear_sdft_loss` with its settings as one :class:`LossOptions`, built
     once by the caller (:class:`sdft.SDFTLoss` holds one). Arguments as there."""
-    check_impl(impl)
+    run = RunSettings(impl=impl, chunk_size=chunk_size)  # checks both
+    inputs = LossInputs(student_hidden, student_weight, labels, teacher_hidden, teacher_weight,
+                        student_bias=student_bias, teacher_bias=teacher_bias, kl_mask=kl_mask, num_items=num_items)
     device_type = student_hidden.device.type if isinstance(student_hidden, Tensor) else "cpu"
     autocast_dtype = _autocast_dtype(device_type)
     if autocast_dtype is not None:
         # As F.linear would under autocast: the GEMMs (and so the kernels) run in its dtype.
-        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = (
-            _autocast(t, autocast_dtype) for t in
-            (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias))
-    check_inputs(student_hidden, student_weight, labels, teacher_hidden, teacher_weight,
-                 student_bias, teacher_bias, kl_mask, num_items)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        inputs = _map(inputs, _FLOATING, lambda t: _autocast(t, autocast_dtype))
+    check_inputs(inputs)
     if options.validate_labels:
         check_label_range(labels, student_weight.shape[0], options.ignore_index, num_items,
                           mean=options.reduction == "mean")
-    impl = _resolve_impl(impl, student_hidden.device)
+    run = _resolve(run, inputs.student_hidden.device)
     # Mixed dtypes (bf16 activations, a float32 head or bias) run in their promoted dtype.
-    student_hidden, student_weight, student_bias = gemm_inputs(student_hidden, student_weight, student_bias,
-                                                               options.logits_dtype)
-    if teacher_hidden is not None:
-        teacher_hidden, teacher_weight, teacher_bias = gemm_inputs(teacher_hidden, teacher_weight, teacher_bias,
-                                                                   options.logits_dtype)
+    inputs = _in_gemm_dtypes(inputs, options.logits_dtype)
     if autocast_dtype is None:
-        return _loss(student_hidden, student_weight, labels, teacher_hidden, teacher_weight, student_bias,
-                     teacher_bias, kl_mask, num_items, options, impl, return_components, chunk_size)
+        return _loss(inputs, options, run, return_components)
     # The kernels pick their own precisions; autocast must not re-cast inside them.
     with torch.autocast(device_type, enabled=False):
-        return _loss(student_hidden, student_weight, labels, teacher_hidden, teacher_weight, student_bias,
-                     teacher_bias, kl_mask, num_items, options, impl, return_components, chunk_size)
+        return _loss(inputs, options, run, return_components)
 
 
-def _loss(student_hidden, student_weight, labels, teacher_hidden, teacher_weight, student_bias, teacher_bias,
-          kl_mask, num_items, options, impl, return_components, chunk_size):
-    """The loss of checked inputs with a resolved ``impl``."""
+_FLOATING = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight", "teacher_bias")
+
+
+def _map(inputs: LossInputs, names: tuple[str, ...], fn) -> LossInputs:
+    """``inputs`` with ``fn`` applied to the fields ``names`` that hold a tensor."""
+    return inputs._replace(**{name: fn(t) for name in names if (t := getattr(inputs, name)) is not None})
+
+
+def _in_gemm_dtypes(inputs: LossInputs, logits_dtype: str) -> LossInputs:
+    """Each model's (hidden, weight, bias) in the dtype of its logit GEMM (:func:`gemm_inputs`)."""
+    h, W, b = gemm_inputs(inputs.student_hidden, inputs.student_weight, inputs.student_bias, logits_dtype)
+    inputs = inputs._replace(student_hidden=h, student_weight=W, student_bias=b)
+    if inputs.teacher_hidden is None:
+        return inputs
+    ht, Wt, bt = gemm_inputs(inputs.teacher_hidden, inputs.teacher_weight, inputs.teacher_bias, logits_dtype)
+    return inputs._replace(teacher_hidden=ht, teacher_weight=Wt, teacher_bias=bt)
+
+
+def _loss(inputs: LossInputs, options: LossOptions, run: RunSettings, return_components: bool
+          ) -> Union[Tensor, SDFTLossOutput]:
+    """The loss of checked inputs with a resolved ``run.impl``."""
     # The teacher is a constant for every implementation.
-    if teacher_hidden is not None:
-        teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
-        teacher_bias = None if teacher_bias is None else teacher_bias.detach()
-
-    if impl == "reference":
+    inputs = _map(inputs, ("teacher_hidden", "teacher_weight", "teacher_bias"), Tensor.detach)
+    if run.impl == "reference":
+        i = inputs
         out = reference_sdft_loss(
-            student_hidden, student_weight, labels, teacher_hidden, teacher_weight,
-            student_bias=student_bias, teacher_bias=teacher_bias, kl_mask=kl_mask, num_items=num_items,
+            i.student_hidden, i.student_weight, i.labels, i.teacher_hidden, i.teacher_weight,
+            student_bias=i.student_bias, teacher_bias=i.teacher_bias, kl_mask=i.kl_mask, num_items=i.num_items,
             options=options,
         )
         return out if return_components else out.loss
 
-    label_mask, kl_rows = counted_masks(labels, kl_mask, options.ignore_index)
-    if teacher_hidden is None:
-        kl_rows = torch.zeros_like(label_mask)
-    denom = normaliser(label_mask, num_items, accumulation_dtype(student_hidden.dtype))
-    tensors = [student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias]
-    if impl != "torch":  # Triton kernels index rows with one stride and contiguous columns
-        tensors = [None if t is None else t.contiguous() for t in tensors]
-    args = (*tensors, labels.contiguous(), label_mask, kl_rows, denom, options, chunk_size,
-            torch.is_grad_enabled())
-    if impl == "triton":
-        loss, ce, kl, entropy, top1 = _triton_function().apply(*args)
-    else:
-        loss, ce, kl, entropy, top1 = ChunkedSDFT.apply(
-            *args, _triton_epilogue() if impl == "triton_chunked" else TorchEpilogue)
+    inputs = inputs.counted(options)._replace(labels=inputs.labels.contiguous())
+    if run.impl != "torch":  # Triton kernels index rows with one stride and contiguous columns
+        inputs = _map(inputs, _FLOATING, Tensor.contiguous)
+    function = _triton_function() if run.impl == "triton" else ChunkedSDFT
+    loss, ce, kl, entropy, top1 = function.apply(options, run, *inputs)
     if not return_components:
         return loss
     if not options.metrics:
         entropy = top1 = None
-    return SDFTLossOutput(loss, ce, kl, label_mask.sum(), entropy=entropy, top1=top1)
+    return SDFTLossOutput(loss, ce, kl, inputs.label_mask.sum(), entropy=entropy, top1=top1)
 
 
 def default_impl(device: Union[str, torch.device]) -> str:
@@ -257,6 +255,14 @@ def _autocast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
         return t.to(dtype)
     return t
+
+
+def _resolve(run: RunSettings, device: torch.device) -> RunSettings:
+    """``run`` for ``device``: ``impl="auto"`` resolved, the chunk loop's epilogue picked, and
+    the grad mode of the call."""
+    impl = _resolve_impl(run.impl, device)
+    epilogue = _triton_epilogue() if impl == "triton_chunked" else TorchEpilogue if impl == "torch" else None
+    return dataclasses.replace(run, impl=impl, epilogue=epilogue, grad_enabled=torch.is_grad_enabled())
 
 
 def _resolve_impl(impl: str, device: torch.device) -> str:

@@ -28,6 +28,29 @@ def check_impl(impl: str) -> str:
 
 
 @dataclass(frozen=True)
+class RunSettings:
+    """How one call runs, apart from what it computes (:class:`LossOptions`).
+
+    ``impl``: the implementation (:func:`sdft_kernels.fused_linear_sdft_loss`); ``chunk_size``:
+    rows per chunk of the chunked paths (None: from a memory budget); ``grad_enabled``: the grad
+    mode at the call (an ``autograd.Function``'s forward runs with it off, so it is taken
+    before); ``epilogue``: what the chunk loop runs between a chunk's logit and gradient GEMMs
+    (:class:`sdft_kernels.chunk_loop.Epilogue`), set once ``impl`` is resolved for a device.
+    """
+
+    impl: str = DEFAULT_IMPL
+    chunk_size: Optional[int] = None
+    grad_enabled: bool = True
+    epilogue: Optional[type] = None
+
+    def __post_init__(self) -> None:
+        check_impl(self.impl)
+        c = self.chunk_size
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {c!r}")
+
+
+@dataclass(frozen=True)
 class LossOptions:
     """Non-tensor settings of the SDFT objective.
 

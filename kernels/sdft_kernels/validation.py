@@ -8,6 +8,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from .loss_inputs import LossInputs
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -37,19 +39,14 @@ def _same_device(device: torch.device, **tensors: Optional[Tensor]) -> None:
             raise ValueError(f"{name} is on {t.device} but student_hidden is on {device}")
 
 
-def check_inputs(
-    student_hidden: Tensor,
-    student_weight: Tensor,
-    labels: Tensor,
-    teacher_hidden: Optional[Tensor],
-    teacher_weight: Optional[Tensor],
-    student_bias: Optional[Tensor],
-    teacher_bias: Optional[Tensor],
-    kl_mask: Optional[Tensor],
-    num_items: Union[None, int, float, Tensor],
-) -> None:
-    """Raise ``ValueError``/``TypeError`` for inconsistent shapes, dtypes or devices. The floating
-    tensors may have different dtypes (:func:`sdft_kernels.reference.gemm_inputs`)."""
+def check_inputs(inputs: LossInputs) -> None:
+    """Raise ``ValueError``/``TypeError`` for inconsistent shapes, dtypes or devices of a call's
+    tensors, as given (not yet counted). The floating tensors may have different dtypes
+    (:func:`sdft_kernels.reference.gemm_inputs`)."""
+    student_hidden, student_weight, labels = inputs.student_hidden, inputs.student_weight, inputs.labels
+    teacher_hidden, teacher_weight = inputs.teacher_hidden, inputs.teacher_weight
+    student_bias, teacher_bias = inputs.student_bias, inputs.teacher_bias
+    kl_mask, num_items = inputs.kl_mask, inputs.num_items
     _matrix("student_hidden", student_hidden)
     _matrix("student_weight", student_weight)
     N, D = student_hidden.shape

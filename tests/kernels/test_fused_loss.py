@@ -83,6 +83,23 @@ def test_frozen_weight_gets_no_gradient(impl):
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("trained", ["h", "W", "b", "hWb"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradients_reach_exactly_the_student_leaves_that_ask(impl, trained, reduction):
+    """Each of hidden, head and bias alone, or all three, gets the reference's gradient; the
+    rest of the student, and the teacher's tensors though they require grad, get none."""
+    p = make_problem(N=23, D=16, Dt=12, V=90, bias=True, kl_mask=True)
+    for name in ("h", "W", "b"):
+        getattr(p, name).requires_grad_(name in trained)
+    teacher = [p.ht.requires_grad_(), p.Wt.requires_grad_(), p.bt.requires_grad_()]
+    upstream = torch.randn(23, dtype=torch.float64) if reduction == "none" else None
+    _compare(p, impl, upstream, reduction=reduction, chunk_size=8)
+    for name in ("h", "W", "b"):
+        assert (getattr(p, name).grad is not None) == (name in trained), f"{impl}: gradient of {name}"
+    assert all(t.grad is None for t in teacher), f"{impl}: a gradient reached the teacher"
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
 def test_shared_head(impl):
     # A frozen head shared by student and teacher: the same tensor serves both.
     p = make_problem(N=21, D=16, V=100, weight_grad=False)
