@@ -27,8 +27,7 @@ from typing import Optional, Union
 
 from torch import Tensor, nn
 
-from sdft_kernels import LossOptions, SDFTLossOutput
-from sdft_kernels.fused_loss import sdft_loss
+from sdft_kernels import LossOptions, SDFTLossOutput, fused_linear_sdft_loss
 from sdft_kernels.options import DEFAULT_IMPL, REDUCTIONS, check_impl
 
 
@@ -145,9 +144,10 @@ class FusedLinearJSDLoss(nn.Module):
                              f"reduction={self.reduction!r}")
         teacher_softcap = softcap if teacher_softcap is _SAME else teacher_softcap
         options = self._options(softcap, teacher_softcap, student_logit_scale, teacher_logit_scale, metrics)
-        return sdft_loss(options, student_input, student_weight, true_labels, teacher_input,
-                         teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias, num_items=num_items,
-                         impl=self.impl, return_components=True, chunk_size=self.chunk_size)
+        return fused_linear_sdft_loss(student_input, student_weight, true_labels, teacher_input, teacher_weight,
+                                      student_bias=student_bias, teacher_bias=teacher_bias, num_items=num_items,
+                                      options=options, impl=self.impl, chunk_size=self.chunk_size,
+                                      return_components=True)
 
     def _options(self, softcap: Optional[float], teacher_softcap: Optional[float], student_logit_scale: float,
                  teacher_logit_scale: float, metrics: bool) -> LossOptions:
@@ -155,9 +155,10 @@ class FusedLinearJSDLoss(nn.Module):
         if key == (None, None, 1.0, 1.0, False):
             return self.options
         if key not in self._with_transforms:  # built (and validated) once per pair of heads
-            self._with_transforms[key] = dataclasses.replace(
-                self.options, student_softcap=softcap, teacher_softcap=teacher_softcap,
-                student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale, metrics=metrics)
+            heads = self.options.with_heads(softcap=softcap, teacher_softcap=teacher_softcap,
+                                            student_logit_scale=student_logit_scale,
+                                            teacher_logit_scale=teacher_logit_scale)
+            self._with_transforms[key] = dataclasses.replace(heads, metrics=metrics)
         return self._with_transforms[key]
 
     def extra_repr(self) -> str:

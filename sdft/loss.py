@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, Optional, Union
 
 from torch import Tensor, nn
 
-from sdft_kernels import LossOptions, SDFTLossOutput
-from sdft_kernels.fused_loss import sdft_loss
-from sdft_kernels.options import DEFAULT_IMPL, check_impl
+from sdft_kernels import LossOptions, SDFTLossOutput, fused_linear_sdft_loss
+from sdft_kernels.options import DEFAULT_IMPL, OWN, check_impl
 
 if TYPE_CHECKING:
     from .config import LossConfig
 
 KL_POSITIONS = ("labels", "all")
 DEFAULT_KL_POSITIONS = "labels"
-_FROM_OPTIONS = object()  # forward(): no softcap given, use the options' own
+_FROM_OPTIONS = OWN  # forward(): no softcap given, use the options' own
 
 
 def check_kl_positions(kl_positions: str) -> str:
@@ -93,30 +91,17 @@ class SDFTLoss(nn.Module):
         differs (default: ``softcap``'s). A loss configured with a softcap of its own refuses a
         head that applies another.
         """
-        return sdft_loss(
-            self._options_for(softcap, teacher_softcap), student_hidden, student_weight, labels, teacher_hidden,
-            teacher_weight,
+        return fused_linear_sdft_loss(
+            student_hidden, student_weight, labels, teacher_hidden, teacher_weight,
             student_bias=student_bias, teacher_bias=teacher_bias, kl_mask=kl_mask, num_items=num_items,
-            impl=self.impl, return_components=True, chunk_size=self.chunk_size,
+            options=self._options_for(softcap, teacher_softcap), impl=self.impl, chunk_size=self.chunk_size,
+            return_components=True,
         )
 
     def _options_for(self, softcap, teacher_softcap) -> LossOptions:
-        o = self.options
-        if softcap is _FROM_OPTIONS and teacher_softcap is _FROM_OPTIONS:
-            return o
-        student = o.student_cap if softcap is _FROM_OPTIONS else softcap
-        if teacher_softcap is _FROM_OPTIONS:
-            teacher_softcap = o.teacher_cap if softcap is _FROM_OPTIONS else softcap
-        for own, head, whose in ((o.student_cap, student, "the model's head"),
-                                 (o.teacher_cap, teacher_softcap, "the teacher's head")):
-            if own is not None and head != own:
-                raise ValueError(f"the loss is configured with softcap {own}, but {whose} applies {head}")
-        if (student, teacher_softcap) == (o.student_cap, o.teacher_cap):
-            return o
-        key = (student, teacher_softcap)
+        key = (softcap, teacher_softcap)
         if key not in self._with_softcap:  # built (and validated) once per pair of heads
-            self._with_softcap[key] = dataclasses.replace(o, softcap=None, student_softcap=student,
-                                                          teacher_softcap=teacher_softcap)
+            self._with_softcap[key] = self.options.with_heads(softcap=softcap, teacher_softcap=teacher_softcap)
         return self._with_softcap[key]
 
     def extra_repr(self) -> str:

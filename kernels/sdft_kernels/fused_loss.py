@@ -18,7 +18,7 @@ from .torch_epilogue import TorchEpilogue
 from .validation import check_inputs, check_label_range
 
 
-_DEFAULTS = LossOptions()  # the keyword defaults below are LossOptions' own
+_SETTINGS = tuple(f.name for f in dataclasses.fields(LossOptions))
 
 
 def fused_linear_sdft_loss(
@@ -30,27 +30,13 @@ def fused_linear_sdft_loss(
     *,
     student_bias: Optional[Tensor] = None,
     teacher_bias: Optional[Tensor] = None,
-    ce_weight: float = _DEFAULTS.ce_weight,
-    kl_weight: float = _DEFAULTS.kl_weight,
-    temperature: float = _DEFAULTS.temperature,
-    divergence: str = _DEFAULTS.divergence,
-    jsd_beta: float = _DEFAULTS.jsd_beta,
-    ignore_index: int = _DEFAULTS.ignore_index,
     kl_mask: Optional[Tensor] = None,
-    reduction: str = _DEFAULTS.reduction,
     num_items: Union[None, int, float, Tensor] = None,
-    softcap: Optional[float] = _DEFAULTS.softcap,
+    options: Optional[LossOptions] = None,
     impl: str = DEFAULT_IMPL,
-    return_components: bool = False,
-    validate_labels: bool = _DEFAULTS.validate_labels,
     chunk_size: Optional[int] = None,
-    logits_dtype: str = _DEFAULTS.logits_dtype,
-    student_softcap: Optional[float] = _DEFAULTS.student_softcap,
-    teacher_softcap: Optional[float] = _DEFAULTS.teacher_softcap,
-    student_logit_scale: float = _DEFAULTS.student_logit_scale,
-    teacher_logit_scale: float = _DEFAULTS.teacher_logit_scale,
-    loss_type: str = _DEFAULTS.loss_type,
-    metrics: bool = _DEFAULTS.metrics,
+    return_components: bool = False,
+    **settings,
 ) -> Union[Tensor, SDFTLossOutput]:
     """LM-head matmul + cross-entropy + teacher divergence, without materialising the logits.
 
@@ -76,11 +62,27 @@ def fused_linear_sdft_loss(
             The teacher is a constant: no gradient reaches ``teacher_*``.
         student_bias, teacher_bias: optional ``[V]`` biases, of any float dtype: added to the
             float32 logits (with ``logits_dtype="input"`` promoted with the head instead).
+        kl_mask: ``[N]`` bool, the positions that carry the divergence; default: positions
+            whose label is not ignored. Positions counted by neither term contribute nothing.
+        num_items: normaliser of ``"mean"`` (e.g. the token count of a whole accumulated
+            batch): a number >= 1, or 0 for an accumulated batch with nothing to count (the
+            loss is then 0; refused, with ``validate_labels``, where a position has a label),
+            or such a one-element tensor; default: the number of positions whose label is not
+            ignored.
+        options: the settings below as one :class:`LossOptions` (built once and reused, as
+            :class:`sdft.SDFTLoss` does), or None to give them as keywords; not both.
+        impl: ``"auto"`` (:func:`default_impl`), ``"triton_chunked"`` (CUDA; the default
+            there: chunks of logits from cuBLAS GEMMs and one fused Triton epilogue), ``"triton"``
+            (CUDA: fused Triton kernels that store no logits at all; less memory, twice the
+            FLOPs), ``"torch"`` (chunked plain torch; the default elsewhere) or ``"reference"``
+            (materialised; for checking).
+        chunk_size: rows per chunk of the chunked paths (default: from a budget of ~256 MiB
+            for ``"torch"``, 1 GiB of logits for ``"triton_chunked"``).
+        return_components: return :class:`SDFTLossOutput` ``(loss, ce, kl, n_tokens)``;
+            the parts are detached and unweighted, and computing them needs no host sync.
+
+    Settings, as keywords or as ``options`` (:class:`LossOptions`' fields, with its defaults):
         ce_weight, kl_weight: weights of the two terms (``kl_weight`` is the paper's lambda).
-        loss_type: ``"nll"`` (default): the cross-entropy; ``"dft"``: each position's
-            cross-entropy weighted by its detached probability of the label, ``CE * exp(-CE)``
-            (dynamic fine-tuning, TRL ``SFTTrainer``'s ``loss_type="dft"``). ``ce`` reports
-            that weighted term.
         temperature: tau of the divergence; CE always uses temperature 1. The divergence term
             is scaled by ``tau**2``.
         divergence: ``"forward_kl"`` = KL(p_t || p_s) (the paper's), ``"reverse_kl"`` =
@@ -88,27 +90,22 @@ def fused_linear_sdft_loss(
             ``m = beta p_t + (1 - beta) p_s``, beta = ``jsd_beta`` in [0, 1]; as in TRL and
             Liger, ``jsd`` at beta 0 is forward KL and at beta 1 reverse KL. Every divergence
             takes ``0 log 0 = 0``: teacher logits of -inf (masked entries) are allowed.
-        kl_mask: ``[N]`` bool, the positions that carry the divergence; default: positions
-            whose label is not ignored. Positions counted by neither term contribute nothing.
+        ignore_index: the label of positions without supervision.
         reduction: ``"mean"`` (sum / normaliser), ``"sum"`` or ``"none"`` (``[N]`` rows).
-        num_items: normaliser of ``"mean"`` (e.g. the token count of a whole accumulated
-            batch): a number >= 1, or 0 for an accumulated batch with nothing to count (the
-            loss is then 0; refused, with ``validate_labels``, where a position has a label),
-            or such a one-element tensor; default: the number of positions whose label is not
-            ignored.
+        loss_type: ``"nll"`` (default): the cross-entropy; ``"dft"``: each position's
+            cross-entropy weighted by its detached probability of the label, ``CE * exp(-CE)``
+            (dynamic fine-tuning, TRL ``SFTTrainer``'s ``loss_type="dft"``). ``ce`` reports
+            that weighted term.
         softcap: if set, every logit z of both models becomes ``softcap * tanh(z / softcap)``
             (Gemma 2); ``student_softcap`` / ``teacher_softcap`` set one model's each (not
             together with ``softcap``).
         student_logit_scale, teacher_logit_scale: each model's logits ``x @ W.T + b`` are
             multiplied by it before the softcap (Cohere's ``logit_scale``, Granite's
             ``1 / logits_scaling``), as TRL's ``DistillationTrainer`` applies them.
-        impl: ``"auto"`` (:func:`default_impl`), ``"triton_chunked"`` (CUDA; the default
-            there: chunks of logits from cuBLAS GEMMs and one fused Triton epilogue), ``"triton"``
-            (CUDA: fused Triton kernels that store no logits at all; less memory, twice the
-            FLOPs), ``"torch"`` (chunked plain torch; the default elsewhere) or ``"reference"``
-            (materialised; for checking).
-        return_components: return :class:`SDFTLossOutput` ``(loss, ce, kl, n_tokens)``;
-            the parts are detached and unweighted, and computing them needs no host sync.
+        logits_dtype: ``"float32"`` (default): every logit is the GEMM's float32 sum (float64
+            for float64 inputs), never rounded to bfloat16/float16 before the softmax;
+            ``"input"``: rounded to the inputs' dtype, bias included, as an ``nn.Linear`` head
+            in that dtype returns them (bit-level parity with a materialised bf16/fp16 forward).
         metrics: also return (as ``SDFTLossOutput.entropy`` / ``.top1``, with
             ``return_components``) each labelled row's student entropy at temperature 1 and
             whether its label is the student's top prediction, from the same pass over the
@@ -116,12 +113,6 @@ def fused_linear_sdft_loss(
         validate_labels: check the label range, a tensor ``num_items``, and that a
             ``num_items`` of 0 comes with no labelled position (one host sync for all); turn
             off to avoid the sync.
-        chunk_size: rows per chunk of the chunked paths (default: from a budget of ~256 MiB
-            for ``"torch"``, 1 GiB of logits for ``"triton_chunked"``).
-        logits_dtype: ``"float32"`` (default): every logit is the GEMM's float32 sum (float64
-            for float64 inputs), never rounded to bfloat16/float16 before the softmax;
-            ``"input"``: rounded to the inputs' dtype, bias included, as an ``nn.Linear`` head
-            in that dtype returns them (bit-level parity with a materialised bf16/fp16 forward).
 
     Returns:
         The loss (float32, float64 for float64 inputs): a scalar, or ``[N]`` for
@@ -135,36 +126,7 @@ def fused_linear_sdft_loss(
     for ``"triton"`` and ``"reference"``; the chunked paths hand their gradients over at the
     first one and raise a clear error on a second.
     """
-    options = LossOptions(
-        ce_weight=ce_weight, kl_weight=kl_weight, temperature=temperature, divergence=divergence,
-        jsd_beta=jsd_beta, ignore_index=ignore_index, reduction=reduction, softcap=softcap,
-        validate_labels=validate_labels, logits_dtype=logits_dtype, student_softcap=student_softcap,
-        teacher_softcap=teacher_softcap, student_logit_scale=student_logit_scale,
-        teacher_logit_scale=teacher_logit_scale, loss_type=loss_type, metrics=metrics,
-    )
-    return sdft_loss(options, student_hidden, student_weight, labels, teacher_hidden, teacher_weight,
-                     student_bias=student_bias, teacher_bias=teacher_bias, kl_mask=kl_mask, num_items=num_items,
-                     impl=impl, return_components=return_components, chunk_size=chunk_size)
-
-
-def sdft_loss(
-    options: LossOptions,
-    student_hidden: Tensor,
-    student_weight: Tensor,
-    labels: Tensor,
-    teacher_hidden: Optional[Tensor] = None,
-    teacher_weight: Optional[Tensor] = None,
-    *,
-    student_bias: Optional[Tensor] = None,
-    teacher_bias: Optional[Tensor] = None,
-    kl_mask: Optional[Tensor] = None,
-    num_items: Union[None, int, float, Tensor] = None,
-    impl: str = DEFAULT_IMPL,
-    return_components: bool = False,
-    chunk_size: Optional[int] = None,
-) -> Union[Tensor, SDFTLossOutput]:
-    """:func:`fused_linear_sdft_loss` with its settings as one :class:`LossOptions`, built
-    once by the caller (:class:`sdft.SDFTLoss` holds one). Arguments as there."""
+    options = _options(options, settings)
     run = RunSettings(impl=impl, chunk_size=chunk_size)  # checks both
     inputs = LossInputs(student_hidden, student_weight, labels, teacher_hidden, teacher_weight,
                         student_bias=student_bias, teacher_bias=teacher_bias, kl_mask=kl_mask, num_items=num_items)
@@ -188,6 +150,22 @@ def sdft_loss(
 
 
 _FLOATING = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight", "teacher_bias")
+
+
+def _options(options: Optional[LossOptions], settings: dict) -> LossOptions:
+    """The call's :class:`LossOptions`: ``options``, or built (and checked) from ``settings``."""
+    unknown = sorted(set(settings) - set(_SETTINGS))
+    if unknown:
+        raise TypeError(f"fused_linear_sdft_loss got unexpected keyword arguments {unknown}; its settings are "
+                        f"LossOptions' fields {list(_SETTINGS)}")
+    if options is None:
+        return LossOptions(**settings)
+    if settings:
+        raise TypeError(f"fused_linear_sdft_loss takes options or their keywords, not both (got options and "
+                        f"{sorted(settings)})")
+    if not isinstance(options, LossOptions):
+        raise TypeError(f"options must be a LossOptions, got {type(options).__name__}")
+    return options
 
 
 def _map(inputs: LossInputs, names: tuple[str, ...], fn) -> LossInputs:

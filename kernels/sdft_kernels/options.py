@@ -7,6 +7,7 @@ launchers, so that no layer re-spells the settings and none can disagree about a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -18,6 +19,16 @@ LOSS_TYPES = ("nll", "dft")
 IMPLS = ("auto", "triton", "triton_chunked", "torch", "reference")
 DEFAULT_IMPL = "auto"
 TRITON_IMPLS = ("triton", "triton_chunked")  # need CUDA (or Triton's interpreter)
+
+
+class _Own:
+    """The default of :meth:`LossOptions.with_heads`' arguments: the options' own setting."""
+
+    def __repr__(self) -> str:
+        return "OWN"
+
+
+OWN = _Own()
 
 
 def check_impl(impl: str) -> str:
@@ -149,6 +160,33 @@ class LossOptions:
     def teacher_cap(self) -> Optional[float]:
         """The teacher's softcap: ``teacher_softcap``, else ``softcap`` (None: no cap)."""
         return self.softcap if self.teacher_softcap is None else self.teacher_softcap
+
+    def with_heads(self, softcap=OWN, teacher_softcap=OWN, student_logit_scale=OWN, teacher_logit_scale=OWN,
+                   ) -> "LossOptions":
+        """These options for the model heads at hand: the student's head applies ``softcap``
+        (None: no cap) and the teacher's ``teacher_softcap`` (by default the same as
+        ``softcap``), each after its logit scale. An argument left out keeps these options'
+        own setting (``teacher_softcap`` then follows ``softcap`` if that is given).
+
+        A softcap these options set themselves says what the model applies: a head that
+        applies another is refused (``ValueError``), never silently overridden. Returns
+        ``self`` where nothing changes, else a copy with ``student_softcap`` /
+        ``teacher_softcap`` (``softcap`` None) and the scales set.
+        """
+        student = self.student_cap if softcap is OWN else softcap
+        if teacher_softcap is OWN:
+            teacher_softcap = self.teacher_cap if softcap is OWN else softcap
+        for own, head, whose in ((self.student_cap, student, "the student's head"),
+                                 (self.teacher_cap, teacher_softcap, "the teacher's head")):
+            if own is not None and head != own:
+                raise ValueError(f"the loss is configured with softcap {own}, but {whose} applies {head}")
+        s_scale = self.student_logit_scale if student_logit_scale is OWN else student_logit_scale
+        t_scale = self.teacher_logit_scale if teacher_logit_scale is OWN else teacher_logit_scale
+        heads = (student, teacher_softcap, s_scale, t_scale)
+        if heads == (self.student_cap, self.teacher_cap, self.student_logit_scale, self.teacher_logit_scale):
+            return self
+        return dataclasses.replace(self, softcap=None, student_softcap=student, teacher_softcap=teacher_softcap,
+                                   student_logit_scale=s_scale, teacher_logit_scale=t_scale)
 
     @property
     def effective_divergence(self) -> str:

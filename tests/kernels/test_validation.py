@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdft_kernels import fused_linear_sdft_loss
+from sdft_kernels import LossOptions, fused_linear_sdft_loss
 from tests.kernels.helpers import make_problem
 
 
@@ -57,6 +57,9 @@ def _call(p=None, **kw):
         (dict(kl_mask=torch.ones(10)), ValueError, "kl_mask.*bool"),
         (dict(student_bias=torch.randn(19)), ValueError, r"\(20,\)"),
         (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(temprature=0.5), TypeError, r"unexpected keyword arguments \['temprature'\].*temperature"),
+        (dict(options=LossOptions(), kl_weight=0.5), TypeError, r"options or their keywords.*\['kl_weight'\]"),
+        (dict(options=dict(kl_weight=0.5)), TypeError, "options must be a LossOptions, got dict"),
     ],
 )
 def test_bad_input_is_named(kw, exc, match):
