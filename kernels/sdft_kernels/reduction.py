@@ -1,7 +1,9 @@
 """Which positions count, what ``mean`` divides by, the per-row gradient scales, and the dtype
 of the loss statistics.
 
-Shared by the reference and the fused paths so that the reduction semantics live in one place.
+Shared by the fast paths (the chunk loop and the Triton kernels), so that they cannot disagree
+with each other. The reference (:mod:`sdft_kernels.reference`) writes the same rules out on its
+own, so that a bug here shows up as a difference from it rather than agreeing with itself.
 """
 
 from __future__ import annotations
