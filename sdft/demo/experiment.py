@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -175,15 +175,22 @@ def _cost(spec: RunSpec, sizes: dict[str, int]) -> float:
     return train + evaluate + sizes["train_known"] * spec.stage1_epochs
 
 
-def run_all(specs: list[RunSpec], costs: list[float], workers: int, log_path: str, progress: Progress) -> list[dict]:
-    """Run every spec in ``workers`` spawned processes (largest first); results in spec order."""
+def _describe(record: dict) -> str:
+    return f"seed {record['seed']} {record['method']}"
+
+
+def run_all(specs: list, costs: list[float], workers: int, log_path: str, progress: Progress, *,
+            run: Callable[[Any], dict] = run_one, describe: Callable[[dict], str] = _describe) -> list[dict]:
+    """``run(spec)`` for every spec in ``workers`` spawned processes, one thread each (largest
+    cost first); results in spec order. ``run`` must be a module-level function (it is pickled by
+    name); ``describe(result)`` names a finished run on the progress line."""
     import multiprocessing as mp
 
     order = sorted(range(len(specs)), key=lambda i: -costs[i])
     results: dict[int, dict] = {}
     pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(log_path,))
     try:
-        pending = pool.imap_unordered(_run_indexed, [(i, specs[i]) for i in order])
+        pending = pool.imap_unordered(_run_indexed, [(i, run, specs[i]) for i in order])
         while len(results) < len(specs):
             try:
                 i, record = pending.next(timeout=1.0)
@@ -191,7 +198,7 @@ def run_all(specs: list[RunSpec], costs: list[float], workers: int, log_path: st
                 progress.show()
                 continue
             results[i] = record
-            progress.run_finished(f"seed {record['seed']} {record['method']}", record["seconds"], costs[i])
+            progress.run_finished(describe(record), record["seconds"], costs[i])
         pool.close()
     except BaseException:
         pool.terminate()
@@ -201,9 +208,9 @@ def run_all(specs: list[RunSpec], costs: list[float], workers: int, log_path: st
     return [results[i] for i in range(len(specs))]
 
 
-def _run_indexed(job: tuple[int, RunSpec]) -> tuple[int, dict]:
-    i, spec = job
-    return i, run_one(spec)
+def _run_indexed(job: tuple) -> tuple[int, dict]:
+    i, run, spec = job
+    return i, run(spec)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -91,9 +91,8 @@ def _evaluate_by_epoch(score: SplitAccuracy, model, history: list[dict], every: 
     return EvaluateByEpoch()
 
 
-def _examples(tokenizer, rows: list[dict]) -> list[dict]:
-    return [dict(zip(("input_ids", "labels"), encode_example(tokenizer, r["question"], r["answer"])))
-            for r in rows]
+def _examples(tokenizer, rows: list[dict], encode: Callable = encode_example) -> list[dict]:
+    return [dict(zip(("input_ids", "labels"), encode(tokenizer, r["question"], r["answer"]))) for r in rows]
 
 
 def trainable_names(model) -> list[str]:
@@ -101,10 +100,16 @@ def trainable_names(model) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
-def stage2(model, tokenizer, splits: dict[str, list[dict]], spec: RunSpec, score: Optional[SplitAccuracy] = None):
+def stage2(model, tokenizer, splits: dict[str, list[dict]], spec: RunSpec, score: Optional[Callable] = None,
+           encode: Callable = encode_example):
     """Fine-tune the stage-1 ``model`` in place with ``spec.method``; returns the accuracy history
     (see :class:`RunSpec`'s ``eval_every_epochs``; empty without ``score``) and the freeze report
-    (``None`` for rows that freeze nothing)."""
+    (``None`` for rows that freeze nothing).
+
+    ``score(model)`` returns one accuracy record (:class:`SplitAccuracy` for the toy);
+    ``encode(tokenizer, question, answer)`` gives an example's ``(input_ids, labels)`` (the
+    toy's :func:`~sdft.demo.tokenizer.encode_example` by default).
+    """
     method = spec.method
     rows = splits["train_known"] + (splits["train_unknown"] if method.data == "all" else [])
     teacher, loss = None, SDFTLoss(kl_weight=0.0)
@@ -115,7 +120,7 @@ def stage2(model, tokenizer, splits: dict[str, list[dict]], spec: RunSpec, score
     report = freeze(model, method.freeze, train_only=method.train_only) if method.freezes else None
     history: list[dict] = []
     callbacks = [_evaluate_by_epoch(score, model, history, spec.eval_every_epochs)] if score is not None else []
-    trainer = stage_trainer(model, _examples(tokenizer, rows), tokenizer, spec, spec.stage2_epochs,
+    trainer = stage_trainer(model, _examples(tokenizer, rows, encode), tokenizer, spec, spec.stage2_epochs,
                             teacher=teacher, loss=loss, freeze_report=report, callbacks=callbacks)
     trainer.train()
     return history, report

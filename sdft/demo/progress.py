@@ -88,8 +88,10 @@ class Progress:
     """
 
     def __init__(self, total_runs: int, *, workers: int = 1, stream: Optional[TextIO] = None,
-                 start: Optional[float] = None, enabled: bool = True):
+                 start: Optional[float] = None, enabled: bool = True, name: str = "sdft demo",
+                 run_phase: str = "fine-tuning"):
         self.total, self.done, self.workers = total_runs, 0, max(1, workers)
+        self.name, self.run_phase = name, run_phase  # the line's prefix; the phase once runs finish
         self.stream = stream if stream is not None else sys.stderr
         self.start = time.perf_counter() if start is None else start
         self.enabled = enabled
@@ -112,7 +114,7 @@ class Progress:
         self.done += 1
         self.cost_done += cost
         self.seconds_done += seconds
-        self.phase = "fine-tuning"
+        self.phase = self.run_phase
         self.last = f"{label} ({seconds:.0f} s)"
         self.show(force_line=True)
 
@@ -123,7 +125,7 @@ class Progress:
         return rate * (self.cost_total - self.cost_done) / self.workers
 
     def line(self) -> str:
-        parts = [f"[sdft demo] {self.phase}", f"runs {self.done}/{self.total}",
+        parts = [f"[{self.name}] {self.phase}", f"runs {self.done}/{self.total}",
                  f"elapsed {_duration(time.perf_counter() - self.start)}"]
         left = self.remaining()
         if left is not None:

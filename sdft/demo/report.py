@@ -116,12 +116,16 @@ def _pm(stat: Sequence[float]) -> str:
     return f"{100 * stat[0]:.1f} ± {100 * stat[1]:.1f}"
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+
+
 def format_table(table: dict) -> str:
     """The paper's Table 1 shape as Markdown: accuracies and forgetting in %, mean ± std."""
     lines = ["| stage 2 trains | parameters trained | task (known) | new facts | held-out old facts "
              "| forgetting (drop from peak) |", "|---|---:|---:|---:|---:|---:|"]
     for key, e in table.items():
-        params = (f"{e['trained_parameters'] / 1e3:.0f}k of {e['total_parameters'] / 1e3:.0f}k"
+        params = (f"{_count(e['trained_parameters'])} of {_count(e['total_parameters'])}"
                   if "trained_parameters" in e else "-")
         lines.append(f"| {e.get('label', key)} | {params} | {_pm(e['task'])} | {_pm(e['new_facts'])} "
                      f"| {_pm(e['old_facts'])} | {_pm(e['forgetting'])} |")
@@ -151,8 +155,10 @@ def format_frontier(front: Optional[dict]) -> str:
     else:
         p = next(p for p in front["points"] if p["kl_weight"] == best)
         verdict = "yes" if front["best_forgets_at_most_a_third"] else "no"
+        # No ratio when SFT forgot nothing (a short run, a tiny split).
+        ratio = f"{p['forgets_vs_sft']:.2f}x" if p["forgets_vs_sft"] is not None else "against"
         lines.append(f"Lambda that forgets least among those learning >= {LEARN_FRACTION:.0%} of SFT's new facts: "
-                     f"{best:g} (forgets {100 * p['forgetting'][0]:.1f} points, {p['forgets_vs_sft']:.2f}x SFT's "
+                     f"{best:g} (forgets {100 * p['forgetting'][0]:.1f} points, {ratio} SFT's "
                      f"{100 * sft['forgetting'][0]:.1f}). At most a third of SFT's forgetting: {verdict}.")
     return "\n".join(lines)
 

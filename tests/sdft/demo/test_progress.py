@@ -39,3 +39,10 @@ def test_a_log_gets_a_line_per_phase_not_per_redraw():
     silent = io.StringIO()
     Progress(2, stream=silent, enabled=False).status("pretraining")
     assert silent.getvalue() == ""
+
+
+def test_the_line_names_its_command_and_the_phase_of_its_runs():
+    out = io.StringIO()
+    progress = Progress(3, stream=out, start=0.0, name="sdft demo real", run_phase="classifying")
+    progress.run_finished("classified capital", seconds=10.0)
+    assert out.getvalue().startswith("[sdft demo real] classifying | runs 1/3 |")

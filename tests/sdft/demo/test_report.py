@@ -74,3 +74,18 @@ def test_frontier_verdicts():
     assert "No lambda learns 90%" in format_frontier(none)
     assert frontier(_runs({"sdft_1": (0.5, 0.99)}), METHODS) is None
     assert frontier(_runs({"sft": (0.95, 0.85)}), METHODS) is None
+
+
+def test_frontier_when_sft_forgets_nothing():
+    # A short run can leave SFT's held-out accuracy at its peak: no ratio, but a verdict.
+    front = frontier([run(0, "sft", 0.5, 1.0), run(0, "sdft_0.5", 0.5, 1.0)], METHODS)
+    assert front["points"][0]["forgets_vs_sft"] is None
+    text = format_frontier(front)
+    assert "0.5 (forgets 0.0 points, against SFT's 0.0)" in text and "| 0.5 | 50.0 ± 0.0 | 0.0 ± 0.0 | 1.00x | - |" in text
+
+
+def test_parameter_counts_in_thousands_or_millions():
+    small = summarise([{**run(0, "sft", 1.0, 0.9), "trained_parameters": 131_072, "total_parameters": 549_000}], METHODS)
+    large = summarise([{**run(0, "sft", 1.0, 0.9), "trained_parameters": 28_311_552,
+                        "total_parameters": 134_515_008}], METHODS)
+    assert "| 131k of 549k |" in format_table(small) and "| 28.3M of 134.5M |" in format_table(large)
