@@ -1,4 +1,4 @@
-"""The ``sdft`` command: ``sdft train CONFIG.yaml [--key value ...]``, ``sdft eval``, ``sdft demo``."""
+"""The ``sdft`` command: ``sdft train CONFIG.yaml [--key value ...]``, ``sdft eval``, ``sdft demo [real]``."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@
     sdft demo --quick              # 1 seed, a smaller world, lambdas 0.5 and 2: under 2 minutes (CI)
     sdft demo --rows sft sdft --lambdas 0.5 0.75 --seeds 3 4 5      # a longer study
     sdft demo --layers 4 --rows sft attention_only ffn_only         # a deeper toy, same world
+    sdft demo real                 # the same rows on a real pretrained model (sdft.demo.real)
 
 Rows (``--rows``): sft, sdft (one per ``--lambdas``), attention_only, ffn_only, mlp_frozen,
 known_only; see ``sdft.demo.methods``. Outputs in ``--out``: results.json, table.md,
@@ -48,5 +49,9 @@ def parse_config(argv: Optional[list[str]] = None) -> DemoConfig:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    if argv and argv[0] == "real":
+        from .real.cli import main as real_main
+
+        return real_main(argv[1:])
     run_demo(parse_config(argv))
     return 0
