@@ -37,7 +37,7 @@ import torch
 
 from sdft.demo.experiment import run_all
 from sdft.demo.finetune import RunSpec
-from sdft.demo.methods import Method, build_methods
+from sdft.demo.methods import ROW_NAMES, Method, build_methods
 from sdft.demo.progress import Progress, open_log, quiet_libraries
 from sdft.demo.report import format_frontier, format_table, frontier, plot_curves, plot_tradeoff, summarise
 
@@ -48,7 +48,6 @@ from .stages import Classify, ClassifyJob, Stage1Job, Stage2Job, classify_relati
 
 RESULTS, TABLE, LOG = "results.json", "table.md", "study.log"
 CURVES_PNG, TRADEOFF_PNG = "accuracy_vs_epoch.png", "tradeoff.png"
-DEFAULT_ROWS = ("sft", "sdft", "attention_only", "ffn_only", "known_only")
 FORMAT_VERSION = 1   # of the cached folders: bump when what they hold changes
 
 
@@ -71,7 +70,7 @@ class StudyConfig:
     eval_every_epochs: int = 1
     temperature: float = 0.5                # tau of every SDFT row
     kl_weights: tuple[float, ...] = (0.25, 0.5, 1.0)
-    rows: tuple[str, ...] = DEFAULT_ROWS
+    rows: tuple[str, ...] = ROW_NAMES
     workers: int = 2
     out_dir: str = "runs/demo-real"
     cache_dir: str = ".cache/sdft-demo-real"

@@ -23,7 +23,7 @@ SPLIT_NAMES = ("train_known", "train_unknown", "heldout_known")
 class SplitSpec:
     train_share: float = 0.4          # of each relation's Known facts, to train on
     train_per_relation: int = 40      # at most this many train-known (and train-unknown) facts
-    heldout_per_relation: int = 200   # at most this many held-out known facts
+    heldout_per_relation: int = 300   # at most this many held-out known facts
     seed: int = 0
 
     def __post_init__(self):
