@@ -2,7 +2,8 @@
 
 Protocol, in this order:
 
-1. build the seeded inputs and the contender's step (``Skip`` -> status "skipped");
+1. build the seeded inputs (random, or with ``"inputs": "real"`` a real model's hidden states,
+   :mod:`bench.real_inputs`) and the contender's step (``Skip`` -> status "skipped");
 2. ``warmup`` unmeasured calls (compiled code, Triton autotuning, cuBLAS handles);
 3. one *probed* call: peak memory growth over the call and its wall time;
 4. agreement of that call's loss and gradients with the oracle (the reference's values; the
@@ -139,6 +140,17 @@ def is_oom(e: BaseException) -> bool:
 
 # ---------------------------------------------------------------- one case
 
+def build_real_case_inputs(spec: dict, device: str, dtype: torch.dtype, *, teacher: bool, requires_grad: bool):
+    """The inputs of a ``"inputs": "real"`` spec: SmolLM2-135M's hidden states over real text
+    (:mod:`bench.real_inputs`), whose D and V the spec must name."""
+    from .real_inputs import CACHE, MODEL_D, MODEL_V, build_real_inputs
+
+    if (spec["D"], spec["V"]) != (MODEL_D, MODEL_V):
+        raise ValueError(f"real inputs have D={MODEL_D}, V={MODEL_V}; the spec names D={spec['D']}, V={spec['V']}")
+    return build_real_inputs(spec["N"], device=device, dtype=dtype, teacher=teacher, requires_grad=requires_grad,
+                             seed=spec.get("seed", SEED), cache_dir=spec.get("real_cache", CACHE))
+
+
 def measure(spec: dict) -> dict:
     """Measure the case described by ``spec`` (see :func:`bench.plan.case_spec`)."""
     result = {k: spec[k] for k in ("group", "contender", "device", "dtype", "N", "D", "V")}
@@ -158,9 +170,13 @@ def measure(spec: dict) -> dict:
         # limit (after which torch.compile silently runs eager).
         sys.modules["torch._dynamo"].reset()
     try:
-        inputs = build_inputs(spec["N"], spec["D"], spec["V"], device=device, dtype=dtype,
-                              teacher=group != CE_FWD_BWD, requires_grad=backward,
-                              seed=spec.get("seed", SEED))
+        if spec.get("inputs", "random") == "real":
+            inputs = build_real_case_inputs(spec, device, dtype, teacher=group != CE_FWD_BWD,
+                                            requires_grad=backward)
+        else:
+            inputs = build_inputs(spec["N"], spec["D"], spec["V"], device=device, dtype=dtype,
+                                  teacher=group != CE_FWD_BWD, requires_grad=backward,
+                                  seed=spec.get("seed", SEED))
         step = contender.build(inputs, group, device)
         for _ in range(warmup):
             inputs.zero_grads()

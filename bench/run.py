@@ -86,7 +86,7 @@ def _run(args) -> Path:
     date = datetime.date.today().isoformat()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.device}{'-quick' if args.quick else ''}-{date}"
+    stem = f"{args.device}{'-quick' if args.quick else ''}{'-real' if args.real_inputs else ''}-{date}"
     json_path = out_dir / f"{stem}.json"
 
     results = {"meta": meta(args, date), "cases": []}
@@ -94,6 +94,10 @@ def _run(args) -> Path:
                            elapsed_s=0.0)
     specs = [case_spec(shape, group, name, args.device, args.repeats, device_warmup(args.device),
                        args.threads) for shape, group, name, _ in entries]
+    if args.real_inputs:
+        results["meta"]["inputs"] = "real: SmolLM2-135M-Instruct hidden states over GeoNames text (bench.real_inputs)"
+        for spec in specs:
+            spec["inputs"] = "real"
 
     def pending_from(i):  # entries[i:] as not run yet, the first of them in progress
         return [dict(pending(spec, IN_PROGRESS_REASON if j == i else PENDING_REASON),
@@ -174,6 +178,9 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, metavar="SECONDS",
                    help="once this many seconds have passed, start no new case: the rest are "
                         "recorded as skipped and the outputs written as usual")
+    p.add_argument("--real-inputs", action="store_true",
+                   help="SmolLM2-135M's hidden states over real text instead of random inputs "
+                        "(bench.real_inputs); needs --shape N,576,49152")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan and a rough time estimate, run nothing (needs no GPU)")
     args = p.parse_args(argv)
@@ -185,6 +192,11 @@ def parse_args(argv=None):
     if args.shape:
         args.shape = [_as_in_grid(s, args.device) for s in args.shape]
     check_run_args(p, args)
+    if args.real_inputs:
+        from .real_inputs import MODEL_D, MODEL_V
+
+        if not args.shape or any((s.D, s.V) != (MODEL_D, MODEL_V) for s in args.shape):
+            p.error(f"--real-inputs needs --shape N,{MODEL_D},{MODEL_V} (the model's hidden size and vocabulary)")
     return args
 
 
