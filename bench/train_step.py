@@ -42,8 +42,8 @@ from .plan import DTYPES
 from .runner import budget_reason, check_run_args, in_fresh_process, run_with
 from .results import (IN_PROGRESS_REASON, PENDING_REASON, REPO_ROOT, device_name, git,
                       load_average, package_versions)
-from .train_step_cases import (BATCHES, CASES, LEARNING_RATE, PROMPT_FRACTION, QUICK_BATCH,
-                               StepModel, models, skip_reason)
+from .train_step_cases import (BATCHES, CASES, LEARNING_RATE, MODELS, NAMED_MODELS, PROMPT_FRACTION,
+                               QUICK_BATCH, StepModel, models, skip_reason)
 from .train_step_measure import RESULT_MARKER, measure_memory, measure_times
 from .train_step_results import case_record, write_results
 
@@ -58,7 +58,7 @@ def plan(dtype: str, quick: bool, model_names=None, case_names=None) -> list:
     """``(model, case name, skip reason or None)`` in run order, for a student in ``dtype``:
     the headline model first, and within each model the cases in :data:`CASES` order (the
     SFT baseline first)."""
-    chosen = [m for m in models(quick) if not model_names or m.name in model_names]
+    chosen = [m for m in models(quick, model_names) if not model_names or m.name in model_names]
     chosen.sort(key=lambda m: not m.headline)
     return [(m, name, skip_reason(case, dtype)) for m in chosen
             for name, case in CASES.items() if not case_names or name in case_names]
@@ -330,7 +330,7 @@ def parse_args(argv=None):
     args.repeats = REPEATS[args.device] if args.repeats is None else args.repeats
     if args.warmup < 1 or args.repeats < 1:
         p.error("--warmup and --repeats must be at least 1 (a case's first step pays one-time costs)")
-    known = {m.name for m in models(args.quick)}
+    known = {m.name for m in (models(True) if args.quick else MODELS + NAMED_MODELS)}
     if args.models and not set(args.models) <= known:
         p.error(f"--models: unknown {sorted(set(args.models) - known)}; known: {sorted(known)}")
     check_run_args(p, args)

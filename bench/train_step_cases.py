@@ -66,14 +66,16 @@ class StepModel:
     heads: int
     vocab: int
     headline: bool = False   # the model the targets are judged on
+    kv_heads: Optional[int] = None  # grouped-query attention (None: one per head)
+    tied: bool = False              # the LM head is the input embedding
 
     def config(self, max_positions: int):
         from transformers import LlamaConfig
 
         return LlamaConfig(vocab_size=self.vocab, hidden_size=self.hidden,
                            intermediate_size=self.intermediate, num_hidden_layers=self.layers,
-                           num_attention_heads=self.heads, num_key_value_heads=self.heads,
-                           max_position_embeddings=max_positions, tie_word_embeddings=False)
+                           num_attention_heads=self.heads, num_key_value_heads=self.kv_heads or self.heads,
+                           max_position_embeddings=max_positions, tie_word_embeddings=self.tied)
 
     @property
     def head_params(self) -> int:
@@ -83,7 +85,8 @@ class StepModel:
     def body_params(self) -> int:
         """Parameters of the decoder layers (the GEMMs per token); embeddings excluded."""
         D, F_ = self.hidden, self.intermediate
-        return self.layers * (4 * D * D + 3 * D * F_)
+        kv = D * (self.kv_heads or self.heads) // self.heads
+        return self.layers * (2 * D * D + 2 * D * kv + 3 * D * F_)
 
 
 # Both models share a 4-layer body; the second carries a Qwen2.5-sized vocabulary (151936),
@@ -97,6 +100,14 @@ MODELS = (
     StepModel("llama-32k", "4 layers, D=512, V=32000", layers=4, hidden=512,
               intermediate=1376, heads=8, vocab=32000),
 )
+# Run only when named (--models): a real model's shape, SmolLM2-135M (30 layers, D=576,
+# grouped-query attention, tied embeddings, V=49152), where the decoder outweighs the head: what
+# the SDFT loss adds to a step when the head does not dominate it. Its config, random weights:
+# a step's time and memory do not depend on the values (sdft demo real trains the real one).
+NAMED_MODELS = (
+    StepModel("smollm2-135m", "SmolLM2-135M's shape: 30 layers, D=576, V=49152, tied head", layers=30,
+              hidden=576, intermediate=1536, heads=9, vocab=49152, kv_heads=3, tied=True),
+)
 QUICK_MODELS = (  # seconds on CPU: the harness smoke test
     StepModel("tiny-big-vocab", "1 layer, D=32, V=4096", layers=1, hidden=32, intermediate=64,
               heads=2, vocab=4096, headline=True),
@@ -108,12 +119,16 @@ BATCHES = {"cpu": (2, 512), "cuda": (8, 1024)}
 QUICK_BATCH = (2, 32)
 
 
-def models(quick: bool) -> tuple:
-    return QUICK_MODELS if quick else MODELS
+def models(quick: bool, names=None) -> tuple:
+    """The models a run steps: the default set, or those ``names`` picks from it and from
+    :data:`NAMED_MODELS`."""
+    if quick:
+        return QUICK_MODELS
+    return MODELS if not names else tuple(m for m in MODELS + NAMED_MODELS if m.name in names)
 
 
 def model_by_name(name: str) -> StepModel:
-    for m in MODELS + QUICK_MODELS:
+    for m in MODELS + NAMED_MODELS + QUICK_MODELS:
         if m.name == name:
             return m
     raise KeyError(f"no step model named {name!r}")

@@ -122,6 +122,27 @@ def test_cuda_plan_needs_no_gpu_and_puts_the_headline_model_first(capsys):
                if not CASES[name].lora)
 
 
+def test_the_real_models_shape_is_run_only_when_named(capsys):
+    """SmolLM2-135M's shape steps when --models names it, not by default; its config builds a
+    model of exactly the real one's parameter count (134,515,008, tied head included)."""
+    from transformers import AutoModelForCausalLM
+
+    from bench.train_step_cases import NAMED_MODELS
+
+    assert all(m.name != "smollm2-135m" for m, _, _ in plan("float32", quick=False))
+    entries = plan("float32", quick=False, model_names=["smollm2-135m"])
+    assert {m.name for m, _, _ in entries} == {"smollm2-135m"} and len(entries) == len(CASES)
+    (spec,) = NAMED_MODELS
+    model = AutoModelForCausalLM.from_config(spec.config(2048))
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert spec.body_params == sum(p.numel() for n, p in model.named_parameters()
+                                   if ".layers." in n and p.dim() == 2)
+    assert main(["--device", "cpu", "--models", "smollm2-135m", "--batch", "1", "512", "--dry-run"]) == 0
+    assert "1 x 512 tokens" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--models", "no-such-model", "--dry-run"])
+
+
 def test_budget_zero_skips_every_case_and_still_renders(tmp_path):
     main(["--device", "cpu", "--quick", "--in-process", "--budget-s", "0", "--out", str(tmp_path)])
     json_path, results = _load(tmp_path, "train-step-cpu-quick-*.json")
