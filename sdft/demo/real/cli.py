@@ -1,6 +1,6 @@
 """``sdft demo real``: the paper's rows on SmolLM2-135M-Instruct and real-world facts, on a CPU.
 
-    sdft demo real                       # one seed, every row: about 40 min on 2 idle cores
+    sdft demo real                       # one seed, every row: under an hour on 2 cores
     sdft demo real --seeds 0 1 2         # three seeds: three times the fine-tuning time
     sdft demo real --rows sft sdft --lambdas 0.5 1 2 --epochs 8
     sdft demo real --smoke               # a few facts and steps: every output, in minutes (tests)

@@ -53,8 +53,9 @@ FORMAT_VERSION = 1   # of the cached folders: bump when what they hold changes
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """Everything a study depends on. ``StudyConfig()`` is ``sdft demo real``: one seed, about
-    40 minutes on 2 idle CPU cores; :meth:`smoke_config` is the test suite's few-fact run."""
+    """Everything a study depends on. ``StudyConfig()`` is ``sdft demo real``: one seed, 57
+    minutes from an empty cache on 2 shared CPU cores (stage 2: 69 CPU-minutes); :meth:`smoke_config`
+    is the test suite's few-fact run."""
 
     seeds: tuple[int, ...] = (0,)
     facts: FactsSpec = FactsSpec(n_cities=900)
