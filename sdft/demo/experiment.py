@@ -266,11 +266,28 @@ def run_demo(cfg: DemoConfig, *, console: bool = True) -> dict:
         # CPU time of the main process (pretraining, classification, reporting) and of the runs:
         # on a busy machine the wall time above overstates what the demo costs.
         "cpu_seconds": {"main": time.process_time() - cpu_start, "runs": sum(r["cpu_seconds"] for r in runs)},
-        "environment": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        "python": platform.python_version(), "torch": torch.__version__,
-                        "transformers": _version("transformers"), "cpu_count": os.cpu_count(),
-                        "load_average_start": load_start, "load_average_end": os.getloadavg()},
+        "environment": environment(load_start),
     }
+    write_outputs(out, results, text, table, front, log, console, LOG)
+    return results
+
+
+def environment(load_start: tuple, **extra) -> dict:
+    """The machine and versions a study ran on, for its results: ``extra`` (e.g. the CPU's name)
+    beside the date, Python, torch, transformers, the core count and the load averages at the
+    start (``load_start``) and now."""
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": _version("transformers"), "cpu_count": os.cpu_count(), **extra,
+            "load_average_start": load_start, "load_average_end": os.getloadavg()}
+
+
+def write_outputs(out: Path, results: dict, text: str, table: dict, front: dict, log, console: bool,
+                  log_name: str) -> None:
+    """Write a finished study into ``out``: ``results`` as JSON (its ``runs`` and ``seconds``),
+    the tables ``text``, both plots; log it, and with ``console`` print the tables and where
+    everything is (``log_name``: the study's log file in ``out``)."""
+    runs, seconds = results["runs"], results["seconds"]
     (out / RESULTS).write_text(json.dumps(results, indent=1))
     (out / TABLE).write_text(text + "\n")
     plot_curves(runs, table, out / CURVES_PNG)
@@ -279,9 +296,8 @@ def run_demo(cfg: DemoConfig, *, console: bool = True) -> dict:
     if console:
         print("\n" + text)
         print(f"\n{len(runs)} runs in {seconds / 60:.1f} min. Results: {out / RESULTS}; plots: {out / CURVES_PNG}, "
-              f"{out / TRADEOFF_PNG}; details: {out / LOG}")
+              f"{out / TRADEOFF_PNG}; details: {out / log_name}")
         sys.stdout.flush()
-    return results
 
 
 def _version(package: str) -> Optional[str]:

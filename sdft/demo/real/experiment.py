@@ -25,29 +25,27 @@ import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from sdft.demo.experiment import run_all
+from sdft.demo.experiment import (CURVES_PNG, RESULTS, TABLE, TRADEOFF_PNG, environment, run_all,  # noqa: F401
+                                  write_outputs)
 from sdft.demo.finetune import RunSpec
 from sdft.demo.methods import ROW_NAMES, Method, build_methods
 from sdft.demo.progress import Progress, open_log, quiet_libraries
-from sdft.demo.report import format_frontier, format_table, frontier, plot_curves, plot_tradeoff, summarise
+from sdft.demo.report import format_frontier, format_table, frontier, summarise
 
 from . import report as real_report
 from .facts import FactsSpec, build_facts, few_shot_examples, without_examples
 from .splits import SplitSpec, make_splits
 from .stages import Classify, ClassifyJob, Stage1Job, Stage2Job, classify_relation, run_stage1, run_stage2
 
-RESULTS, TABLE, LOG = "results.json", "table.md", "study.log"
-CURVES_PNG, TRADEOFF_PNG = "accuracy_vs_epoch.png", "tradeoff.png"
+LOG = "study.log"  # beside the toy demo's outputs, RESULTS, TABLE, CURVES_PNG and TRADEOFF_PNG
 FORMAT_VERSION = 1   # of the cached folders: bump when what they hold changes
 
 
@@ -231,31 +229,10 @@ def run_study(cfg: StudyConfig, *, console: bool = True) -> dict:
         # CPU time of the main process and of the workers' jobs: on a busy machine the wall time
         # above overstates what the study costs.
         "cpu_seconds": {"main": time.process_time() - cpu_start, "stage2_runs": sum(r["cpu_seconds"] for r in runs)},
-        "environment": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        "python": platform.python_version(), "torch": torch.__version__,
-                        "transformers": _version("transformers"), "cpu_count": os.cpu_count(),
-                        "cpu": _cpu_name(), "load_average_start": load_start, "load_average_end": os.getloadavg()},
+        "environment": environment(load_start, cpu=_cpu_name()),
     }
-    (out / RESULTS).write_text(json.dumps(results, indent=1))
-    (out / TABLE).write_text(text + "\n")
-    plot_curves(runs, table, out / CURVES_PNG)
-    plot_tradeoff(table, front, out / TRADEOFF_PNG)
-    log.info("done in %.0f s\n%s", seconds, text)
-    if console:
-        print("\n" + text)
-        print(f"\n{len(runs)} runs in {seconds / 60:.1f} min. Results: {out / RESULTS}; plots: {out / CURVES_PNG}, "
-              f"{out / TRADEOFF_PNG}; details: {out / LOG}")
-        sys.stdout.flush()
+    write_outputs(out, results, text, table, front, log, console, LOG)
     return results
-
-
-def _version(package: str) -> Optional[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 def _cpu_name() -> Optional[str]:
