@@ -3,8 +3,9 @@
 Tokens are processed in chunks of ``chunk_size`` rows, so the transient memory is a few
 ``[chunk, V]`` buffers instead of whole ``[N, V]`` logits. What happens between a chunk's
 logit GEMMs and its gradient GEMMs is the *epilogue*, passed in:
-:class:`sdft_kernels.torch_epilogue.TorchEpilogue` (element-wise torch ops on float32 buffers)
-or :class:`sdft_kernels.triton_chunked.TritonEpilogue` (one Triton kernel on float32 logits
+:class:`sdft_kernels.torch_epilogue.TorchEpilogue` (element-wise torch ops on float32 buffers;
+on large CPU chunks :class:`sdft_kernels.compiled_epilogue.CompiledTorchEpilogue` compiles
+the same work into one C++ kernel) or :class:`sdft_kernels.triton_chunked.TritonEpilogue` (one Triton kernel on float32 logits
 from cuBLAS). What differs between them is an attribute of the epilogue: its memory
 budget and bytes per row, the dtype of the gradient GEMMs, and the chunk computation itself.
 

@@ -14,7 +14,7 @@ from .loss_inputs import LossInputs
 from .loss_output import SDFTLossOutput
 from .options import DEFAULT_IMPL, TRITON_IMPLS, LossOptions, RunSettings
 from .reference import gemm_inputs, reference_sdft_loss
-from .torch_epilogue import TorchEpilogue
+from .compiled_epilogue import CompiledTorchEpilogue
 from .validation import check_inputs, check_label_range
 
 
@@ -239,7 +239,7 @@ def _resolve(run: RunSettings, device: torch.device) -> RunSettings:
     """``run`` for ``device``: ``impl="auto"`` resolved, the chunk loop's epilogue picked, and
     the grad mode of the call."""
     impl = _resolve_impl(run.impl, device)
-    epilogue = _triton_epilogue() if impl == "triton_chunked" else TorchEpilogue if impl == "torch" else None
+    epilogue = _triton_epilogue() if impl == "triton_chunked" else CompiledTorchEpilogue if impl == "torch" else None
     return dataclasses.replace(run, impl=impl, epilogue=epilogue, grad_enabled=torch.is_grad_enabled())
 
 

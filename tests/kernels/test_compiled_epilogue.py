@@ -1,0 +1,190 @@
+"""The compiled CPU epilogue of ``impl="torch"`` (sdft_kernels/compiled_epilogue.py).
+
+Each compiled variant costs seconds of compilation, so the variants here are few and chosen to
+reach every branch of the compiled math between them: the three divergences, both softcaps and
+logit scales, biases with -inf entries, DFT, the metrics, no teacher, the forward alone,
+``1 / tau`` integer (the squared exponential) and not, float64 and float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from sdft_kernels import compiled_epilogue
+from sdft_kernels.compiled_epilogue import compile_mode, compiled_variants
+from tests.kernels.helpers import assert_close, assert_within_rounding, make_problem, rounding_bounds, run
+
+F64 = dict(rtol=1e-9, atol=1e-11)
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """Every chunk through the compiled epilogue, from a clean slate of compiled variants."""
+    monkeypatch.setenv("SDFT_COMPILE", "always")
+    torch._dynamo.reset()
+    monkeypatch.setattr(compiled_epilogue._Compiled, "variants", set())
+    monkeypatch.setattr(compiled_epilogue._Compiled, "failed", None)
+    yield
+    torch._dynamo.reset()
+
+
+def _masked_biases(p):
+    """-inf on some vocabulary entries of the teacher's bias and, elsewhere, the student's."""
+    V = p.W.shape[0]
+    with torch.no_grad():
+        p.b[torch.arange(3, V, 17)] = float("-inf")
+    p.bt = p.bt.clone()
+    p.bt[:40] = float("-inf")
+    p.labels = torch.where((p.labels % 17 == 3) & (p.labels >= 3), -100, p.labels)  # no label on a masked entry
+
+
+VARIANTS = {
+    "forward_kl+bias+metrics": dict(problem=dict(bias=True, kl_mask=True), loss=dict(metrics=True, temperature=0.5)),
+    "reverse_kl+caps+scales+none": dict(
+        problem=dict(), upstream=True,
+        loss=dict(divergence="reverse_kl", student_softcap=3.0, teacher_softcap=5.0, student_logit_scale=0.8,
+                  teacher_logit_scale=1.5, reduction="none", temperature=0.7),
+    ),
+    "jsd+dft+masked-vocabulary": dict(
+        problem=dict(bias=True), masked=True,
+        loss=dict(divergence="jsd", jsd_beta=0.3, loss_type="dft", temperature=1.0 / 3, ce_weight=0.6, kl_weight=1.4),
+    ),
+    "no-teacher+cap+metrics": dict(problem=dict(teacher=False), loss=dict(softcap=2.5, metrics=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_compiled_matches_the_reference_in_float64(compiled, name):
+    spec = VARIANTS[name]
+    p = make_problem(N=37, D=24, V=203, **spec["problem"])
+    if spec.get("masked"):
+        _masked_biases(p)
+    upstream = torch.randn(37, dtype=torch.float64) if spec.get("upstream") else None
+    ref, ref_grads = run(p, upstream, impl="reference", **spec["loss"])
+    out, grads = run(p, upstream, impl="torch", chunk_size=8, **spec["loss"])
+    assert compiled_variants() >= 1, "the compiled epilogue did not run"
+    for field in ("loss", "ce", "kl", "entropy"):
+        if getattr(ref, field) is not None:
+            assert_close(getattr(out, field), getattr(ref, field), what=f"{name} {field}", **F64)
+    if ref.top1 is not None:
+        assert torch.equal(out.top1, ref.top1)
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert_close(g, r, what=f"{name} grad of leaf {i}", **F64)
+
+
+def test_compiled_forward_alone_matches_the_reference(compiled):
+    p = make_problem(N=37, D=24, V=203, bias=True)
+    for t in p.leaves():
+        t.requires_grad_(False)
+    out = run(p, impl="torch", chunk_size=8, metrics=True)[0]
+    ref = run(p, impl="reference", metrics=True)[0]
+    assert compiled_variants() == 1
+    for field in ("loss", "ce", "kl", "entropy"):
+        assert_close(getattr(out, field), getattr(ref, field), what=field, **F64)
+
+
+def test_compiled_float32_within_rounding_of_the_float64_truth(compiled):
+    """What CPU users train with: float32, tau 0.5 (the student's tempered softmax from the
+    squared exponential), the paper's forward KL; within the worst-case rounding bounds the
+    eager epilogue is held to, entry by entry."""
+    truth_problem = make_problem(N=45, D=32, V=311, bias=True, logit_scale=4.0)
+    low = truth_problem.cast(torch.float32)
+    truth_problem = low.cast(torch.float64)
+    upstream = torch.tensor(1.3, dtype=torch.float64)
+    kw = dict(temperature=0.5, kl_weight=1.0)
+    truth = run(truth_problem, upstream, impl="reference", **kw)
+    fast = run(low, upstream, impl="torch", chunk_size=16, **kw)
+    assert compiled_variants() == 1
+    bounds = rounding_bounds(low, upstream, partial_sums=3, **kw)
+    assert_within_rounding(truth, fast, bounds, "compiled float32")
+
+
+def test_new_row_counts_and_vocabularies_do_not_recompile(compiled):
+    """The chunks' rows (a shorter last chunk, another batch) and the vocabulary are dynamic:
+    one compiled graph serves them all."""
+    from torch._dynamo.utils import counters
+
+    run(make_problem(N=37, D=24, V=203), impl="torch", chunk_size=8)
+    graphs = counters["stats"]["unique_graphs"]
+    for N, V, chunk, ignored in ((50, 203, 16, 0.2), (23, 203, 8, 0.2), (64, 331, 9, 0.2), (7, 150, 5, 0.2),
+                                 (40, 203, 16, 0.0)):  # nothing ignored: the chunks are views, not copies
+        p = make_problem(N=N, D=24, V=V, seed=N, ignore_frac=ignored)
+        out, grads = run(p, impl="torch", chunk_size=chunk)
+        ref, ref_grads = run(p, impl="reference")
+        assert_close(out.loss, ref.loss, what=f"N={N} V={V} loss", **F64)
+    assert counters["stats"]["unique_graphs"] == graphs, "a new shape recompiled the epilogue"
+    assert compiled_variants() == 1
+
+
+def test_small_chunks_stay_eager_under_auto(monkeypatch):
+    monkeypatch.setenv("SDFT_COMPILE", "auto")
+    monkeypatch.setattr(compiled_epilogue._Compiled, "variants", set())
+    run(make_problem(N=37, D=24, V=203), impl="torch")
+    assert compiled_variants() == 0
+
+
+@pytest.mark.parametrize("raw,mode", [(None, "auto"), ("always", "always"), ("0", "never"), ("Off", "never"),
+                                      ("1", "always")])
+def test_compile_mode_from_the_environment(monkeypatch, raw, mode):
+    if raw is None:
+        monkeypatch.delenv("SDFT_COMPILE", raising=False)
+    else:
+        monkeypatch.setenv("SDFT_COMPILE", raw)
+    assert compile_mode() == mode
+
+
+def test_a_bad_compile_mode_is_named(monkeypatch):
+    monkeypatch.setenv("SDFT_COMPILE", "sometimes")
+    with pytest.raises(ValueError, match="SDFT_COMPILE.*'sometimes'"):
+        run(make_problem(N=8, D=8, V=20), impl="torch")
+
+
+_FALLBACK_SCRIPT = textwrap.dedent(
+    """
+    import json, os, warnings
+    import torch
+    from sdft_kernels import fused_linear_sdft_loss
+    from sdft_kernels.compiled_epilogue import compiled_variants
+    from tests.kernels.helpers import make_problem, run
+
+    p = make_problem(N=37, D=24, V=203, bias=True, dtype=torch.float32)
+    results = {}
+    for mode in ("always", "never"):
+        os.environ["SDFT_COMPILE"] = mode
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out, grads = run(p, impl="torch", chunk_size=8)
+            out, grads = run(p, impl="torch", chunk_size=8)  # the failure is reported once
+        results[mode] = dict(
+            loss=out.loss.item(), grads=[g.tolist() for g in grads],
+            warnings=[str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
+        )
+    results["variants"] = compiled_variants()
+    print("RESULT" + json.dumps(results))
+    """
+)
+
+
+def test_without_a_compiler_the_eager_epilogue_serves(tmp_path):
+    """A machine without a C++ compiler: the first compiled call fails, one warning says so,
+    and every call computes exactly what the eager epilogue computes."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"),
+               TORCHINDUCTOR_FX_GRAPH_CACHE="0", PYTHONPATH=os.pathsep.join([os.path.join(root, "kernels"), root]))
+    proc = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+    results = json.loads(line[len("RESULT"):])
+    failed, eager = results["always"], results["never"]
+    assert len(failed["warnings"]) == 1 and "eager epilogue runs instead" in failed["warnings"][0], failed["warnings"]
+    assert eager["warnings"] == []
+    assert failed["loss"] == eager["loss"] and failed["grads"] == eager["grads"]
+    assert results["variants"] == 0
