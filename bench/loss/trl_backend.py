@@ -31,7 +31,6 @@ into ``--out`` (default ``bench/results``).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 import time
@@ -39,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from ..driver.files import RESULTS_DIR
+from ..driver.loop import today
 from ..driver.meta import device_name, load_average
 from ..driver.processes import in_fresh_process
 
@@ -188,7 +189,7 @@ def main(argv=None) -> None:
     parser.add_argument("--shape", default="2048,512,32768", help="N,D,V")
     parser.add_argument("--betas", default="0.5,1.0", help="comma-separated JSD betas")
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
-    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--out", default=str(RESULTS_DIR))
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: measure one case in this process
     args = parser.parse_args(argv)
     shape = tuple(int(x) for x in args.shape.split(","))
@@ -201,7 +202,7 @@ def main(argv=None) -> None:
     import trl
     from importlib.metadata import version
 
-    date = dt.date.today().isoformat()
+    date = today()
     arguments = argv if argv is not None else sys.argv[1:]
     meta = dict(date=date, command=" ".join(["python -m bench.loss.trl_backend", *arguments]),
                 machine=device_name("cpu"), threads=torch.get_num_threads(),
