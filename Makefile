@@ -76,7 +76,7 @@ compile-check-triton:
 
 # The loss microbenchmarks, then the training-step cost (SFT against SDFT per teacher source).
 bench: venv
-	$(PY) -m bench.run --device cpu
+	$(PY) -m bench.loss --device cpu
 	$(PY) -m bench.train_step --device cpu
 
 # The GPU benchmark on a CUDA machine without network access, in two steps:
@@ -92,7 +92,7 @@ bench: venv
 # Timing: tests stopped after GPU_TESTS_TIMEOUT_S; no loss-grid case starts after GPU_BUDGET_S
 # (nor after GPU_DEADLINE_S - GPU_STEP_RESERVE_S - 90 s of the whole target); the training
 # step has the last GPU_STEP_RESERVE_S and starts no case after GPU_STEP_BUDGET_S of its own;
-# all done by ~GPU_DEADLINE_S + 10. `python -m bench.run --device cuda --dry-run --budget-s 400`
+# all done by ~GPU_DEADLINE_S + 10. `python -m bench.loss --device cuda --dry-run --budget-s 400`
 # and `python -m bench.train_step --device cuda --dry-run --budget-s 60` estimate them anywhere.
 GPU_PYTHON ?= python3
 GPU_OUT ?= $(or $(OUT),bench/results)
@@ -117,7 +117,7 @@ bench-gpu:
 # host-sync, determinism and autocast tests; then, if time remains, one FSDP2 step and the
 # bf16 training step (plain and mixed precision). Files in $(GPU_OUT): gpu-check-<date>-
 # setup.log, -tests.log, .log, .json (every number, rewritten after every part) and .md; plots
-# afterwards, anywhere: python -m bench.gpu_check_report FILE.json --plots.
+# afterwards, anywhere: python -m bench.gpu_check.report FILE.json --plots.
 # GPU_CHECK_ARGS go to the check, e.g. --dry-run (the plan and budgets, no GPU needed),
 # --budget headline=150, --only headline.
 GPU_CHECK_DEADLINE_S ?= 280

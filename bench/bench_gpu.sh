@@ -104,7 +104,7 @@ bench_timeout=$((left - 10 > 30 ? left - 10 : 30))
 log "benchmark: --budget-s $bench_budget, stopped after ${bench_timeout} s"
 marker=$(mktemp)  # files newer than this are this run's
 # shellcheck disable=SC2086  # GPU_BENCH_ARGS is a list of arguments
-timeout -k 10 "$bench_timeout" "$py" -m bench.run --device cuda --budget-s "$bench_budget" \
+timeout -k 10 "$bench_timeout" "$py" -m bench.loss --device cuda --budget-s "$bench_budget" \
     --out "$out" $extra_args 2>&1 | tee "$out/bench.log"
 bench_rc=$?
 rm -f "$out"/.*.json.tmp
@@ -112,7 +112,7 @@ json=$(find "$out" -maxdepth 1 -name 'cuda-*.json' -newer "$marker" | head -n 1)
 if [ "$bench_rc" -ne 0 ] && [ -n "$json" ]; then
     # Stopped or crashed before rendering: render what the JSON holds (a partial run too).
     log "benchmark exit $bench_rc: rendering the results written so far ($json)" | tee -a "$out/bench.log"
-    "$py" -m bench.report "$json" >/dev/null 2>>"$out/bench.log" || true
+    "$py" -m bench.loss.report "$json" >/dev/null 2>>"$out/bench.log" || true
 fi
 
 # ---------------------------------------------------------------- training step (train-step.log)
@@ -130,7 +130,7 @@ rm -f "$marker"
 if [ "$step_rc" -ne 0 ] && [ -n "$json" ]; then
     log "training-step benchmark exit $step_rc: rendering the results written so far ($json)" \
         | tee -a "$out/train-step.log"
-    "$py" -m bench.train_step_report "$json" >/dev/null 2>>"$out/train-step.log" || true
+    "$py" -m bench.train_step.report "$json" >/dev/null 2>>"$out/train-step.log" || true
 fi
 
 log "files in $out:"

@@ -1,0 +1,70 @@
+"""Smoke test of the benchmark harness (bench/) on tiny shapes: it runs, checks agreement,
+and writes a results JSON, its markdown and a plot. Timings at these shapes mean nothing."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.loss.measure_case import RESULT_MARKER
+from bench.loss.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_quick_run_writes_consistent_results(tmp_path):
+    # In-process and on one thread to stay within seconds on a shared machine (tiny GEMMs on
+    # two contended OpenMP threads crawl). The quick grid has two vocabularies: a V plot.
+    main(["--device", "cpu", "--quick", "--in-process", "--repeats", "2", "--threads", "1",
+          "--out", str(tmp_path)])
+    (json_path,) = tmp_path.glob("cpu-quick-*.json")
+    assert json_path.with_suffix(".md").is_file()
+    assert (tmp_path / f"{json_path.stem}-vs-V.png").is_file()
+    results = json.loads(json_path.read_text())
+
+    cases = results["cases"]
+    assert {c["group"] for c in cases} == {"fwd_bwd", "fwd", "ce_fwd_bwd"}
+    for c in cases:
+        name = f"{c['group']} V={c['V']} {c['contender']}"
+        if c["status"] == "skipped":
+            assert c["reason"], name
+            continue
+        assert c["status"] == "ok", (name, c.get("reason"))
+        assert len(c["times_s"]) == 2 and math.isfinite(c["time_over_floor"]), name
+        assert math.isfinite(c["flop_rate"]) and c["mem_bytes"] is not None, name
+        if c["contender"] == "floor":
+            continue
+        assert c["agreement"] is not None and c["agreement"]["agrees"], name
+        assert math.isfinite(c["mem_over_reference"]), name
+        if c["contender"] != "reference":
+            assert "loss_rel_err" in c["agreement"], name
+            if c["group"] != "fwd":
+                assert "grad_weight_rel_err" in c["agreement"], name
+    ran = {c["contender"] for c in cases if c["status"] == "ok"}
+    assert {"reference", "floor", "ours", "liger_jsd", "orda", "cce"} <= ran
+    assert all(math.isfinite(t["value"]) for t in results["targets"])
+
+
+def test_measure_case_in_a_fresh_process_rebuilds_the_oracle():
+    # No oracle passed: the measuring process must compute the reference's values itself.
+    spec = {"group": "fwd_bwd", "contender": "ours", "device": "cpu", "dtype": "float32",
+            "N": 48, "D": 16, "V": 300, "repeats": 1, "warmup": 0, "seed": 3, "oracle": None}
+    proc = subprocess.run([sys.executable, "-m", "bench.loss.measure_case", json.dumps(spec)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARKER))
+    result = json.loads(line[len(RESULT_MARKER):])
+    assert result["status"] == "ok", result.get("reason")
+    assert result["agreement"]["agrees"] and result["oracle_values"] is not None
+    assert result["mem_bytes"] >= 0 and result["median_s"] > 0
+
+
+def test_a_contender_that_disagrees_is_not_timed():
+    from bench.loss.measure_case import measure
+
+    spec = {"group": "fwd", "contender": "ours", "device": "cpu", "dtype": "float32",
+            "N": 32, "D": 8, "V": 100, "repeats": 3, "warmup": 0, "seed": 5,
+            "oracle": {"loss": 1.0}}  # not this problem's loss
+    result = measure(spec)
+    assert result["status"] == "disagrees" and not result["agreement"]["agrees"]
+    assert result["times_s"] is None and result["median_s"] is None
