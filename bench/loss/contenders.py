@@ -165,7 +165,7 @@ CONTENDERS = {
         Contender("ours", 'ours (impl="auto")', _ALL,
                   'fused_linear_sdft_loss(impl="auto"), the library default: the implementation '
                   "sdft_kernels.default_impl(device) names (see the header for this run's)",
-                  _sdft("auto")),
+                  _sdft("auto"), cpu_warmup=1),  # on CPU the first call compiles the epilogue
         Contender("ours_triton", "ours, fused Triton", _ALL,
                   'fused_linear_sdft_loss(impl="triton"): fully fused Triton kernels (online '
                   "log-sum-exp forward, logit tiles recomputed in the backward), CUDA only",

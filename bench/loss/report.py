@@ -149,6 +149,10 @@ def render_markdown(results: dict, plot_names: list = ()) -> str:
         for key in dict.fromkeys(_shape_key(c) for c in in_group):
             rows = [c for c in in_group if _shape_key(c) == key]
             out += [f"### {_shape_title(rows[0])}", ""] + case_table(rows, group) + [""]
+            firsts = [f"{_title(c['contender'])} {fmt_time(c['first_call_s'])}" for c in rows
+                      if c.get("first_call_s") is not None]
+            if firsts:
+                out += ["First call, one-time costs (compilation) included: " + ", ".join(firsts) + ".", ""]
 
     skipped = [c for c in cases if c["status"] != "ok"]
     if skipped:

@@ -16,11 +16,13 @@ class Target(NamedTuple):
     metric: str     # "time" or "mem"
     baseline: str   # contender name
     limit: float
+    hidden: Optional[int] = None  # judged at the headline shape, or the worst over the shapes of this D
 
 
 TARGETS = {
     "cpu": (  # fp32, N=2048 D=512 V=32768
-        Target("time", "floor", 1.15),
+        Target("time", "floor", 1.0),
+        Target("time", "floor", 1.2, hidden=256),  # the sweeps' D=256 shapes, where element-wise work weighs most
         Target("time", "reference", 0.65),
         Target("time", "liger_jsd", 0.7),
         Target("mem", "reference", 0.15),
@@ -45,35 +47,59 @@ def _pick_shape(cases: list) -> tuple[Optional[tuple], bool]:
     return (shapes[0], False) if shapes else (None, False)
 
 
+def _ratio(found: dict, baseline: str, field: str, what: str) -> tuple[Optional[float], str]:
+    """``ours / baseline`` of ``field`` among one shape's cases, or None and why not."""
+    missing = [n for n in ("ours", baseline) if found.get(n, {}).get(field) is None or found[n]["status"] != "ok"]
+    if missing:
+        return None, "not evaluable: " + ", ".join(
+            f"{n} {found[n]['status'] if n in found else 'absent'}" for n in missing)
+    base = found[baseline][field]
+    if base <= 0:
+        return None, f"not evaluable: {baseline} {what} is 0"
+    return found["ours"][field] / base, ""
+
+
+def _by_shape(cases: list) -> dict:
+    """``{(N, D, V): {contender: case}}`` of the forward+backward cases."""
+    out: dict = {}
+    for c in cases:
+        if c["group"] == FWD_BWD:
+            out.setdefault((c["N"], c["D"], c["V"]), {})[c["contender"]] = c
+    return out
+
+
 def evaluate(results: dict) -> list:
     """One dict per target: ``name, value, limit, passed`` (None when not evaluable), ``note``."""
     cases = results["cases"]
     shape, headline = _pick_shape(cases)
+    shapes = _by_shape(cases)
     out = []
     for t in TARGETS.get(results["meta"]["device"], ()):
         what = "time" if t.metric == "time" else "memory"
+        field = _FIELD[t.metric]
         entry = {"name": f"ours {what} / {t.baseline} {what}", "metric": t.metric,
                  "baseline": t.baseline, "limit": t.limit, "value": None, "passed": None,
                  "shape": None if shape is None else dict(zip("NDV", shape)),
                  "headline": headline, "note": ""}
         out.append(entry)
+        if t.hidden is not None:
+            entry.update(name=f"{entry['name']}, worst at D={t.hidden}", shape=None, headline=False)
+            ratios = {k: _ratio(found, t.baseline, field, what)[0] for k, found in shapes.items() if k[1] == t.hidden}
+            ratios = {k: r for k, r in ratios.items() if r is not None}
+            if not ratios:
+                entry["note"] = f"no evaluable forward+backward case at D={t.hidden} in this run"
+                continue
+            worst = max(ratios, key=ratios.get)
+            entry["value"] = ratios[worst]
+            entry["passed"] = entry["value"] <= t.limit
+            entry["note"] = f"at N={worst[0]} V={worst[2]}, over {len(ratios)} shape(s)"
+            continue
         if shape is None:
             entry["note"] = "no forward+backward case in this run"
             continue
-        found = {c["contender"]: c for c in cases
-                 if c["group"] == FWD_BWD and (c["N"], c["D"], c["V"]) == shape}
-        field = _FIELD[t.metric]
-        missing = [n for n in ("ours", t.baseline) if found.get(n, {}).get(field) is None
-                   or found[n]["status"] != "ok"]
-        if missing:
-            entry["note"] = "not evaluable: " + ", ".join(
-                f"{n} {found[n]['status'] if n in found else 'absent'}" for n in missing)
+        entry["value"], entry["note"] = _ratio(shapes.get(shape, {}), t.baseline, field, what)
+        if entry["value"] is None:
             continue
-        base = found[t.baseline][field]
-        if base <= 0:
-            entry["note"] = f"not evaluable: {t.baseline} {what} is 0"
-            continue
-        entry["value"] = found["ours"][field] / base
         entry["passed"] = entry["value"] <= t.limit
         if not headline:
             entry["note"] = "informational: the headline shape is not in this run"

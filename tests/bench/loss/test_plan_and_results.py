@@ -209,3 +209,23 @@ def test_a_shape_named_by_hand_keeps_its_headline_marking_on_either_device():
                       "--shape", "1024,256,65536"]).shape
     assert [s.headline for s in cpu] == [True, False]
     assert all(s.groups == GROUPS for s in cuda + cpu)  # every group runs at a named shape
+
+
+def _case(contender, N, D, V, median_s, headline=False):
+    return {"group": FWD_BWD, "contender": contender, "N": N, "D": D, "V": V, "status": "ok",
+            "median_s": median_s, "mem_bytes": 1, "headline": headline}
+
+
+def test_the_d256_target_judges_the_worst_sweep_shape():
+    from bench.loss.targets import evaluate
+
+    cases = [_case("floor", 2048, 512, 32768, 1.0, True), _case("ours", 2048, 512, 32768, 0.9, True),
+             _case("floor", 1024, 256, 32768, 1.0), _case("ours", 1024, 256, 32768, 1.1),
+             _case("floor", 2048, 256, 65536, 2.0), _case("ours", 2048, 256, 65536, 2.6),
+             _case("floor", 4096, 1024, 32768, 1.0), _case("ours", 4096, 1024, 32768, 9.0)]  # not D=256
+    targets = {t["name"]: t for t in evaluate({"meta": {"device": "cpu"}, "cases": cases})}
+    headline = targets["ours time / floor time"]
+    assert headline["value"] == pytest.approx(0.9) and headline["passed"]
+    sweep = targets["ours time / floor time, worst at D=256"]
+    assert sweep["value"] == pytest.approx(1.3) and sweep["passed"] is False
+    assert "N=2048 V=65536" in sweep["note"] and "2 shape(s)" in sweep["note"]
