@@ -12,6 +12,8 @@ measuring process pays only for the package it measures.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -39,6 +41,7 @@ class Contender:
     cpu_warmup: int = 0                           # calls before measuring (compiled code)
     cpu_runs: str = "all"                         # on CPU: "all" shapes, "headline" only, "never"
     cpu_reason: str = ""                          # why not everywhere on CPU
+    cuda_reason: str = ""                         # why not on CUDA (empty: it runs there)
     impl: Optional[str] = None                    # ours' variants: the fused_linear_sdft_loss impl
 
 
@@ -76,15 +79,29 @@ def _teacher(inputs: Inputs, group: str):
     return (None, None) if group == CE_FWD_BWD else (inputs.teacher_hidden, inputs.teacher_weight)
 
 
-def _sdft(impl: str):
+def _sdft(impl: str, compile_mode: Optional[str] = None):
+    """Ours with ``impl``; ``compile_mode``: the ``SDFT_COMPILE`` setting during each call (None:
+    the environment's)."""
     def build(inputs: Inputs, group: str, device: str) -> Step:
         from sdft_kernels import fused_linear_sdft_loss
 
+        if compile_mode is not None and device != "cpu":
+            raise Skip("the compiled epilogue is CPU-only: elsewhere impl='torch' always runs the eager one")
         ht, Wt = _teacher(inputs, group)
-        return _as_step(lambda: fused_linear_sdft_loss(
-            inputs.hidden, inputs.weight, inputs.labels, ht, Wt,
-            kl_weight=LAMBDA, temperature=TAU, ignore_index=IGNORE_INDEX, impl=impl,
-        ), group)
+
+        def loss():
+            before = os.environ.get("SDFT_COMPILE")
+            if compile_mode is not None:
+                os.environ["SDFT_COMPILE"] = compile_mode
+            try:
+                return fused_linear_sdft_loss(inputs.hidden, inputs.weight, inputs.labels, ht, Wt, kl_weight=LAMBDA,
+                                              temperature=TAU, ignore_index=IGNORE_INDEX, impl=impl)
+            finally:
+                if before is None:
+                    os.environ.pop("SDFT_COMPILE", None)
+                else:
+                    os.environ["SDFT_COMPILE"] = before
+        return _as_step(loss, group)
     return build
 
 
@@ -181,6 +198,12 @@ CONTENDERS = {
                   'fused_linear_sdft_loss(impl="torch"): the chunked pure-torch path',
                   _sdft("torch"), cpu_runs="never", impl="torch",
                   cpu_reason="on CPU ours (impl='auto') already runs impl='torch'"),
+        Contender("ours_eager", "ours, eager CPU epilogue", _ALL,
+                  'fused_linear_sdft_loss(impl="torch") with SDFT_COMPILE=never: the chunked torch path '
+                  "with its element-wise torch operations uncompiled (what ours runs where no C++ "
+                  "compiler is found), CPU only",
+                  _sdft("torch", compile_mode="never"),
+                  cuda_reason="the compiled epilogue is CPU-only: on CUDA ours_torch is the eager one"),
         Contender("liger_jsd", "Liger fused linear JSD", _TEACHER_GROUPS,
                   "LigerFusedLinearJSDLoss(weight_hard_loss=1, weight_soft_loss=lambda*tau^2, "
                   "beta=0, temperature=tau, compiled on CUDA only)",

@@ -61,6 +61,8 @@ def skip_reason(contender, shape, device: str, everywhere: bool):
                             (contender.cpu_runs == "headline" and not everywhere
                              and not shape.headline)):
         return contender.cpu_reason
+    if device == "cuda" and contender.cuda_reason:
+        return contender.cuda_reason
     if device == "cuda" and same_as_ours(contender, device):
         return SAME_AS_OURS
     return None
