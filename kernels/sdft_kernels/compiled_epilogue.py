@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .chunk_loop import Workspace
 from .options import LossOptions
+from .reduction import accumulation_dtype
 from .torch_epilogue import TorchEpilogue, _logits_into
 
 # Chunks of at least this many logits (rows x V) are compiled under SDFT_COMPILE=auto: 16 MiB
@@ -217,7 +218,7 @@ class _Compiled:
             cls.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             warnings.warn(
                 f"sdft_kernels: torch.compile of the CPU epilogue failed ({cls.failed}); the eager epilogue "
-                "runs instead (same results, slower). Set SDFT_COMPILE=never to skip the attempt.",
+                "runs instead (the same loss, slower). Set SDFT_COMPILE=never to skip the attempt.",
                 RuntimeWarning, stacklevel=3,
             )
             return None
@@ -242,11 +243,18 @@ def _wants_compiled(ws: Workspace, rows: int, device: torch.device) -> bool:
 
 
 class CompiledTorchEpilogue(TorchEpilogue):
-    """``impl="torch"``: the compiled epilogue on large CPU chunks, the eager one elsewhere.
+    """``impl="torch"`` on CPU: the compiled epilogue on large chunks, the eager one on small ones.
 
-    Its buffers are the eager epilogue's (the same budget and chunk sizes); the compiled path
-    uses three of them: the student's logits, the teacher's and the logit gradient.
+    The compiled path fills three of the workspace's buffers (the student's logits, the
+    teacher's, the logit gradient) and inductor keeps each model's exponentials in one
+    ``[chunk, V]`` temporary of its own: one buffer more than the eager path at its peak, which
+    the chunk size allows for (:meth:`row_bytes`).
     """
+
+    @staticmethod
+    def row_bytes(V: int, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype], options: LossOptions) -> int:
+        """The eager path's bytes per row and one float32 (float64) row of the temporary more."""
+        return TorchEpilogue.row_bytes(V, dtype, teacher_dtype, options) + accumulation_dtype(dtype).itemsize * max(V, 1)
 
     @staticmethod
     def chunk(h, W, b, ht, Wt, bt, y, kl_mask, options, ce_scale, kl_scale, ws, metrics=False):

@@ -10,11 +10,12 @@ import torch
 from torch import Tensor
 
 from .chunk_loop import ChunkedSDFT
+from .compiled_epilogue import CompiledTorchEpilogue
 from .loss_inputs import LossInputs
 from .loss_output import SDFTLossOutput
 from .options import DEFAULT_IMPL, TRITON_IMPLS, LossOptions, RunSettings
 from .reference import gemm_inputs, reference_sdft_loss
-from .compiled_epilogue import CompiledTorchEpilogue
+from .torch_epilogue import TorchEpilogue
 from .validation import check_inputs, check_label_range
 
 
@@ -239,7 +240,11 @@ def _resolve(run: RunSettings, device: torch.device) -> RunSettings:
     """``run`` for ``device``: ``impl="auto"`` resolved, the chunk loop's epilogue picked, and
     the grad mode of the call."""
     impl = _resolve_impl(run.impl, device)
-    epilogue = _triton_epilogue() if impl == "triton_chunked" else CompiledTorchEpilogue if impl == "torch" else None
+    epilogue = None
+    if impl == "triton_chunked":
+        epilogue = _triton_epilogue()
+    elif impl == "torch":  # inductor's C++ backend compiles the epilogue on CPU only
+        epilogue = CompiledTorchEpilogue if device.type == "cpu" else TorchEpilogue
     return dataclasses.replace(run, impl=impl, epilogue=epilogue, grad_enabled=torch.is_grad_enabled())
 
 
