@@ -8,8 +8,9 @@ rows, the metrics and the logit gradient), which writes the gradient straight in
 workspace. The logit GEMMs stay outside, in the BLAS.
 
 When it runs (:func:`compile_mode`): on CPU tensors, under ``SDFT_COMPILE=auto`` (the default)
-for chunks of at least :data:`MIN_COMPILED_ELEMENTS` logits, where the seconds of the first
-compilation buy back their cost within a few dozen steps; ``SDFT_COMPILE=always`` for every
+for chunks of :data:`MIN_COMPILED_ELEMENTS` to :data:`MAX_COMPILED_ELEMENTS` logits (128 to
+256 rows at V = 32768), where the seconds of the first compilation buy back their cost within
+a few dozen steps and its temporaries come from the heap; ``SDFT_COMPILE=always`` for every
 chunk (how the tests reach it at small shapes), ``never`` for none. Anywhere it cannot run the
 eager epilogue does the work: a chunk on another device, a call inside an outer
 ``torch.compile`` (which traces the eager operations itself), more loss variants in one process
@@ -40,6 +41,12 @@ from .torch_epilogue import TorchEpilogue, _logits_into
 # of float32, 128 rows at V = 32768. Below it the eager passes cost milliseconds a call and a
 # compilation (5-20 s) would not pay for itself in a short run or a test.
 MIN_COMPILED_ELEMENTS = 2**22
+# ... and at most this many: inductor keeps each model's exponentials in a [chunk, V] temporary
+# of its own, allocated per call. Up to 32 MiB the C allocator reuses its heap for them; beyond,
+# each is mapped afresh and faulted in page by page, which costs more than the fused passes save
+# (1.16x the eager epilogue's step time at N=1024, D=256, V=65536, against 0.93x at the
+# 2048 x 512 x 32768 headline, 2-core CPU).
+MAX_COMPILED_ELEMENTS = 2**23
 # Dynamo keeps compiled code for this many variants of one function (its default recompile
 # limit) and runs any further one uncompiled; beyond it the eager epilogue serves new variants.
 MAX_VARIANTS = 8
@@ -239,7 +246,7 @@ def _wants_compiled(ws: Workspace, rows: int, device: torch.device) -> bool:
     if rows < 2 or ws.vocab < 2:  # dynamo specialises sizes 0 and 1: one compilation more for a rare chunk
         return False
     mode = compile_mode()
-    return mode == "always" or (mode == "auto" and ws.rows * ws.vocab >= MIN_COMPILED_ELEMENTS)
+    return mode == "always" or (mode == "auto" and MIN_COMPILED_ELEMENTS <= ws.rows * ws.vocab <= MAX_COMPILED_ELEMENTS)
 
 
 class CompiledTorchEpilogue(TorchEpilogue):

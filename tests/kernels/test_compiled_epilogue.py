@@ -123,10 +123,16 @@ def test_new_row_counts_and_vocabularies_do_not_recompile(compiled):
     assert compiled_variants() == 1
 
 
-def test_small_chunks_stay_eager_under_auto(monkeypatch):
+def test_small_and_very_large_chunks_stay_eager_under_auto(monkeypatch):
     monkeypatch.setenv("SDFT_COMPILE", "auto")
     monkeypatch.setattr(compiled_epilogue._Compiled, "variants", set())
     run(make_problem(N=37, D=24, V=203), impl="torch")
+    assert compiled_variants() == 0
+    # 200 rows of 65536 logits: beyond MAX_COMPILED_ELEMENTS, where inductor's temporaries
+    # would be mapped afresh each chunk.
+    p = make_problem(N=250, D=8, V=65536, dtype=torch.float32, ignore_frac=0.0)
+    assert 200 * 65536 > compiled_epilogue.MAX_COMPILED_ELEMENTS
+    run(p, impl="torch", chunk_size=200)
     assert compiled_variants() == 0
 
 
