@@ -1,4 +1,4 @@
-"""The CPU epilogue compiled by ``torch.compile``: what ``impl="torch"`` runs on large CPU chunks.
+"""The CPU epilogue compiled by ``torch.compile``: ``impl="torch"`` on CPU, opt-in (``SDFT_COMPILE``).
 
 The eager epilogue (:mod:`sdft_kernels.torch_epilogue`) makes about a dozen passes over each
 ``[chunk, V]`` buffer, one per torch operation. Written once as plain tensor math, the same
@@ -7,12 +7,14 @@ OpenMP-parallel loops over the vocabulary (the row maxima, the exponential sums,
 rows, the metrics and the logit gradient), which writes the gradient straight into the loop's
 workspace. The logit GEMMs stay outside, in the BLAS.
 
-When it runs (:func:`compile_mode`): on CPU tensors, under ``SDFT_COMPILE=auto`` (the default)
-for chunks of :data:`MIN_COMPILED_ELEMENTS` to :data:`MAX_COMPILED_ELEMENTS` logits (128 to
-256 rows at V = 32768), where the seconds of the first compilation buy back their cost within
-a few dozen steps and its temporaries come from the heap; ``SDFT_COMPILE=always`` for every
-chunk (how the tests reach it at small shapes), ``never`` for none. Anywhere it cannot run the
-eager epilogue does the work: a chunk on another device, a call inside an outer
+When it runs (:func:`compile_mode`): only where asked, as on the 2-core CPU it was measured on
+the compiled pass made no reliable difference to a whole step (the GEMMs dominate) and costs a
+compilation and a temporary. ``SDFT_COMPILE=auto`` compiles chunks of
+:data:`MIN_COMPILED_ELEMENTS` to :data:`MAX_COMPILED_ELEMENTS` logits on CPU tensors (128 to
+256 rows at V = 32768), where the seconds of the first compilation can buy back their cost
+within a few dozen steps and its temporaries come from the heap; ``always`` compiles every
+chunk (how the tests reach it at small shapes); ``never`` (the default) none. Anywhere it cannot
+run the eager epilogue does the work: a chunk on another device, a call inside an outer
 ``torch.compile`` (which traces the eager operations itself), more loss variants in one process
 than dynamo keeps compiled code for, and a compilation that fails (no C++ compiler, an
 unsupported platform): that failure is reported once as a warning and the process stays eager.
@@ -55,8 +57,8 @@ _MODE_ALIASES = {"1": "always", "on": "always", "true": "always", "0": "never", 
 
 
 def compile_mode() -> str:
-    """``SDFT_COMPILE`` (``auto`` if unset): ``auto``, ``always`` or ``never``."""
-    raw = os.environ.get("SDFT_COMPILE", "auto")
+    """``SDFT_COMPILE`` (``never`` if unset): ``auto``, ``always`` or ``never``."""
+    raw = os.environ.get("SDFT_COMPILE", "never")
     mode = _MODE_ALIASES.get(raw.strip().lower(), raw.strip().lower())
     if mode not in COMPILE_MODES:
         raise ValueError(f"SDFT_COMPILE must be one of {COMPILE_MODES} (or 1/0), got {raw!r}")
@@ -250,18 +252,20 @@ def _wants_compiled(ws: Workspace, rows: int, device: torch.device) -> bool:
 
 
 class CompiledTorchEpilogue(TorchEpilogue):
-    """``impl="torch"`` on CPU: the compiled epilogue on large chunks, the eager one on small ones.
+    """``impl="torch"`` on CPU: the compiled epilogue where ``SDFT_COMPILE`` asks, else the eager one.
 
     The compiled path fills three of the workspace's buffers (the student's logits, the
-    teacher's, the logit gradient) and inductor keeps each model's exponentials in one
+    teacher's, the logit gradient) and inductor keeps each model's exponentials in a
     ``[chunk, V]`` temporary of its own: one buffer more than the eager path at its peak, which
-    the chunk size allows for (:meth:`row_bytes`).
+    the chunk size allows for where compiling is asked for (:meth:`row_bytes`).
     """
 
     @staticmethod
     def row_bytes(V: int, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype], options: LossOptions) -> int:
-        """The eager path's bytes per row and one float32 (float64) row of the temporary more."""
-        return TorchEpilogue.row_bytes(V, dtype, teacher_dtype, options) + accumulation_dtype(dtype).itemsize * max(V, 1)
+        """The eager path's bytes per row, and where compiling is asked for one float32 (float64)
+        row of the temporary more."""
+        eager = TorchEpilogue.row_bytes(V, dtype, teacher_dtype, options)
+        return eager if compile_mode() == "never" else eager + accumulation_dtype(dtype).itemsize * max(V, 1)
 
     @staticmethod
     def chunk(h, W, b, ht, Wt, bt, y, kl_mask, options, ce_scale, kl_scale, ws, metrics=False):

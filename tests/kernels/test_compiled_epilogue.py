@@ -123,6 +123,14 @@ def test_new_row_counts_and_vocabularies_do_not_recompile(compiled):
     assert compiled_variants() == 1
 
 
+def test_nothing_compiles_by_default(monkeypatch):
+    monkeypatch.delenv("SDFT_COMPILE", raising=False)
+    monkeypatch.setattr(compiled_epilogue._Compiled, "variants", set())
+    run(make_problem(N=300, D=8, V=32768, dtype=torch.float32, ignore_frac=0.0), impl="torch", chunk_size=150)
+    assert 150 * 32768 >= compiled_epilogue.MIN_COMPILED_ELEMENTS  # auto would compile this one
+    assert compiled_variants() == 0
+
+
 def test_small_and_very_large_chunks_stay_eager_under_auto(monkeypatch):
     monkeypatch.setenv("SDFT_COMPILE", "auto")
     monkeypatch.setattr(compiled_epilogue._Compiled, "variants", set())
@@ -136,8 +144,8 @@ def test_small_and_very_large_chunks_stay_eager_under_auto(monkeypatch):
     assert compiled_variants() == 0
 
 
-@pytest.mark.parametrize("raw,mode", [(None, "auto"), ("always", "always"), ("0", "never"), ("Off", "never"),
-                                      ("1", "always")])
+@pytest.mark.parametrize("raw,mode", [(None, "never"), ("auto", "auto"), ("always", "always"), ("0", "never"),
+                                      ("Off", "never"), ("1", "always")])
 def test_compile_mode_from_the_environment(monkeypatch, raw, mode):
     if raw is None:
         monkeypatch.delenv("SDFT_COMPILE", raising=False)
