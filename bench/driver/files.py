@@ -1,5 +1,6 @@
 """Where a benchmark's files go and how they are written: the repository root (the default
-``--out`` is its ``bench/results``) and the atomic, strict-JSON rewrite of a results file."""
+``--out`` is its ``bench/results``), the atomic, strict-JSON rewrite of a results file, and
+a report rendered beside it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -33,3 +35,15 @@ def strict_json(obj):
     if isinstance(obj, (list, tuple)):
         return [strict_json(v) for v in obj]
     return obj
+
+
+def render_beside(json_path: Path, render_markdown: Callable, write_plots: Callable = None) -> tuple[Path, list]:
+    """Read a results file and write ``<stem>.md`` (``render_markdown(results, png names)``)
+    and, with ``write_plots(results, folder, stem) -> [paths]``, its plots beside it; returns
+    ``(md path, plot paths)``."""
+    json_path = Path(json_path)
+    results = json.loads(json_path.read_text())
+    plots = write_plots(results, json_path.parent, json_path.stem) if write_plots is not None else []
+    md_path = json_path.with_suffix(".md")
+    md_path.write_text(render_markdown(results, [p.name for p in plots]))
+    return md_path, plots

@@ -13,10 +13,10 @@ check stopped part-way) renders too. The plots, next to the JSON: ``<stem>-headl
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..loss.contenders import CONTENDERS
+from ..driver.files import render_beside
 from ..driver.fmt import fmt_bytes
 from ..loss.report import case_table, target_lines
 from ..loss.shapes import CE_FWD_BWD, FWD_BWD
@@ -271,12 +271,7 @@ def _train_step_plot(part: dict, path: Path):
 
 def render(json_path: Path, plots: bool = False) -> tuple:
     """Write ``<stem>.md`` (and with ``plots`` the PNGs) next to ``json_path``."""
-    json_path = Path(json_path)
-    results = json.loads(json_path.read_text())
-    pngs = write_plots(results, json_path.parent, json_path.stem) if plots else []
-    md = json_path.with_suffix(".md")
-    md.write_text(render_markdown(results, [p.name for p in pngs]))
-    return md, pngs
+    return render_beside(json_path, render_markdown, write_plots if plots else None)
 
 
 def main(argv=None) -> int:

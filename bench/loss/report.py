@@ -9,9 +9,9 @@ too, marked partial.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from ..driver.files import render_beside
 from ..driver.fmt import fmt_bytes, fmt_ratio, fmt_time
 from .contenders import CONTENDERS
 from .shapes import CE_FWD_BWD, FWD, FWD_BWD
@@ -191,12 +191,7 @@ def render(json_path: Path) -> tuple[Path, list]:
     """Write ``<stem>.md`` and the plots next to ``json_path``; returns their paths."""
     from .plots import write_plots
 
-    json_path = Path(json_path)
-    results = json.loads(json_path.read_text())
-    plots = write_plots(results, json_path.parent, json_path.stem)
-    md_path = json_path.with_suffix(".md")
-    md_path.write_text(render_markdown(results, [p.name for p in plots]))
-    return md_path, plots
+    return render_beside(json_path, render_markdown, write_plots)
 
 
 def main(argv=None) -> int:
