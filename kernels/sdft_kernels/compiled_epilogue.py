@@ -2,10 +2,9 @@
 
 The eager epilogue (:mod:`sdft_kernels.torch_epilogue`) makes about a dozen passes over each
 ``[chunk, V]`` buffer, one per torch operation. Written once as plain tensor math, the same
-work compiles with inductor's C++ backend into one kernel of three or four vectorised,
-OpenMP-parallel loops over the vocabulary (the row maxima, the exponential sums, then the loss
-rows, the metrics and the logit gradient), which writes the gradient straight into the loop's
-workspace. The logit GEMMs stay outside, in the BLAS.
+work compiles with inductor's C++ backend into one kernel of a few vectorised, OpenMP-parallel
+loops over the vocabulary (the row maxima, the exponential sums, the divergence, then the logit
+gradient), which writes the gradient straight into the loop's workspace. The logit GEMMs stay outside, in the BLAS.
 
 When it runs (:func:`compile_mode`): only where asked, as on the 2-core CPU it was measured on
 the compiled pass made no reliable difference to a whole step (the GEMMs dominate) and costs a
@@ -106,7 +105,7 @@ def _capped(z: Tensor, scale: float, cap: Optional[float]) -> tuple[Tensor, Opti
 
 
 class _Softmax(NamedTuple):
-    """One row-wise softmax, kept as the pieces the compiled loops recompute cheaply."""
+    """One row-wise softmax ``[C, V]``."""
 
     p: Tensor  # [C, V] probabilities
     logp: Tensor  # [C, V] log-probabilities
