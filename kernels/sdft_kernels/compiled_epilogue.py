@@ -270,10 +270,13 @@ class CompiledTorchEpilogue(TorchEpilogue):
     def chunk(h, W, b, ht, Wt, bt, y, kl_mask, options, ce_scale, kl_scale, ws, metrics=False):
         """``(ce [C], div [C] or None, dz [C, V] or None, (entropy, top1) or None)``; unmasked,
         dz in the workspace's dtype."""
+        eager = (h, W, b, ht, Wt, bt, y, kl_mask, options, ce_scale, kl_scale, ws, metrics)
+        if not _wants_compiled(ws, h.shape[0], h.device):  # the default: no per-chunk bookkeeping
+            return TorchEpilogue.chunk(*eager)
         want_grad = ce_scale is not None
         m = ChunkMath.of(options, ht is not None, b is not None, bt is not None, metrics, want_grad, ws.dtype)
-        if not (_wants_compiled(ws, h.shape[0], h.device) and _Compiled.usable(m)):
-            return TorchEpilogue.chunk(h, W, b, ht, Wt, bt, y, kl_mask, options, ce_scale, kl_scale, ws, metrics)
+        if not _Compiled.usable(m):
+            return TorchEpilogue.chunk(*eager)
         rows = h.shape[0]
         z = ws.get("z", rows)
         _logits_into(z, h, W, b, 1.0, None, options, ws)
@@ -287,6 +290,6 @@ class CompiledTorchEpilogue(TorchEpilogue):
         out = _Compiled.call(m, *(None if t is None else t.detach() for t in (z, zt)), y, ce_scale, kl_scale,
                              None if dz is None else dz.detach())
         if out is None:
-            return TorchEpilogue.chunk(h, W, b, ht, Wt, bt, y, kl_mask, options, ce_scale, kl_scale, ws, metrics)
+            return TorchEpilogue.chunk(*eager)
         ce, div, entropy, top1 = out
         return ce, div, dz, (None if not metrics else (entropy, top1))
