@@ -1,25 +1,32 @@
 """The CPU epilogue compiled by ``torch.compile``: ``impl="torch"`` on CPU, opt-in (``SDFT_COMPILE``).
 
 The eager epilogue (:mod:`sdft_kernels.torch_epilogue`) makes about a dozen passes over each
-``[chunk, V]`` buffer, one per torch operation. Written once as plain tensor math, the same
-work compiles with inductor's C++ backend into one kernel of a few vectorised, OpenMP-parallel
-loops over the vocabulary (the row maxima, the exponential sums, the divergence, then the logit
-gradient), which writes the gradient straight into the loop's workspace. The logit GEMMs stay outside, in the BLAS.
+``[chunk, V]`` buffer, one per torch operation, with six exponentials per entry. Written as
+plain tensor math, the same work compiles with inductor's C++ backend into two vectorised,
+OpenMP-parallel passes over the logits: :func:`chunk_stats` (row maxima and exponential sums)
+and :func:`chunk_gradient` (the logit gradient, written straight into the loop's workspace),
+with four exponentials per entry for the forward KL at tau 0.5. The logit GEMMs stay outside,
+in the BLAS.
 
-When it runs (:func:`compile_mode`): only where asked, as on the 2-core CPU it was measured on
-the compiled pass made no reliable difference to a whole step (the GEMMs dominate) and costs a
-compilation and a temporary. ``SDFT_COMPILE=auto`` compiles chunks of
-:data:`MIN_COMPILED_ELEMENTS` to :data:`MAX_COMPILED_ELEMENTS` logits on CPU tensors (128 to
-256 rows at V = 32768), where the seconds of the first compilation can buy back their cost
-within a few dozen steps and its temporaries come from the heap; ``always`` compiles every
-chunk (how the tests reach it at small shapes); ``never`` (the default) none. Anywhere it cannot
-run the eager epilogue does the work: a chunk on another device, a call inside an outer
-``torch.compile`` (which traces the eager operations itself), more loss variants in one process
-than dynamo keeps compiled code for, and a compilation that fails (no C++ compiler, an
-unsupported platform): that failure is reported once as a warning and the process stays eager.
+The passes are split where they are so that inductor keeps nothing of its own: a value that
+one loop produces and a later loop reads becomes a ``[C, V]`` temporary, allocated afresh on
+every call and, beyond the C allocator's 32 MiB heap threshold, page-faulted in each time (one
+compiled pass that kept the exponentials took 1.16x the eager step at N=1024, D=256,
+V=65536 on a 2-core CPU). Values are recomputed instead: on that CPU an exponential
+cost about as much as writing its result to the workspace and reading it back.
+
+When it runs (:func:`compile_mode`): only where asked (``SDFT_COMPILE=auto`` or ``always``;
+``never`` is the default), as a compilation costs seconds per process and needs a C++
+compiler. ``auto`` compiles chunks of at least :data:`MIN_COMPILED_ELEMENTS` logits on CPU
+tensors, where those seconds buy themselves back within a few dozen steps; ``always`` compiles
+every chunk (how the tests reach it at small shapes). Anywhere it cannot run the eager
+epilogue does the work: a chunk on another device, a call inside an outer ``torch.compile``
+(which traces the eager operations itself), more loss variants in one process than dynamo
+keeps compiled code for, and a compilation that fails (no C++ compiler, an unsupported
+platform): that failure is reported once as a warning and the process stays eager.
 
 Shapes are compiled dynamic: chunks of any row count and any vocabulary reuse one compiled
-kernel per loss variant (the settings below, and the dtype), so the last, shorter chunk and a
+pass per loss variant (the settings below, and the dtype), so the last, shorter chunk and a
 new batch length do not recompile. Inductor keeps compiled kernels on disk, so a second process
 compiles in a few seconds instead of the first one's tens of seconds.
 """
@@ -35,19 +42,12 @@ from torch import Tensor
 
 from .chunk_loop import Workspace
 from .options import LossOptions
-from .reduction import accumulation_dtype
-from .torch_epilogue import TorchEpilogue, _logits_into
+from .torch_epilogue import TorchEpilogue, _logits_into, dft_row_scale
 
 # Chunks of at least this many logits (rows x V) are compiled under SDFT_COMPILE=auto: 16 MiB
 # of float32, 128 rows at V = 32768. Below it the eager passes cost milliseconds a call and a
 # compilation (5-20 s) would not pay for itself in a short run or a test.
 MIN_COMPILED_ELEMENTS = 2**22
-# ... and at most this many: inductor keeps each model's exponentials in a [chunk, V] temporary
-# of its own, allocated per call. Up to 32 MiB the C allocator reuses its heap for them; beyond,
-# each is mapped afresh and faulted in page by page, which costs more than the fused passes save
-# (1.16x the eager epilogue's step time at N=1024, D=256, V=65536, against 0.93x at the
-# 2048 x 512 x 32768 headline, 2-core CPU).
-MAX_COMPILED_ELEMENTS = 2**23
 # Dynamo keeps compiled code for this many variants of one function (its default recompile
 # limit) and runs any further one uncompiled; beyond it the eager epilogue serves new variants.
 MAX_VARIANTS = 8
@@ -67,10 +67,7 @@ def compile_mode() -> str:
 class ChunkMath(NamedTuple):
     """The settings that shape the compiled code; one compiled variant per distinct value."""
 
-    student_scale: float
-    student_cap: Optional[float]
-    teacher_scale: float
-    teacher_cap: Optional[float]
+    student_cap: Optional[float]  # the gradient's factor 1 - tanh^2 needs it
     temperature: float
     divergence: Optional[str]  # None: no teacher
     jsd_beta: float
@@ -86,7 +83,7 @@ class ChunkMath(NamedTuple):
     def of(options: LossOptions, has_teacher: bool, student_bias: bool, teacher_bias: bool, metrics: bool,
            want_grad: bool, dtype: torch.dtype) -> "ChunkMath":
         return ChunkMath(
-            options.student_logit_scale, options.student_cap, options.teacher_logit_scale, options.teacher_cap,
+            options.student_cap,
             options.temperature, options.effective_divergence if has_teacher else None, options.jsd_beta,
             options.jsd_log_weights, student_bias and options.student_cap is None,
             has_teacher and teacher_bias and options.teacher_cap is None, metrics, want_grad,
@@ -94,29 +91,11 @@ class ChunkMath(NamedTuple):
         )
 
 
-def _capped(z: Tensor, scale: float, cap: Optional[float]) -> tuple[Tensor, Optional[Tensor]]:
-    """``(c tanh(scale z / c), tanh(scale z / c))``, or ``(scale z, None)`` without a cap."""
-    if scale != 1.0:
-        z = z * scale
-    if cap is None:
-        return z, None
-    t = torch.tanh(z / cap)
-    return t * cap, t
-
-
 class _Softmax(NamedTuple):
     """One row-wise softmax ``[C, V]``."""
 
     p: Tensor  # [C, V] probabilities
     logp: Tensor  # [C, V] log-probabilities
-
-
-def _softmax(shifted: Tensor, e: Tensor) -> _Softmax:
-    """The softmax of logits whose row maximum was subtracted (``shifted`` ``[C, V]``, <= 0),
-    given ``e = exp(shifted)``: one exponential per entry, where ``log_softmax(x).exp()`` takes
-    two."""
-    total = e.sum(-1, keepdim=True)
-    return _Softmax(e / total, shifted - total.log())
 
 
 def _tempered_exp(e: Tensor, shifted: Tensor, inv_tau: float) -> Tensor:
@@ -136,78 +115,134 @@ def _no_mass(log_ratio: Tensor, p: Tensor, guard: bool) -> Tensor:
     return torch.where(p == 0, 0.0, log_ratio) if guard else log_ratio
 
 
-def _divergence(s: _Softmax, t: _Softmax, m: ChunkMath) -> tuple[Tensor, Optional[Tensor]]:
-    """Row divergence ``[C]`` and ``dD/d(z_s / tau)`` ``[C, V]`` (None without gradients) of the
-    student's and the teacher's tempered softmax."""
-    guard = m.student_inf or m.teacher_inf
-    if m.divergence == "forward_kl":
-        div = (t.p * _no_mass(t.logp - s.logp, t.p, guard)).sum(-1)
-        return div, (s.p - t.p) if m.want_grad else None
-    if m.divergence == "reverse_kl":
-        ratio = _no_mass(s.logp - t.logp, s.p, guard)
-        div = (s.p * ratio).sum(-1)
-        return div, (s.p * (ratio - div.unsqueeze(1))) if m.want_grad else None
-    log_beta, log_1m_beta = m.jsd_log_weights
-    log_m = torch.logaddexp(t.logp + log_beta, s.logp + log_1m_beta)
-    kl_t = (t.p * _no_mass(t.logp - log_m, t.p, guard)).sum(-1)
-    ratio_s = _no_mass(s.logp - log_m, s.p, guard)
-    kl_s = (s.p * ratio_s).sum(-1)
-    div = m.jsd_beta * kl_t + (1.0 - m.jsd_beta) * kl_s
-    return div, ((1.0 - m.jsd_beta) * s.p * (ratio_s - kl_s.unsqueeze(1))) if m.want_grad else None
+class RowStats(NamedTuple):
+    """What the first pass learns of each row, ``[C, 1]`` each: enough for the later passes to
+    form any probability with one exponential or none."""
+
+    top: Tensor  # the student's row maximum
+    total: Tensor  # sum of e = exp(z - top)
+    tempered: Optional[Tensor]  # sum of exp((z - top) / tau); None without a teacher
+    top_t: Optional[Tensor]  # the teacher's row maximum
+    total_t: Optional[Tensor]  # sum of exp((zt - top_t) / tau)
 
 
-def chunk_math(m: ChunkMath, z: Tensor, zt: Optional[Tensor], y: Tensor, ce_scale: Optional[Tensor],
-               kl_scale: Optional[Tensor], dz_out: Optional[Tensor]):
-    """The epilogue of one chunk as plain tensor math, the function that is compiled.
-
-    ``z`` ``[C, V]``: the student's GEMM output (bias added, no logit scale or cap yet); ``zt``
-    the teacher's (or None); ``y`` ``[C]`` labels (any value on rows whose ``ce_scale`` is 0);
-    ``ce_scale``, ``kl_scale`` ``[C]`` the rows' gradient factors
-    (:func:`sdft_kernels.reduction.row_scales`: they hold the logit scale) and ``dz_out``
-    ``[C, V]`` where the logit gradient is written, when ``m.want_grad``. Returns
-    ``(ce [C], div [C] or None, entropy [C] or None, top1 [C] or None)``, unmasked, as the
-    eager epilogue does.
-
-    Each softmax is formed from its row maximum and one exponential per entry, and the
-    student's tempered softmax reuses that exponential where ``1 / tau`` is a small integer:
-    the exponentials are most of the arithmetic once the passes are fused.
-    """
-    z, cap = _capped(z, m.student_scale, m.student_cap)
-    shifted = z - z.amax(-1, keepdim=True)
+def _student(m: ChunkMath, z: Tensor, r: RowStats) -> tuple[Tensor, Tensor, Optional[_Softmax]]:
+    """``(shifted = z - top, p at temperature 1, the tempered softmax or None)``, ``[C, V]``."""
+    shifted = z - r.top
     e = shifted.exp()
-    s1 = _softmax(shifted, e)
-    safe_y = y.clamp(0, z.shape[1] - 1).unsqueeze(1)
-    ce = -s1.logp.gather(1, safe_y).squeeze(1)
-    entropy = top1 = None
-    if m.metrics:
-        terms = torch.special.xlogy(s1.p, s1.p) if m.student_inf else s1.p * s1.logp
-        entropy, top1 = -terms.sum(-1), z.argmax(1) == y
-    div = grad_kl = None
+    tempered = None
     if m.divergence is not None:
         inv_tau = 1.0 / m.temperature
-        student = _softmax(shifted * inv_tau, _tempered_exp(e, shifted, inv_tau))
-        zt, _ = _capped(zt, m.teacher_scale, m.teacher_cap)
-        shifted_t = (zt - zt.amax(-1, keepdim=True)) * inv_tau
-        div, grad_kl = _divergence(student, _softmax(shifted_t, shifted_t.exp()), m)
-    if not m.want_grad:
-        return ce, div, entropy, top1
-    if m.dft:  # the row's cross-entropy weighted by its constant p(label)
-        ce_scale = torch.where(ce_scale != 0, ce_scale * torch.exp(-ce), 0.0)
-    columns = torch.arange(z.shape[1], device=z.device).unsqueeze(0)
-    dz = (s1.p - (columns == safe_y).to(z.dtype)) * ce_scale.unsqueeze(1)
-    if grad_kl is not None:
-        dz = dz + grad_kl * (kl_scale * m.temperature).unsqueeze(1)
-    if cap is not None:  # d(c tanh(x / c))/dx = 1 - tanh^2
-        dz = dz * (1.0 - cap * cap)
+        tempered = _Softmax(_tempered_exp(e, shifted, inv_tau) / r.tempered, shifted * inv_tau - r.tempered.log())
+    return shifted, e / r.total, tempered
+
+
+def _teacher(m: ChunkMath, zt: Tensor, r: RowStats) -> _Softmax:
+    logp = (zt - r.top_t) * (1.0 / m.temperature) - r.total_t.log()
+    return _Softmax(logp.exp(), logp)
+
+
+def _divergence_rows(s: _Softmax, t: _Softmax, m: ChunkMath) -> tuple[Tensor, Optional[Tensor]]:
+    """``(divergence [C], centre [C] or None)``: the centre is the row sum that the gradient of
+    the reverse KL (the divergence itself) and of the JSD (its student half) subtracts."""
+    guard = m.student_inf or m.teacher_inf
+    if m.divergence == "forward_kl":
+        return (t.p * _no_mass(t.logp - s.logp, t.p, guard)).sum(-1), None
+    if m.divergence == "reverse_kl":
+        div = (s.p * _no_mass(s.logp - t.logp, s.p, guard)).sum(-1)
+        return div, div
+    log_m = _jsd_log_mixture(s, t, m)
+    kl_t = (t.p * _no_mass(t.logp - log_m, t.p, guard)).sum(-1)
+    kl_s = (s.p * _no_mass(s.logp - log_m, s.p, guard)).sum(-1)
+    return m.jsd_beta * kl_t + (1.0 - m.jsd_beta) * kl_s, kl_s
+
+
+def _jsd_log_mixture(s: _Softmax, t: _Softmax, m: ChunkMath) -> Tensor:
+    log_beta, log_1m_beta = m.jsd_log_weights
+    return torch.logaddexp(t.logp + log_beta, s.logp + log_1m_beta)
+
+
+def _divergence_gradient(s: _Softmax, t: _Softmax, m: ChunkMath, centre: Optional[Tensor]) -> Tensor:
+    """``dD/d(z_s / tau)`` ``[C, V]``, given the rows' centre of :func:`_divergence_rows`."""
+    guard = m.student_inf or m.teacher_inf
+    if m.divergence == "forward_kl":
+        return s.p - t.p
+    if m.divergence == "reverse_kl":
+        return s.p * (_no_mass(s.logp - t.logp, s.p, guard) - centre.unsqueeze(1))
+    ratio_s = _no_mass(s.logp - _jsd_log_mixture(s, t, m), s.p, guard)
+    return (1.0 - m.jsd_beta) * s.p * (ratio_s - centre.unsqueeze(1))
+
+
+def gradient_needs_centre(m: ChunkMath) -> bool:
+    """Whether the logit gradient needs a row sum of the divergence first (reverse KL, JSD):
+    then the divergence is a pass of its own, as a reduction and the element-wise gradient
+    that follows it in one pass would make inductor keep ``[C, V]`` temporaries."""
+    return m.want_grad and m.divergence in ("reverse_kl", "jsd")
+
+
+def chunk_stats(m: ChunkMath, z: Tensor, zt: Optional[Tensor], y: Tensor):
+    """The first compiled pass over a chunk: row reductions only.
+
+    ``z`` ``[C, V]``: the student's logits (bias, logit scale and softcap applied); ``zt`` the
+    teacher's at temperature 1 (or None); ``y`` ``[C]`` labels (any value on rows without a
+    label). Returns the :class:`RowStats` fields, then ``[C]`` rows ``(ce, entropy or None,
+    top1 or None)``, unmasked as the eager epilogue's.
+    """
+    top = z.amax(-1, keepdim=True)
+    shifted = z - top
+    e = shifted.exp()
+    total = e.sum(-1, keepdim=True)
+    log_total = total.log()
+    ce = (log_total - shifted.gather(1, y.clamp(0, z.shape[1] - 1).unsqueeze(1))).squeeze(1)
+    entropy = top1 = None
+    if m.metrics:  # -sum p log p = log(sum e) - sum(e * shifted) / sum e; 0 * -inf is 0 here
+        e_shifted = torch.where(e == 0, 0.0, e * shifted) if m.student_inf else e * shifted
+        entropy, top1 = log_total.squeeze(1) - e_shifted.sum(-1) / total.squeeze(1), z.argmax(1) == y
+    tempered = top_t = total_t = None
+    if m.divergence is not None:
+        inv_tau = 1.0 / m.temperature
+        tempered = _tempered_exp(e, shifted, inv_tau).sum(-1, keepdim=True)
+        top_t = zt.amax(-1, keepdim=True)
+        total_t = ((zt - top_t) * inv_tau).exp().sum(-1, keepdim=True)
+    return top, total, tempered, top_t, total_t, ce, entropy, top1
+
+
+def chunk_divergence(m: ChunkMath, z: Tensor, zt: Tensor, *stats: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """The divergence pass: ``(divergence [C], centre [C] or None)`` (:func:`_divergence_rows`)
+    from the logits and :func:`chunk_stats`' row statistics."""
+    r = RowStats(*stats)
+    _, _, student = _student(m, z, r)
+    return _divergence_rows(student, _teacher(m, zt, r), m)
+
+
+def chunk_gradient(m: ChunkMath, z: Tensor, zt: Optional[Tensor], y: Tensor, dz_out: Tensor, centre: Optional[Tensor],
+                   ce_scale: Tensor, kl_scale: Optional[Tensor], *stats: Tensor) -> Optional[Tensor]:
+    """The gradient pass: the logit gradient (with its scales) written to ``dz_out`` ``[C, V]``,
+    element-wise from the logits and the row statistics; returns the forward KL's divergence
+    ``[C]``, summed in the same pass (None for the others, whose ``centre`` the divergence pass
+    gave, and without a teacher)."""
+    r = RowStats(*stats)
+    _, p, student = _student(m, z, r)
+    column = torch.arange(z.shape[1], device=z.device).unsqueeze(0)
+    dz = (p - (column == y.clamp(0, z.shape[1] - 1).unsqueeze(1)).to(z.dtype)) * ce_scale.unsqueeze(1)
+    div = None
+    if m.divergence is not None:
+        teacher = _teacher(m, zt, r)
+        if centre is None and m.divergence == "forward_kl":
+            div, _ = _divergence_rows(student, teacher, m)
+        dz = dz + _divergence_gradient(student, teacher, m, centre) * (kl_scale * m.temperature).unsqueeze(1)
+    if m.student_cap is not None:  # d(c tanh(x / c))/dx = 1 - tanh^2, and z = c tanh(x / c)
+        tanh = z / m.student_cap
+        dz = dz * (1.0 - tanh * tanh)
     dz_out.copy_(dz)
-    return ce, div, entropy, top1
+    return div
 
 
 class _Compiled:
-    """The compiled :func:`chunk_math`, the variants it has compiled, and whether compiling
-    failed in this process."""
+    """The compiled passes, the loss variants compiled so far, and whether compiling failed in
+    this process."""
 
-    function = None
+    functions: dict = {}
     variants: set = set()
     failed: Optional[str] = None
 
@@ -216,12 +251,13 @@ class _Compiled:
         return cls.failed is None and (m in cls.variants or len(cls.variants) < MAX_VARIANTS)
 
     @classmethod
-    def call(cls, m: ChunkMath, *args):
-        """The compiled result, or None (and a warning, once) if compiling failed."""
-        if cls.function is None:
-            cls.function = torch.compile(chunk_math, dynamic=True, fullgraph=True)
+    def call(cls, m: ChunkMath, function, *args):
+        """``function(m, *args)`` compiled, or :data:`FAILED` (and a warning, once) if compiling
+        failed."""
+        if function not in cls.functions:
+            cls.functions[function] = torch.compile(function, dynamic=True, fullgraph=True)
         try:
-            out = cls.function(m, *args)
+            out = cls.functions[function](m, *args)
         except Exception as e:  # noqa: BLE001 - any compiler failure: the eager epilogue serves
             cls.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             warnings.warn(
@@ -229,9 +265,12 @@ class _Compiled:
                 "runs instead (the same loss, slower). Set SDFT_COMPILE=never to skip the attempt.",
                 RuntimeWarning, stacklevel=3,
             )
-            return None
+            return FAILED
         cls.variants.add(m)
         return out
+
+
+FAILED = object()  # what _Compiled.call returns when compiling failed
 
 
 def compiled_variants() -> int:
@@ -247,24 +286,19 @@ def _wants_compiled(ws: Workspace, rows: int, device: torch.device) -> bool:
     if rows < 2 or ws.vocab < 2:  # dynamo specialises sizes 0 and 1: one compilation more for a rare chunk
         return False
     mode = compile_mode()
-    return mode == "always" or (mode == "auto" and MIN_COMPILED_ELEMENTS <= ws.rows * ws.vocab <= MAX_COMPILED_ELEMENTS)
+    return mode == "always" or (mode == "auto" and ws.rows * ws.vocab >= MIN_COMPILED_ELEMENTS)
 
 
 class CompiledTorchEpilogue(TorchEpilogue):
     """``impl="torch"`` on CPU: the compiled epilogue where ``SDFT_COMPILE`` asks, else the eager one.
 
-    The compiled path fills three of the workspace's buffers (the student's logits, the
-    teacher's, the logit gradient) and inductor keeps each model's exponentials in a
-    ``[chunk, V]`` temporary of its own: one buffer more than the eager path at its peak, which
-    the chunk size allows for where compiling is asked for (:meth:`row_bytes`).
+    The logit GEMMs (with scales and softcaps, in place) fill the workspace's logit buffers,
+    then two compiled passes read them: :func:`chunk_stats` (row reductions) and
+    :func:`chunk_gradient` (the logit gradient into a third buffer, the forward KL summed on
+    the way), with :func:`chunk_divergence` between them for the divergences whose gradient
+    needs the row's divergence first, and alone for the forward without gradients. Three
+    buffers where the eager path holds four, and no ``[C, V]`` memory of inductor's own.
     """
-
-    @staticmethod
-    def row_bytes(V: int, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype], options: LossOptions) -> int:
-        """The eager path's bytes per row, and where compiling is asked for one float32 (float64)
-        row of the temporary more."""
-        eager = TorchEpilogue.row_bytes(V, dtype, teacher_dtype, options)
-        return eager if compile_mode() == "never" else eager + accumulation_dtype(dtype).itemsize * max(V, 1)
 
     @staticmethod
     def chunk(h, W, b, ht, Wt, bt, y, kl_mask, options, ce_scale, kl_scale, ws, metrics=False):
@@ -278,18 +312,32 @@ class CompiledTorchEpilogue(TorchEpilogue):
         if not _Compiled.usable(m):
             return TorchEpilogue.chunk(*eager)
         rows = h.shape[0]
-        z = ws.get("z", rows)
-        _logits_into(z, h, W, b, 1.0, None, options, ws)
+        # Scales and softcaps are applied in place here: inside a compiled pass, inductor would
+        # keep the capped logits in a [C, V] temporary of its own. The buffers are handed over
+        # detached: a view of the workspace would have dynamo guard on its base's size and
+        # recompile for the shorter last chunk.
+        z = _logits_into(ws.get("z", rows), h, W, b, options.student_logit_scale, options.student_cap, options,
+                         ws).detach()
         zt = None
         if ht is not None:
-            zt = ws.get("logp_t", rows)
-            _logits_into(zt, ht, Wt, bt, 1.0, None, options, ws)
-        dz = ws.get("logp_1", rows) if want_grad else None
-        # Handed over detached: a view of the workspace would have dynamo guard on its base's
-        # size and recompile for the shorter last chunk.
-        out = _Compiled.call(m, *(None if t is None else t.detach() for t in (z, zt)), y, ce_scale, kl_scale,
-                             None if dz is None else dz.detach())
-        if out is None:
+            zt = _logits_into(ws.get("logp_t", rows), ht, Wt, bt, options.teacher_logit_scale, options.teacher_cap,
+                              options, ws).detach()
+        stats = _Compiled.call(m, chunk_stats, z, zt, y)
+        if stats is FAILED:
             return TorchEpilogue.chunk(*eager)
-        ce, div, entropy, top1 = out
+        row_stats, (ce, entropy, top1) = stats[:5], stats[5:]
+        div = centre = dz = None
+        if m.divergence is not None and (gradient_needs_centre(m) or not want_grad):
+            divergence = _Compiled.call(m, chunk_divergence, z, zt, *row_stats)
+            if divergence is FAILED:
+                return TorchEpilogue.chunk(*eager)
+            div, centre = divergence
+        if want_grad:
+            if m.dft:
+                ce_scale = dft_row_scale(ce_scale, ce)
+            dz = ws.get("logp_1", rows).detach()
+            forward_kl = _Compiled.call(m, chunk_gradient, z, zt, y, dz, centre, ce_scale, kl_scale, *row_stats)
+            if forward_kl is FAILED:
+                return TorchEpilogue.chunk(*eager)
+            div = div if forward_kl is None else forward_kl
         return ce, div, dz, (None if not metrics else (entropy, top1))

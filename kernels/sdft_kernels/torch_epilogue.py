@@ -49,9 +49,10 @@ def _rowdot_into(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], scale: float, softcap,
-                 options: LossOptions, ws: Workspace) -> None:
+                 options: LossOptions, ws: Workspace) -> Tensor:
     """``out = softcap(scale * (hidden @ weight.T + bias))`` in ``out``'s dtype, the GEMM's
-    output rounded as ``options.logits_dtype`` says (:mod:`sdft_kernels.logits_gemm`)."""
+    output rounded as ``options.logits_dtype`` says (:mod:`sdft_kernels.logits_gemm`); returns
+    ``out``."""
     if options.logits_dtype == "input":
         rounded_logits_into(out, hidden, weight, bias)
     else:
@@ -60,6 +61,7 @@ def _logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Ten
         out.mul_(scale)
     if softcap is not None:
         out.div_(softcap).tanh_().mul_(softcap)
+    return out
 
 
 def _log_softmax_into(out: Tensor, x: Tensor) -> Tensor:
@@ -112,6 +114,12 @@ def _divergence(logp_s: Tensor, logp_t: Tensor, scratch: Tensor, options: LossOp
     return div, ratio_s.sub_(kl_s.unsqueeze(1)).mul_(p_s).mul_(1.0 - beta)
 
 
+def dft_row_scale(ce_scale: Tensor, ce: Tensor) -> Tensor:
+    """``loss_type="dft"``: each row's cross-entropy factor ``[C]`` weighted by its
+    probability of the label, ``exp(-ce)``, held constant (rows of factor 0 stay 0)."""
+    return torch.where(ce_scale != 0, ce_scale * torch.exp(-ce), 0.0)
+
+
 def _torch_chunk(h, W, b, ht, Wt, bt, y, options: LossOptions, ce_scale, kl_scale, ws: Workspace, metrics: bool):
     """Loss rows of one chunk and, if scales are given, its logit gradient ``[C, V]``.
 
@@ -152,8 +160,8 @@ def _torch_chunk(h, W, b, ht, Wt, bt, y, options: LossOptions, ce_scale, kl_scal
 
     if not want_grad:
         return ce, div, None, out
-    if options.loss_type == "dft":  # the row's cross-entropy weighted by its constant p(label)
-        ce_scale = torch.where(ce_scale != 0, ce_scale * torch.exp(-ce), 0.0)
+    if options.loss_type == "dft":
+        ce_scale = dft_row_scale(ce_scale, ce)
     dz = logp_1.exp_().mul_(ce_scale.unsqueeze(1))  # ce_scale * softmax(z)
     dz.scatter_add_(1, safe_y, -ce_scale.unsqueeze(1))
     if grad_kl is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -131,17 +132,33 @@ def test_nothing_compiles_by_default(monkeypatch):
     assert compiled_variants() == 0
 
 
-def test_small_and_very_large_chunks_stay_eager_under_auto(monkeypatch):
+def test_small_chunks_stay_eager_under_auto(monkeypatch):
     monkeypatch.setenv("SDFT_COMPILE", "auto")
     monkeypatch.setattr(compiled_epilogue._Compiled, "variants", set())
-    run(make_problem(N=37, D=24, V=203), impl="torch")
+    p = make_problem(N=37, D=24, V=203)
+    run(p, impl="torch")
+    assert 37 * 203 < compiled_epilogue.MIN_COMPILED_ELEMENTS
     assert compiled_variants() == 0
-    # 200 rows of 65536 logits: beyond MAX_COMPILED_ELEMENTS, where inductor's temporaries
-    # would be mapped afresh each chunk.
-    p = make_problem(N=250, D=8, V=65536, dtype=torch.float32, ignore_frac=0.0)
-    assert 200 * 65536 > compiled_epilogue.MAX_COMPILED_ELEMENTS
-    run(p, impl="torch", chunk_size=200)
-    assert compiled_variants() == 0
+
+
+_TWO_DIMENSIONAL_ALLOCATION = re.compile(r"empty_strided_\w+\(\((\w+), (\w+)\)")
+
+
+@pytest.mark.parametrize("divergence,temperature,cap,passes", [("forward_kl", 0.5, None, 2), ("jsd", 0.7, 2.5, 3)])
+def test_the_compiled_passes_allocate_no_chunk_sized_buffer(compiled, divergence, temperature, cap, passes):
+    """The point of splitting the passes: every ``[C, V]`` value lives in the workspace. A buffer that
+    inductor allocates itself comes fresh each chunk and, beyond the C allocator's heap
+    threshold, is page-faulted in every time; the generated code must hold none."""
+    from torch._inductor.utils import run_and_get_code
+
+    p = make_problem(N=37, D=24, V=203, bias=True, dtype=torch.float32)
+    kw = dict(divergence=divergence, temperature=temperature, student_softcap=cap, metrics=True)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        _, sources = run_and_get_code(lambda: run(p, impl="torch", chunk_size=8, **kw))
+    assert compiled_variants() == 1 and len(sources) == passes, f"not all {passes} compiled passes ran"
+    for source in sources:
+        shapes = [m.groups() for m in _TWO_DIMENSIONAL_ALLOCATION.finditer(source)]
+        assert not [s for s in shapes if "1" not in s], f"[C, V] buffers allocated by the compiled code: {shapes}"
 
 
 @pytest.mark.parametrize("raw,mode", [(None, "never"), ("auto", "auto"), ("always", "always"), ("0", "never"),
