@@ -1,4 +1,4 @@
-"""The CPU epilogue compiled by ``torch.compile``: ``impl="torch"`` on CPU, opt-in (``SDFT_COMPILE``).
+"""The CPU epilogue compiled by ``torch.compile``: ``impl="torch"`` on CPU (``SDFT_COMPILE``).
 
 The eager epilogue (:mod:`sdft_kernels.torch_epilogue`) makes about a dozen passes over each
 ``[chunk, V]`` buffer, one per torch operation, with six exponentials per entry. Written as
@@ -15,11 +15,10 @@ compiled pass that kept the exponentials took 1.16x the eager step at N=1024, D=
 V=65536 on a 2-core CPU). Values are recomputed instead: on that CPU an exponential
 cost about as much as writing its result to the workspace and reading it back.
 
-When it runs (:func:`compile_mode`): only where asked (``SDFT_COMPILE=auto`` or ``always``;
-``never`` is the default), as a compilation costs seconds per process and needs a C++
-compiler. ``auto`` compiles chunks of at least :data:`MIN_COMPILED_ELEMENTS` logits on CPU
-tensors, where those seconds buy themselves back within a few dozen steps; ``always`` compiles
-every chunk (how the tests reach it at small shapes). Anywhere it cannot run the eager
+When it runs (:func:`compile_mode`): under ``SDFT_COMPILE=auto`` (the default), chunks of at
+least :data:`MIN_COMPILED_ELEMENTS` logits on CPU tensors, where the seconds of a compilation
+buy themselves back within a few dozen steps; ``always`` compiles every chunk (how the tests
+reach it at small shapes); ``never`` keeps the eager operations. Anywhere it cannot run the eager
 epilogue does the work: a chunk on another device, a call inside an outer ``torch.compile``
 (which traces the eager operations itself), more loss variants in one process than dynamo
 keeps compiled code for, and a compilation that fails (no C++ compiler, an unsupported
@@ -56,8 +55,8 @@ _MODE_ALIASES = {"1": "always", "on": "always", "true": "always", "0": "never", 
 
 
 def compile_mode() -> str:
-    """``SDFT_COMPILE`` (``never`` if unset): ``auto``, ``always`` or ``never``."""
-    raw = os.environ.get("SDFT_COMPILE", "never")
+    """``SDFT_COMPILE`` (``auto`` if unset): ``auto``, ``always`` or ``never``."""
+    raw = os.environ.get("SDFT_COMPILE", "auto")
     mode = _MODE_ALIASES.get(raw.strip().lower(), raw.strip().lower())
     if mode not in COMPILE_MODES:
         raise ValueError(f"SDFT_COMPILE must be one of {COMPILE_MODES} (or 1/0), got {raw!r}")
@@ -305,7 +304,7 @@ class CompiledTorchEpilogue(TorchEpilogue):
         """``(ce [C], div [C] or None, dz [C, V] or None, (entropy, top1) or None)``; unmasked,
         dz in the workspace's dtype."""
         eager = (h, W, b, ht, Wt, bt, y, kl_mask, options, ce_scale, kl_scale, ws, metrics)
-        if not _wants_compiled(ws, h.shape[0], h.device):  # the default: no per-chunk bookkeeping
+        if not _wants_compiled(ws, h.shape[0], h.device):  # small chunks: no per-chunk bookkeeping
             return TorchEpilogue.chunk(*eager)
         want_grad = ce_scale is not None
         m = ChunkMath.of(options, ht is not None, b is not None, bt is not None, metrics, want_grad, ws.dtype)
