@@ -34,10 +34,16 @@ def today() -> str:
 
 
 def results_path(out, stem: str) -> Path:
-    """``<out>/<stem>.json``, the folder created."""
+    """``<out>/<stem>.json``, the folder created; where a run of that name (the same benchmark on
+    the same day) already left results there, ``<stem>-2.json``, ``-3`` and so on: a second run
+    never overwrites the results of the first."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir / f"{stem}.json"
+    name, n = stem, 1
+    while any(out_dir.glob(f"{name}.*")):
+        n += 1
+        name = f"{stem}-{n}"
+    return out_dir / f"{name}.json"
 
 
 class Run:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..driver.files import RESULTS_DIR, write_json_atomic
-from ..driver.loop import today
+from ..driver.loop import results_path, today
 from .real_inputs import CACHE, real_hidden_states
 
 THRESHOLDS_LOG2 = (-24, -20, -16, -14, -12)
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     result = study(args.tokens)
     result["command"] = "python -m bench.loss.vocab_skip" + (f" --tokens {args.tokens}" if args.tokens != 2048 else "")
-    stem = Path(args.out) / f"vocab-skip-cpu-{today()}"
+    stem = results_path(args.out, f"vocab-skip-cpu-{today()}").with_suffix("")
     write_json_atomic(stem.with_suffix(".json"), result)
     stem.with_suffix(".md").write_text(format_study(result))
     print(format_study(result))

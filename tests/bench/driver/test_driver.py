@@ -104,3 +104,17 @@ def test_run_meta_puts_each_benchmarks_fields_between_the_common_ones():
     assert list(meta)[:3] == ["device", "date", "quick"] and list(meta)[-1] == "command"
     assert memory_method(args, "peak RSS") == "peak RSS, this process (--in-process)"
     assert memory_method(_parse([]), "peak RSS") == "peak RSS, a fresh process per case"
+
+
+def test_a_second_run_on_the_same_day_gets_a_name_of_its_own(tmp_path):
+    from bench.driver.loop import results_path
+
+    first = results_path(tmp_path / "results", "cpu-2026-12-07")
+    assert first == tmp_path / "results" / "cpu-2026-12-07.json"
+    first.write_text("{}")
+    (tmp_path / "results" / "cpu-2026-12-07-vs-N.png").write_text("")  # a plot: not a run of that name
+    second = results_path(tmp_path / "results", "cpu-2026-12-07")
+    assert second.name == "cpu-2026-12-07-2.json"
+    second.with_suffix(".md").write_text("")  # a rendered report alone also claims the name
+    assert results_path(tmp_path / "results", "cpu-2026-12-07").name == "cpu-2026-12-07-3.json"
+    assert first.read_text() == "{}"
