@@ -58,6 +58,19 @@ def _title(name: str) -> str:
     return CONTENDERS[name].title if name in CONTENDERS else name
 
 
+def _own_warmups(device: str, cases: list) -> str:
+    """The contenders of this run that take extra warm-up calls of their own on CPU (their
+    first call compiles), as a clause for the Time line; empty when there are none."""
+    if device != "cpu":
+        return ""
+    own = sorted({c["contender"] for c in cases
+                  if CONTENDERS.get(c["contender"]) and CONTENDERS[c["contender"]].cpu_warmup})
+    if not own:
+        return ""
+    return " (" + ", ".join(f"{CONTENDERS[n].cpu_warmup} more for {_title(n)}" for n in own) + \
+        ": their first call compiles)"
+
+
 def _shape_title(c) -> str:
     title = f"N={c['N']} D={c['D']} V={c['V']}"
     if c.get("model"):
@@ -115,8 +128,8 @@ def render_markdown(results: dict, plot_names: list = ()) -> str:
         f"- Objective: {meta['objective']}.",
         *([f"- Ours: impl=\"auto\", which runs impl=\"{meta['ours_impl']}\" on this device."]
           if meta.get("ours_impl") else []),
-        f"- Time: median of {meta['repeats']} calls after {meta['warmup']} warm-up call(s); "
-        "ratios are taken within this one run.",
+        f"- Time: median of {meta['repeats']} calls after {meta['warmup']} warm-up call(s)"
+        f"{_own_warmups(meta['device'], cases)}; ratios are taken within this one run.",
         f"- Memory: {meta['memory']}.",
         f"- FLOP rates count the nominal GEMM FLOPs of the group over all N rows "
         "(8NDV forward+backward, 4NDV forward, 6NDV CE-only); the floor is those GEMMs "

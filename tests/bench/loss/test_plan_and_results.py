@@ -115,6 +115,20 @@ def test_a_complete_run_has_no_pending_case_and_renders_no_partial_note(tmp_path
     assert "Partial results" not in render_markdown(results)
 
 
+def test_the_time_line_names_the_contenders_that_warm_up_on_cpu_only_there():
+    cases = [_case("ours", 8, 4, 16, 1.0), _case("floor", 8, 4, 16, 1.0),
+             _case("liger_jsd", 8, 4, 16, 1.0)]
+    meta = {"device": "cpu", "dtype": "float32", "date": "d", "versions": {}, "objective": "o",
+            "repeats": 3, "warmup": 0, "memory": "m"}
+    (line,) = [l for l in render_markdown({"meta": meta, "cases": cases}).splitlines()
+               if l.startswith("- Time:")]
+    assert CONTENDERS["ours"].cpu_warmup == 1 and not CONTENDERS["liger_jsd"].cpu_warmup
+    assert f"after 0 warm-up call(s) (1 more for {CONTENDERS['ours'].title}: their first" in line
+    assert "Liger" not in line
+    cuda = render_markdown({"meta": {**meta, "device": "cuda", "warmup": 2}, "cases": cases})
+    assert "after 2 warm-up call(s); ratios" in cuda
+
+
 def test_cuda_plan_runs_the_headline_shape_then_forward_backward_then_the_rest():
     entries = plan("cuda", quick=False)  # planning needs no GPU
     head = entries[0][0]
