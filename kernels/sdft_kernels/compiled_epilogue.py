@@ -41,6 +41,7 @@ from torch import Tensor
 
 from .chunk_loop import Workspace
 from .options import LossOptions
+from .reduction import accumulation_dtype
 from .torch_epilogue import TorchEpilogue, _logits_into, dft_row_scale
 
 # Chunks of at least this many logits (rows x V) are compiled under SDFT_COMPILE=auto: 16 MiB
@@ -277,6 +278,14 @@ def compiled_variants() -> int:
     return len(_Compiled.variants)
 
 
+def _may_compile() -> bool:
+    """Whether a CPU chunk of this call can go through the compiled passes at all: compiling
+    is not switched off, has not failed in this process, is not inside an outer compile, and
+    has room for another loss variant."""
+    return (compile_mode() != "never" and _Compiled.failed is None and not torch.compiler.is_compiling()
+            and len(_Compiled.variants) < MAX_VARIANTS)
+
+
 def _wants_compiled(ws: Workspace, rows: int, device: torch.device) -> bool:
     """Whether a chunk of ``rows`` goes through the compiled epilogue. Decided on the
     workspace (the call's chunk size), so that the last, shorter chunk takes the same path."""
@@ -298,6 +307,21 @@ class CompiledTorchEpilogue(TorchEpilogue):
     needs the row's divergence first, and alone for the forward without gradients. Three
     buffers where the eager path holds four, and no ``[C, V]`` memory of inductor's own.
     """
+
+    @staticmethod
+    def row_bytes(V: int, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype], options: LossOptions) -> int:
+        """Bytes of ``[chunk, V]`` buffers per chunk row. Where the compiled passes can run,
+        the student's logits, the teacher's and the gradient: three float32 (float64) buffers
+        with a teacher, two without, whatever the divergence or softcap (the eager path holds
+        four to eight), so a chunk takes more rows in the same budget and its GEMMs run larger.
+        Elsewhere the eager count. (Where the budget decides the chunk, the chunk is far above
+        ``auto``'s minimum; should the first compilation fail, that one call runs eager on the
+        larger chunk, and the warning says so.)"""
+        if not _may_compile():
+            return TorchEpilogue.row_bytes(V, dtype, teacher_dtype, options)
+        half = dtype.itemsize == 2 or (teacher_dtype is not None and teacher_dtype.itemsize == 2)
+        buffers = 2 + (teacher_dtype is not None) + 1.0 * half
+        return int(buffers * accumulation_dtype(dtype).itemsize * max(V, 1))
 
     @staticmethod
     def chunk(h, W, b, ht, Wt, bt, y, kl_mask, options, ce_scale, kl_scale, ws, metrics=False):

@@ -170,6 +170,42 @@ def test_the_compiled_passes_allocate_no_chunk_sized_buffer(compiled, divergence
         assert not [s for s in shapes if "1" not in s], f"[C, V] buffers allocated by the compiled code: {shapes}"
 
 
+@pytest.mark.parametrize("divergence,cap", [("forward_kl", None), ("jsd", 2.5)])
+def test_compiled_chunks_take_more_rows_in_the_same_memory_budget(compiled, monkeypatch, divergence, cap):
+    """Compiled, a chunk holds three ``[C, V]`` buffers (the eager path four, eight for a capped
+    JSD), so a binding budget gives it more rows; neither path's workspace exceeds the budget."""
+    from sdft_kernels import chunk_loop
+    from sdft_kernels.torch_epilogue import TorchEpilogue
+
+    made = []
+
+    class Recorded(chunk_loop.Workspace):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    V = 2048
+    budget = 48 * 3 * 4 * V  # 48 rows of three float32 buffers
+    monkeypatch.setattr(chunk_loop, "Workspace", Recorded)
+    monkeypatch.setattr(TorchEpilogue, "budget_bytes", budget)
+    p = make_problem(N=150, D=16, V=V, dtype=torch.float32)
+    kw = dict(divergence=divergence, temperature=0.7, student_softcap=cap)
+    held = {}
+    for mode in ("always", "never"):
+        monkeypatch.setenv("SDFT_COMPILE", mode)
+        made.clear()
+        held[mode] = run(p, impl="torch", **kw)
+        (ws,) = made
+        sizes = [b.numel() * b.element_size() for b in ws._buffers.values()]
+        assert sum(sizes) <= budget, (mode, ws.rows, len(sizes))
+        held[mode] = (ws.rows, len(sizes), held[mode])
+    (rows_c, buffers_c, out_c), (rows_e, buffers_e, out_e) = held["always"], held["never"]
+    assert buffers_c == 3 and buffers_e > 3 and rows_c > rows_e, (held["always"][:2], held["never"][:2])
+    assert_close(out_c[0].loss, out_e[0].loss, rtol=1e-5, atol=1e-6, what="loss")
+    for i, (gc, ge) in enumerate(zip(out_c[1], out_e[1])):
+        assert_close(gc, ge, rtol=1e-4, atol=1e-6, what=f"grad of leaf {i}")
+
+
 @pytest.mark.parametrize("raw,mode", [(None, "auto"), ("auto", "auto"), ("always", "always"), ("0", "never"),
                                       ("Off", "never"), ("1", "always")])
 def test_compile_mode_from_the_environment(monkeypatch, raw, mode):
