@@ -41,7 +41,6 @@ from torch import Tensor
 
 from .chunk_loop import Workspace
 from .options import LossOptions
-from .reduction import accumulation_dtype
 from .torch_epilogue import TorchEpilogue, _logits_into, dft_row_scale
 
 # Chunks of at least this many logits (rows x V) are compiled under SDFT_COMPILE=auto: 16 MiB
@@ -309,19 +308,17 @@ class CompiledTorchEpilogue(TorchEpilogue):
     """
 
     @staticmethod
-    def row_bytes(V: int, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype], options: LossOptions) -> int:
-        """Bytes of ``[chunk, V]`` buffers per chunk row. Where the compiled passes can run,
-        the student's logits, the teacher's and the gradient: three float32 (float64) buffers
-        with a teacher, two without, whatever the divergence or softcap (the eager path holds
-        four to eight), so a chunk takes more rows in the same budget and its GEMMs run larger.
-        Elsewhere the eager count. (Where the budget decides the chunk, the chunk is far above
-        ``auto``'s minimum; should the first compilation fail, that one call runs eager on the
-        larger chunk, and the warning says so.)"""
+    def chunk_buffers(options: LossOptions, has_teacher: bool, half_inputs: bool) -> float:
+        """``[chunk, V]`` buffers a chunk holds at its peak. Where the compiled passes can run,
+        the student's logits, the teacher's and the gradient: three with a teacher, two
+        without, whatever the divergence or softcap (the eager path holds four to eight), so a
+        chunk takes more rows in the same budget and its GEMMs run larger. Elsewhere the eager
+        count. (Where the budget decides the chunk, the chunk is far above ``auto``'s minimum;
+        should the first compilation fail, that one call runs eager on the larger chunk, and
+        the warning says so.)"""
         if not _may_compile():
-            return TorchEpilogue.row_bytes(V, dtype, teacher_dtype, options)
-        half = dtype.itemsize == 2 or (teacher_dtype is not None and teacher_dtype.itemsize == 2)
-        buffers = 2 + (teacher_dtype is not None) + 1.0 * half
-        return int(buffers * accumulation_dtype(dtype).itemsize * max(V, 1))
+            return TorchEpilogue.chunk_buffers(options, has_teacher, half_inputs)
+        return 2 + has_teacher + 1.0 * half_inputs
 
     @staticmethod
     def chunk(h, W, b, ht, Wt, bt, y, kl_mask, options, ce_scale, kl_scale, ws, metrics=False):

@@ -186,9 +186,15 @@ class TorchEpilogue:
     max_rows = MAX_CHUNK_ROWS
 
     @staticmethod
-    def row_bytes(V: int, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype], options: LossOptions) -> int:
+    def chunk_buffers(options: LossOptions, has_teacher: bool, half_inputs: bool) -> float:
+        """``[chunk, V]`` buffers a chunk holds at its peak (:func:`live_buffers`)."""
+        return live_buffers(options, has_teacher, half_inputs)
+
+    @classmethod
+    def row_bytes(cls, V: int, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype], options: LossOptions) -> int:
         half = dtype.itemsize == 2 or (teacher_dtype is not None and teacher_dtype.itemsize == 2)
-        return int(live_buffers(options, teacher_dtype is not None, half) * accumulation_dtype(dtype).itemsize * max(V, 1))
+        buffers = cls.chunk_buffers(options, teacher_dtype is not None, half)
+        return int(buffers * accumulation_dtype(dtype).itemsize * max(V, 1))
 
     @staticmethod
     def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:

@@ -194,11 +194,11 @@ def test_compiled_chunks_take_more_rows_in_the_same_memory_budget(compiled, monk
     for mode in ("always", "never"):
         monkeypatch.setenv("SDFT_COMPILE", mode)
         made.clear()
-        held[mode] = run(p, impl="torch", **kw)
+        out = run(p, impl="torch", **kw)
         (ws,) = made
         sizes = [b.numel() * b.element_size() for b in ws._buffers.values()]
         assert sum(sizes) <= budget, (mode, ws.rows, len(sizes))
-        held[mode] = (ws.rows, len(sizes), held[mode])
+        held[mode] = (ws.rows, len(sizes), out)
     (rows_c, buffers_c, out_c), (rows_e, buffers_e, out_e) = held["always"], held["never"]
     assert buffers_c == 3 and buffers_e > 3 and rows_c > rows_e, (held["always"][:2], held["never"][:2])
     assert_close(out_c[0].loss, out_e[0].loss, rtol=1e-5, atol=1e-6, what="loss")
