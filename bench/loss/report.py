@@ -14,6 +14,7 @@ from pathlib import Path
 from ..driver.files import render_beside
 from ..driver.fmt import fmt_bytes, fmt_ratio, fmt_time
 from .contenders import CONTENDERS
+from .plan import warmup_calls
 from .shapes import CE_FWD_BWD, FWD, FWD_BWD
 
 GROUP_TITLES = {
@@ -61,13 +62,11 @@ def _title(name: str) -> str:
 def _own_warmups(device: str, cases: list) -> str:
     """The contenders of this run that take extra warm-up calls of their own on CPU (their
     first call compiles), as a clause for the Time line; empty when there are none."""
-    if device != "cpu":
-        return ""
-    own = sorted({c["contender"] for c in cases
-                  if CONTENDERS.get(c["contender"]) and CONTENDERS[c["contender"]].cpu_warmup})
+    own = {n: warmup_calls(n, device, 0) for n in sorted({c["contender"] for c in cases}) if n in CONTENDERS}
+    own = {n: calls for n, calls in own.items() if calls}
     if not own:
         return ""
-    return " (" + ", ".join(f"{CONTENDERS[n].cpu_warmup} more for {_title(n)}" for n in own) + \
+    return " (" + ", ".join(f"{calls} more for {_title(n)}" for n, calls in own.items()) + \
         ": their first call compiles)"
 
 
