@@ -43,6 +43,9 @@ class Contender:
     cpu_reason: str = ""                          # why not everywhere on CPU
     cuda_reason: str = ""                         # why not on CUDA (empty: it runs there)
     impl: Optional[str] = None                    # ours' variants: the fused_linear_sdft_loss impl
+    # On CPU, time the floor beside its own calls (bench.loss.measure_case): ours' CPU
+    # variants, whose ratio to the floor the targets judge.
+    paired_floor: bool = False
 
 
 def auto_impl(device: str) -> str:
@@ -183,7 +186,7 @@ CONTENDERS = {
                   'fused_linear_sdft_loss(impl="auto"), the library default: the implementation '
                   "sdft_kernels.default_impl(device) names (see the header for this run's); on CPU "
                   "its chunk epilogue compiles on the first call (SDFT_COMPILE=auto)",
-                  _sdft("auto"), cpu_warmup=1),  # on CPU its first call compiles
+                  _sdft("auto"), cpu_warmup=1, paired_floor=True),  # on CPU its first call compiles
         Contender("ours_triton", "ours, fused Triton", _ALL,
                   'fused_linear_sdft_loss(impl="triton"): fully fused Triton kernels (online '
                   "log-sum-exp forward, logit tiles recomputed in the backward), CUDA only",
@@ -197,13 +200,13 @@ CONTENDERS = {
                   cpu_reason="impl='triton_chunked' is CUDA-only (cuBLAS GEMMs and a Triton epilogue)"),
         Contender("ours_torch", "ours, chunked torch", _ALL,
                   'fused_linear_sdft_loss(impl="torch"): the chunked pure-torch path',
-                  _sdft("torch"), cpu_runs="never", impl="torch",
+                  _sdft("torch"), cpu_runs="never", impl="torch", paired_floor=True,
                   cpu_reason="on CPU ours (impl='auto') already runs impl='torch'"),
         Contender("ours_eager", "ours, eager CPU epilogue", _ALL,
                   'fused_linear_sdft_loss(impl="torch") with SDFT_COMPILE=never: the chunk epilogue '
                   "as plain torch operations, uncompiled (what ours runs where compiling is not "
                   "possible), CPU only",
-                  _sdft("torch", compile_mode="never"),
+                  _sdft("torch", compile_mode="never"), paired_floor=True,
                   cuda_reason="the compiled epilogue is CPU-only: on CUDA there is nothing to compare"),
         Contender("liger_jsd", "Liger fused linear JSD", _TEACHER_GROUPS,
                   "LigerFusedLinearJSDLoss(weight_hard_loss=1, weight_soft_loss=lambda*tau^2, "

@@ -38,8 +38,8 @@ _CUDA_CASE_S, CUDA_START_S = 0.5, 20.0
 def case_estimates(device: str, entries: list, repeats: int, in_process: bool) -> list:
     """Rough wall seconds of each entry of a plan (0 for a skipped one).
 
-    CPU: nominal FLOPs at ~40 GFLOP/s on 2 cores, times a per-contender factor, plus a fresh
-    process's start. CUDA: nominal FLOPs at ~600 TFLOP/s bf16, times a per-contender factor,
+    CPU: nominal FLOPs at ~40 GFLOP/s on 2 cores, times a per-contender factor, plus the floor
+    calls made beside it, plus a fresh process's start. CUDA: nominal FLOPs at ~600 TFLOP/s bf16, times a per-contender factor,
     over the warm-up and timed calls, plus compilation and set-up seconds (see the constants
     above). The first case also carries the process's start-up on CUDA."""
     out, compiled = [], set()
@@ -51,7 +51,10 @@ def case_estimates(device: str, entries: list, repeats: int, in_process: bool) -
         if device == "cpu":
             factor = ((_CPU_COST_VS_FLOOR_FWD if group == "fwd" else {}).get(name)
                       or _CPU_COST_VS_FLOOR.get(name, 2.0))
-            out.append(repeats * factor * flops / (CPU_GFLOPS * 1e9)
+            # Ours' variants also run the floor beside their calls: one untimed call and one
+            # per timed call (bench.loss.measure_case).
+            floor_calls = repeats + 1 if CONTENDERS[name].paired_floor else 0
+            out.append((repeats * factor + floor_calls) * flops / (CPU_GFLOPS * 1e9)
                        + (0 if in_process else CPU_PROCESS_START_S))
             continue
         calls = device_warmup(device) + repeats

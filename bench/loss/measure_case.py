@@ -11,6 +11,15 @@ Protocol, in this order:
 5. ``repeats - 1`` further timed calls. The reported time is the median of the ``repeats``
    calls (the probed one included: its one-time costs, if any, are what the median drops).
 
+With ``"paired_floor": true`` (ours' variants on CPU, :func:`bench.loss.plan.case_spec`)
+the GEMM floor of the same group runs in the same process, on the same inputs, one timed call
+right after each of the contender's timed calls (its buffers allocated, and one untimed call
+made, after the probed call, so that its memory is not counted). The case then also records
+``floor_times_s`` and ``paired_floor_ratio``, the median over the rounds of
+``contender time / floor time``: on a shared machine whose speed drifts by tens of percent
+between minutes, a ratio of calls made seconds apart in one process says far more than a
+ratio of medians taken minutes apart in two processes.
+
 Memory, what is counted (the probes of :mod:`bench.driver.probes`):
 
 - CPU: growth of the process's resident set over the probed call: peak RSS during the call
@@ -40,6 +49,7 @@ import torch
 from ..driver.probes import CudaProbe, RssProbe, is_oom, timed
 from .agreement import blocked_oracle, compare, values_of
 from .contenders import CONTENDERS, Skip
+from .floor import floor_step
 from .inputs import SEED, build_inputs
 from .plan import warmup_calls
 from .shapes import CE_FWD_BWD, FWD
@@ -62,11 +72,22 @@ def build_real_case_inputs(spec: dict, device: str, dtype: torch.dtype, *, teach
                              seed=spec.get("seed", SEED), cache_dir=spec.get("real_cache", CACHE))
 
 
+def paired_ratio(times: list, floor_times: list) -> float:
+    """Median over the rounds of ``times[i] / floor_times[i]`` (a contender's call over the
+    floor call right after it)."""
+    if len(times) != len(floor_times) or not times:
+        raise ValueError(f"paired times differ in length: {len(times)} calls, {len(floor_times)} floor calls")
+    return statistics.median(t / f for t, f in zip(times, floor_times))
+
+
 def measure(spec: dict) -> dict:
     """Measure the case described by ``spec`` (see :func:`bench.loss.plan.case_spec`)."""
     result = {k: spec[k] for k in ("group", "contender", "device", "dtype", "N", "D", "V")}
     result.update(status="ok", reason=None, agreement=None, times_s=None, median_s=None,
                   mem_bytes=None, mem_method=None, oracle_values=None)
+    paired = spec.get("paired_floor", False)
+    if paired:
+        result.update(floor_times_s=None, paired_floor_ratio=None)
     device, group = spec["device"], spec["group"]
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -74,7 +95,7 @@ def measure(spec: dict) -> dict:
     dtype = getattr(torch, spec["dtype"])
     backward = group != FWD
     warmup = warmup_calls(contender.name, device, spec.get("warmup", 0))
-    inputs = step = None
+    inputs = step = floor = None
     if "torch._dynamo" in sys.modules:
         # Compiled peers start from empty caches in every case, as in a fresh process: an
         # earlier shape must neither pre-pay their compilation nor exhaust the recompile
@@ -117,11 +138,21 @@ def measure(spec: dict) -> dict:
                     return result
 
         times = [first_s]
+        floor_times = None
+        if paired:
+            floor = floor_step(inputs, group)
+            timed(floor, device)  # allocates the floor's buffers: untimed
+            floor_times = [timed(floor, device)[1]]
         for _ in range(spec["repeats"] - 1):
             inputs.zero_grads()
             times.append(timed(step, device)[1])
+            if floor is not None:
+                floor_times.append(timed(floor, device)[1])
         result["times_s"] = times
         result["median_s"] = statistics.median(times)
+        if floor is not None:
+            result["floor_times_s"] = floor_times
+            result["paired_floor_ratio"] = paired_ratio(times, floor_times)
     except Skip as e:
         result["status"], result["reason"] = "skipped", str(e)
     except Exception as e:  # noqa: BLE001 - one failing peer must not stop the grid
@@ -133,7 +164,7 @@ def measure(spec: dict) -> dict:
             result["reason"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             result["traceback"] = traceback.format_exc(limit=6)
     finally:
-        del step, inputs
+        del step, inputs, floor
         if device == "cuda":  # on CPU the next probe collects before it takes its baseline
             gc.collect()
             torch.cuda.empty_cache()

@@ -39,10 +39,15 @@ def warmup_calls(contender_name: str, device: str, device_calls: Optional[int] =
 
 def case_spec(shape, group: str, contender: str, device: str, repeats: int, warmup: int,
               threads=None) -> dict:
-    """What :func:`bench.loss.measure_case.measure` needs to measure one entry (JSON-able)."""
+    """What :func:`bench.loss.measure_case.measure` needs to measure one entry (JSON-able).
+    On CPU ours' variants time the floor beside their own calls (``paired_floor``, see
+    :class:`bench.loss.contenders.Contender`): the shared CPU's speed drifts too much between
+    processes for a ratio of two processes' medians. CUDA timings are steady, and the floor's
+    two ``[N, V]`` buffers would crowd the largest cases out of GPU memory."""
     return {"group": group, "contender": contender, "device": device, "dtype": DTYPES[device],
             "N": shape.N, "D": shape.D, "V": shape.V, "repeats": repeats, "warmup": warmup,
-            "seed": SEED, "threads": threads, "oracle": None}
+            "seed": SEED, "threads": threads, "oracle": None,
+            "paired_floor": device == "cpu" and CONTENDERS[contender].paired_floor}
 
 
 def _cuda_priority(entry) -> int:

@@ -9,6 +9,7 @@ too, marked partial.
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 from ..driver.files import render_beside
@@ -91,9 +92,9 @@ def target_lines(targets: list) -> list:
 
 def case_table(cases: list, group: str) -> list:
     rows = [
-        f"| contender | status | agreement (rel. err) | time (median) | x floor | rate ({FLOPS_LABEL[group]}) "
-        "| peak memory | x reference |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| contender | status | agreement (rel. err) | time (median) | x floor | floor beside it "
+        f"| rate ({FLOPS_LABEL[group]}) | peak memory | x reference |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cases:
         mem = None if c["contender"] == "floor" else c.get("mem_bytes")
@@ -103,6 +104,7 @@ def case_table(cases: list, group: str) -> list:
             fmt_agreement(c) if c["status"] in ("ok", "disagrees") else "-",
             fmt_time(c.get("median_s")),
             fmt_ratio(c.get("time_over_floor")),
+            fmt_time(statistics.median(c["floor_times_s"])) if c.get("floor_times_s") else "-",
             fmt_rate(c.get("flop_rate")),
             fmt_bytes(mem),
             fmt_ratio(c.get("mem_over_reference")),
@@ -130,6 +132,9 @@ def render_markdown(results: dict, plot_names: list = ()) -> str:
         f"- Time: median of {meta['repeats']} calls after {meta['warmup']} warm-up call(s)"
         f"{_own_warmups(meta['device'], cases)}; ratios are taken within this one run.",
         f"- Memory: {meta['memory']}.",
+        "- x floor: where a contender timed the floor beside its own calls (\"floor beside it\", "
+        "the median of those floor calls), the median over the rounds of its call over the floor call "
+        "right after it, in one process; else its median over the floor row's.",
         f"- FLOP rates count the nominal GEMM FLOPs of the group over all N rows "
         "(8NDV forward+backward, 4NDV forward, 6NDV CE-only); the floor is those GEMMs "
         "with plain torch.matmul at the same shapes and dtype.",

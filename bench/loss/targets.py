@@ -2,7 +2,9 @@
 
 Each target is a ratio ``metric(ours) / metric(baseline)`` in the forward+backward group,
 where metric is the median time or the peak memory growth (see :mod:`bench.loss.measure_case`),
-and passes when the ratio is at most its limit.
+and passes when the ratio is at most its limit. Against the floor, where ours timed the floor
+beside its own calls (CPU), the ratio is that paired one: the median over the rounds of ours'
+call over the floor call right after it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ TARGETS = {
 }
 
 _FIELD = {"time": "median_s", "mem": "mem_bytes"}
+PAIRED_NOTE = "floor timed beside ours, in its process"
 
 
 def _pick_shape(cases: list) -> tuple[Optional[tuple], bool]:
@@ -48,7 +51,11 @@ def _pick_shape(cases: list) -> tuple[Optional[tuple], bool]:
 
 
 def _ratio(found: dict, baseline: str, field: str, what: str) -> tuple[Optional[float], str]:
-    """``ours / baseline`` of ``field`` among one shape's cases, or None and why not."""
+    """``(ours / baseline of field, note)`` among one shape's cases, or ``(None, why not)``;
+    against the floor, the paired ratio where ours has one (the note says so)."""
+    ours = found.get("ours", {})
+    if baseline == "floor" and field == "median_s" and ours.get("status") == "ok" and ours.get("paired_floor_ratio"):
+        return ours["paired_floor_ratio"], PAIRED_NOTE
     missing = [n for n in ("ours", baseline) if found.get(n, {}).get(field) is None or found[n]["status"] != "ok"]
     if missing:
         return None, "not evaluable: " + ", ".join(
@@ -84,8 +91,8 @@ def evaluate(results: dict) -> list:
         out.append(entry)
         if t.hidden is not None:
             entry.update(name=f"{entry['name']}, worst at D={t.hidden}", shape=None, headline=False)
-            ratios = {k: _ratio(found, t.baseline, field, what)[0] for k, found in shapes.items() if k[1] == t.hidden}
-            ratios = {k: r for k, r in ratios.items() if r is not None}
+            judged = {k: _ratio(found, t.baseline, field, what) for k, found in shapes.items() if k[1] == t.hidden}
+            ratios = {k: r for k, (r, _) in judged.items() if r is not None}
             if not ratios:
                 entry["note"] = f"no evaluable forward+backward case at D={t.hidden} in this run"
                 continue
@@ -93,6 +100,8 @@ def evaluate(results: dict) -> list:
             entry["value"] = ratios[worst]
             entry["passed"] = entry["value"] <= t.limit
             entry["note"] = f"at N={worst[0]} V={worst[2]}, over {len(ratios)} shape(s)"
+            if judged[worst][1]:
+                entry["note"] += f"; {judged[worst][1]}"
             continue
         if shape is None:
             entry["note"] = "no forward+backward case in this run"
@@ -102,5 +111,6 @@ def evaluate(results: dict) -> list:
             continue
         entry["passed"] = entry["value"] <= t.limit
         if not headline:
-            entry["note"] = "informational: the headline shape is not in this run"
+            entry["note"] = "; ".join(filter(None, ("informational: the headline shape is not in this run",
+                                                    entry["note"])))
     return out

@@ -243,3 +243,51 @@ def test_the_d256_target_judges_the_worst_sweep_shape():
     sweep = targets["ours time / floor time, worst at D=256"]
     assert sweep["value"] == pytest.approx(1.3) and sweep["passed"] is False
     assert "N=2048 V=65536" in sweep["note"] and "2 shape(s)" in sweep["note"]
+
+
+def test_the_floor_targets_take_ours_paired_ratio_where_there_is_one():
+    from bench.loss.results import add_ratios
+    from bench.loss.targets import evaluate
+
+    # The floor's own process ran slow (2.0 s), so ours over it says 0.6; timed beside ours,
+    # the floor took ~1.0 s and ours is 1.2x it: the paired ratio is the one judged.
+    ours = _case("ours", 2048, 512, 32768, 1.2, True)
+    ours.update(times_s=[1.2, 1.3, 1.1], floor_times_s=[1.0, 1.0, 1.0], paired_floor_ratio=1.2)
+    eager = _case("ours_eager", 2048, 512, 32768, 1.5, True)  # no floor beside it: the floor row's
+    cases = [_case("floor", 2048, 512, 32768, 2.0, True), ours, eager,
+             _case("floor", 1024, 256, 32768, 1.0), _case("ours", 1024, 256, 32768, 1.1)]
+    cases[-1].update(paired_floor_ratio=1.25)
+    add_ratios(cases)
+    assert ours["time_over_floor"] == pytest.approx(1.2) and ours["time_over_floor_case"] == pytest.approx(0.6)
+    assert eager["time_over_floor"] == pytest.approx(0.75) == eager["time_over_floor_case"]
+    targets = {t["name"]: t for t in evaluate({"meta": {"device": "cpu"}, "cases": cases})}
+    headline = targets["ours time / floor time"]
+    assert headline["value"] == pytest.approx(1.2) and headline["passed"] is False
+    assert "beside ours" in headline["note"]
+    sweep = targets["ours time / floor time, worst at D=256"]
+    assert sweep["value"] == pytest.approx(1.25) and "beside ours" in sweep["note"]
+    # Targets against other contenders stay ratios of medians.
+    assert targets["ours time / reference time"]["value"] is None
+    table = render_markdown({"meta": {"device": "cpu", "dtype": "float32", "date": "d", "versions": {},
+                                      "objective": "o", "repeats": 3, "warmup": 0, "memory": "m"},
+                             "cases": cases, "targets": evaluate({"meta": {"device": "cpu"}, "cases": cases})})
+    row = next(line for line in table.splitlines() if line.startswith('| ours (impl="auto")'))
+    assert "| 1.20x | 1 s |" in row  # its ratio, then the floor beside it
+
+
+def test_only_ours_cpu_variants_time_the_floor_beside_them():
+    from bench.loss.plan import case_spec
+
+    shape = CPU_GRID[0]
+    paired = {name for name in CONTENDERS if case_spec(shape, FWD_BWD, name, "cpu", 3, 0)["paired_floor"]}
+    assert paired == {"ours", "ours_eager", "ours_torch"}
+    assert not any(case_spec(shape, FWD_BWD, name, "cuda", 3, 0)["paired_floor"] for name in CONTENDERS)
+
+
+def test_paired_ratio_is_the_median_of_the_rounds_ratios():
+    from bench.loss.measure_case import paired_ratio
+
+    # The machine slowed down in the last round: both calls took twice as long, the ratio held.
+    assert paired_ratio([1.1, 1.2, 2.4], [1.0, 1.0, 2.0]) == pytest.approx(1.2)
+    with pytest.raises(ValueError, match="3 calls, 2 floor calls"):
+        paired_ratio([1.0, 1.0, 1.0], [1.0, 1.0])

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.loss.measure_case import RESULT_MARKER
 from bench.loss.cli import main
 
@@ -74,3 +76,20 @@ def test_a_contender_that_disagrees_is_not_timed():
     result = measure(spec)
     assert result["status"] == "disagrees" and not result["agreement"]["agrees"]
     assert result["times_s"] is None and result["median_s"] is None
+
+
+def test_ours_times_the_floor_beside_its_calls_on_the_same_inputs():
+    from bench.loss.measure_case import measure
+    from bench.loss.plan import case_spec
+    from bench.loss.shapes import Shape
+
+    spec = case_spec(Shape(64, 16, 500), "fwd_bwd", "ours", "cpu", repeats=3, warmup=0)
+    assert spec["paired_floor"]
+    result = measure(spec)
+    assert result["status"] == "ok", result.get("reason")
+    times, floor_times = result["times_s"], result["floor_times_s"]
+    assert len(floor_times) == len(times) == 3 and all(t > 0 for t in floor_times)
+    ratios = sorted(t / f for t, f in zip(times, floor_times))
+    assert result["paired_floor_ratio"] == pytest.approx(ratios[1])
+    reference = measure({**spec, "contender": "reference", "paired_floor": False})
+    assert "floor_times_s" not in reference
