@@ -13,7 +13,7 @@ from transformers import Trainer, TrainingArguments
 
 from .architectures import check_supported
 from .freezing import FreezeReport, masked_optimizer
-from .integration import SDFTModel, causal_lm_loss, shifted_targets
+from .integration import SDFTModel, causal_lm_loss, decoder_inputs, shifted_targets
 from .loss import SDFTLoss
 from .sharding import deepspeed_teacher, fully_shard_teacher, wrapper_kind
 from .teacher import FrozenCopy, TeacherSource
@@ -61,6 +61,11 @@ class SDFTTrainer(Trainer):
             loss = inner.loss if loss is None else loss
         self.teacher = teacher
         self._place_teacher()
+        if isinstance(inner, SDFTModel) and self.args.label_names is None:
+            # The Trainer finds the label names in the model's forward signature, and an
+            # SDFTModel's takes the batch as **kwargs: without this, evaluation would compute no
+            # loss (no eval_loss, nothing for load_best_model_at_end to compare).
+            self.label_names = ["labels"]
         self.loss = SDFTLoss() if loss is None else loss
         # What the fused path refuses (a model it cannot reproduce, a PEFT prompt-learning kind it
         # does not support) is refused now, not at the first step.
@@ -160,6 +165,22 @@ class SDFTTrainer(Trainer):
         # wrapper around an SDFTModel (accelerate's convert_outputs_to_fp32).
         self._record_components(out)
         return (loss, out) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """``(loss, logits, labels)`` of an evaluation batch: the SDFT loss of the batch, as in
+        training (normalised by the batch's own target count); with ``compute_metrics``, the
+        student's ``[batch, seq, V]`` logits from a forward of its own, since the fused loss
+        never forms them."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs).detach()
+            if prediction_loss_only:
+                return loss, None, None
+            inner = self.accelerator.unwrap_model(model)
+            student = inner.student if isinstance(inner, SDFTModel) else model
+            with self.accelerator.autocast():
+                logits = student(**decoder_inputs(inputs)).logits
+        return loss, logits, inputs.get("labels")
 
     def _aux_weight(self, num_items_in_batch) -> Optional[float]:
         """The weight of an MoE model's load-balancing loss in a micro-batch's loss. None: the

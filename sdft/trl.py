@@ -116,16 +116,6 @@ class SDFTSFTTrainer(SDFTTrainer, SFTTrainer):
         if build_teacher:  # from the model as SFTTrainer left it: loaded, PEFT-wrapped, on its device
             self.teacher = teacher(self.model)
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs).detach()
-            if prediction_loss_only:
-                return loss, None, None
-            # compute_metrics wants logits, which the fused loss never forms: one extra forward.
-            logits = model(**{key: value for key, value in inputs.items() if key != "labels"}).logits
-        return loss, logits, inputs.get("labels")
-
     def _aux_weight(self, num_items_in_batch) -> float:
         # SFTTrainer's MoE objective: router_aux_loss_coef (its argument, else the model config's)
         # times the unweighted load-balancing loss, divided by the number of accumulated

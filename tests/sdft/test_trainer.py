@@ -277,3 +277,42 @@ def test_sdft_loss_is_the_former_name_of_loss(tmp_path):
         warnings.simplefilter("always")
         assert SDFTTrainer(model=tiny_model("llama"), args=args, loss=loss).loss is loss
     assert not [w for w in caught if "sdft_loss" in str(w.message)]
+
+
+@pytest.mark.parametrize("wrap", ["plain", "SDFTModel"])
+def test_evaluation_reports_the_objective_and_gives_compute_metrics_the_students_logits(tmp_path, wrap):
+    """evaluate() reports eval_loss, the row-weighted mean over the evaluation batches of each
+    batch's objective computed independently from the models' own logits; compute_metrics gets
+    the student's logits and the labels."""
+    rows = [{"input_ids": list(range(3, 3 + n))} for n in (4, 7, 9, 5, 6)]  # batches of 2, 2, 1
+    kl_weight, tau = 0.7, 0.5
+    teacher_model = perturbed_copy(tiny_model("llama"), scale=0.2)
+    student = tiny_model("llama")
+    batches = [_labels_are_inputs(rows[i:i + 2]) for i in range(0, len(rows), 2)]
+    with torch.no_grad():
+        objectives = [_full_batch_objective(student, teacher_model, b, kl_weight, tau) for b in batches]
+    expected = sum(len(b["input_ids"]) * float(o) for b, o in zip(batches, objectives)) / len(rows)
+
+    seen = []
+
+    def compute_metrics(prediction):
+        seen.append(prediction)
+        return {"n": len(prediction.predictions)}
+
+    loss = SDFTLoss(kl_weight=kl_weight, temperature=tau)
+    model = student if wrap == "plain" else SDFTModel(student, FrozenCopy(teacher_model), loss)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to=[], use_cpu=True,
+                             remove_unused_columns=False)
+    trainer = SDFTTrainer(model=model, args=args, eval_dataset=Dataset.from_list(rows),
+                          data_collator=_labels_are_inputs, compute_metrics=compute_metrics,
+                          teacher=FrozenCopy(teacher_model) if wrap == "plain" else None,
+                          loss=loss if wrap == "plain" else None)
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    (prediction,) = seen
+    # Padded to the longest row across batches by the Trainer (labels with -100, logits with it too).
+    assert prediction.predictions.shape[:2] == prediction.label_ids.shape == (5, 9)
+    with torch.no_grad():
+        logits = student(**{k: v for k, v in batches[1].items() if k != "labels"}).logits
+    torch.testing.assert_close(torch.from_numpy(prediction.predictions[2:4]), logits, rtol=1e-5, atol=1e-5)
+    assert (prediction.label_ids[:2, :7] == batches[0]["labels"].numpy()).all()
