@@ -72,7 +72,10 @@ class Epilogue(Protocol):
     """What the loop needs of an epilogue (both are classes of static methods)."""
 
     budget_bytes: int  # transient bytes of the chunk buffers by default
-    max_rows: Optional[int]  # rows beyond which a chunk gains nothing (None: no such limit)
+
+    @staticmethod
+    def max_rows() -> Optional[int]:
+        """Rows beyond which a chunk gains nothing (None: as many as the budget allows)."""
 
     @staticmethod
     def row_bytes(V: int, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype], options: LossOptions) -> int: ...
@@ -99,8 +102,9 @@ def chunk_rows(M: int, V: int, epilogue: Epilogue, dtype: torch.dtype, teacher_d
     if chunk_size is not None:
         return chunk_size
     step = max(16, int(epilogue.budget_bytes // epilogue.row_bytes(V, dtype, teacher_dtype, options)))
-    if epilogue.max_rows is not None:
-        step = min(step, epilogue.max_rows)
+    cap = epilogue.max_rows()
+    if cap is not None:
+        step = min(step, cap)
     return -(-M // -(-M // step)) if M > 0 else step
 
 

@@ -183,7 +183,11 @@ class TorchEpilogue:
     """Element-wise torch ops on float32 (float64) buffers: runs anywhere; ``impl="torch"``."""
 
     budget_bytes = DEFAULT_CHUNK_BUDGET_BYTES
-    max_rows = MAX_CHUNK_ROWS
+
+    @staticmethod
+    def max_rows() -> int:
+        """Rows beyond which a chunk gains nothing (:data:`MAX_CHUNK_ROWS`)."""
+        return MAX_CHUNK_ROWS
 
     @staticmethod
     def chunk_buffers(options: LossOptions, has_teacher: bool, half_inputs: bool) -> float:

@@ -307,7 +307,11 @@ class TritonEpilogue:
     ``impl="triton_chunked"``."""
 
     budget_bytes = TRITON_CHUNK_BUDGET_BYTES
-    max_rows = None  # as many as the budget allows: fewer read-modify-writes of the dW sums
+
+    @staticmethod
+    def max_rows() -> None:
+        """As many rows as the budget allows: fewer read-modify-writes of the dW sums."""
+        return None
 
     @staticmethod
     def row_bytes(V: int, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype], options: LossOptions) -> int:

@@ -206,6 +206,24 @@ def test_compiled_chunks_take_more_rows_in_the_same_memory_budget(compiled, monk
         assert_close(gc, ge, rtol=1e-4, atol=1e-6, what=f"grad of leaf {i}")
 
 
+def test_compiled_chunks_go_up_to_their_own_row_cap_where_the_budget_does_not_bind(monkeypatch):
+    """With a small vocabulary the budget allows thousands of rows: the compiled passes then
+    take chunks of up to COMPILED_MAX_CHUNK_ROWS, the eager ones up to MAX_CHUNK_ROWS, each
+    evened out over the rows."""
+    from sdft_kernels.chunk_loop import chunk_rows
+    from sdft_kernels.compiled_epilogue import COMPILED_MAX_CHUNK_ROWS, CompiledTorchEpilogue
+    from sdft_kernels.options import LossOptions
+    from sdft_kernels.torch_epilogue import MAX_CHUNK_ROWS
+
+    assert COMPILED_MAX_CHUNK_ROWS > MAX_CHUNK_ROWS
+    options = LossOptions(kl_weight=1.0, temperature=0.5)
+    rows = {}
+    for mode in ("always", "never"):
+        monkeypatch.setenv("SDFT_COMPILE", mode)
+        rows[mode] = chunk_rows(1000, 2048, CompiledTorchEpilogue, torch.float32, torch.float32, options, None)
+    assert rows == {"always": 334, "never": 250}  # 1000 rows in 3 chunks, in 4
+
+
 @pytest.mark.parametrize("raw,mode", [(None, "auto"), ("auto", "auto"), ("always", "always"), ("0", "never"),
                                       ("Off", "never"), ("1", "always")])
 def test_compile_mode_from_the_environment(monkeypatch, raw, mode):
