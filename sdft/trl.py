@@ -141,11 +141,13 @@ class SDFTSFTTrainer(SDFTTrainer, SFTTrainer):
         them: over the positions with a label, summed across processes; 0 without any. Kept as
         tensors (no host sync per step) until :meth:`log`."""
         mode = "train" if self.model.training else "eval"
-        gather = self.accelerator.gather_for_metrics
-        count = gather(out.n_tokens.detach()).sum()
-        denominator = count.clamp(min=1).to(out.entropy.dtype)
-        self._metrics[mode]["entropy"].append(gather(out.entropy.sum()).sum() / denominator)
-        self._metrics[mode]["mean_token_accuracy"].append(gather(out.top1.sum()).sum() / denominator)
+        dtype = out.entropy.dtype
+        # One collective for the three sums (the counts are exact in float32 up to 2^24 tokens).
+        sums = torch.stack([out.n_tokens.detach().to(dtype), out.entropy.sum(), out.top1.sum().to(dtype)])
+        count, entropy, correct = self.accelerator.gather_for_metrics(sums.reshape(1, 3)).sum(0)
+        denominator = count.clamp(min=1)
+        self._metrics[mode]["entropy"].append(entropy / denominator)
+        self._metrics[mode]["mean_token_accuracy"].append(correct / denominator)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         mode = "train" if self.model.training else "eval"

@@ -3,7 +3,7 @@
 
 Usage: ``torchrun --nproc_per_node=2 -m tests.sdft.ddp_sft_run OUT_DIR``. Each process saves
 the micro-batches it trained on (``batches-<rank>.pt``); rank 0 also the trained weights
-(``weights.pt``).
+(``weights.pt``) and the logs (``log_history.pt``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class Recording(SDFTSFTTrainer):
 def main(out: Path) -> None:
     tok = fx.tokenizer()
     args = trl.SFTConfig(output_dir=str(out / "run"), bf16=False, per_device_train_batch_size=2, max_steps=1,
+                         logging_steps=1,
                          learning_rate=LR, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
                          weight_decay=0.0, warmup_steps=0, report_to=[], use_cpu=True, seed=0,
                          save_strategy="no", ddp_backend="gloo")
@@ -45,6 +46,7 @@ def main(out: Path) -> None:
     torch.save(trainer.recorded, out / f"batches-{rank}.pt")
     if rank == 0:
         torch.save({n: p.detach() for n, p in trainer.model.named_parameters()}, out / "weights.pt")
+        torch.save(trainer.state.log_history, out / "log_history.pt")
 
 
 if __name__ == "__main__":

@@ -332,6 +332,22 @@ def test_two_processes_under_ddp_equal_the_materialised_objective(tmp_path):
     assert trained.keys() == expected.keys()
     for name, param in trained.items():
         torch.testing.assert_close(param, expected[name], rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    # SFTTrainer's entropy and token accuracy are over the labelled positions of both
+    # processes' rows: from the starting student's own logits.
+    start = fx.model(len(tok), dtype=torch.float64)
+    entropy = correct = count = 0
+    with torch.no_grad():
+        for b in batches:
+            z = start(input_ids=b[0]["input_ids"], attention_mask=b[0]["attention_mask"]).logits[:, :-1]
+            targets = b[0]["labels"][:, 1:]
+            counted = targets != -100
+            logp = torch.log_softmax(z, -1)
+            entropy += float(-(logp.exp() * logp).sum(-1)[counted].sum())
+            correct += int((z.argmax(-1) == targets)[counted].sum())
+            count += int(counted.sum())
+    (logged,) = [h for h in torch.load(tmp_path / "log_history.pt") if "entropy" in h]
+    assert logged["entropy"] == pytest.approx(entropy / count, rel=1e-6)
+    assert logged["mean_token_accuracy"] == pytest.approx(correct / count, rel=1e-6)
 
 
 def test_lora_student_with_the_adapters_off_teacher(tmp_path):
