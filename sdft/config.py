@@ -20,9 +20,9 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from sdft_kernels.options import DEFAULT_IMPL, LossOptions, check_impl
+from sdft_kernels.options import DEFAULT_IMPL, LossOptions, check_chunk_size, check_impl
 
-from .loss import DEFAULT_KL_POSITIONS, check_chunk_size, check_kl_positions
+from .loss import DEFAULT_KL_POSITIONS, check_kl_positions
 
 
 class ConfigError(ValueError):

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Optional, Union
 from torch import Tensor, nn
 
 from sdft_kernels import LossOptions, SDFTLossOutput, fused_linear_sdft_loss
-from sdft_kernels.options import DEFAULT_IMPL, OWN, check_impl
+from sdft_kernels.options import DEFAULT_IMPL, OWN, check_chunk_size, check_impl
 
 if TYPE_CHECKING:
     from .config import LossConfig
@@ -22,13 +22,6 @@ def check_kl_positions(kl_positions: str) -> str:
     if kl_positions not in KL_POSITIONS:
         raise ValueError(f"kl_positions must be one of {KL_POSITIONS}, got {kl_positions!r}")
     return kl_positions
-
-
-def check_chunk_size(chunk_size: Optional[int]) -> Optional[int]:
-    """``chunk_size`` if it is None or a positive int (rows per chunk of the chunked paths)."""
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return chunk_size
 
 
 class SDFTLoss(nn.Module):

@@ -38,6 +38,14 @@ def check_impl(impl: str) -> str:
     return impl
 
 
+def check_chunk_size(chunk_size: Optional[int]) -> Optional[int]:
+    """``chunk_size`` if it is None or a positive int (rows per chunk of the chunked paths); the
+    one place this is checked."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """How one call runs, apart from what it computes (:class:`LossOptions`).
@@ -56,9 +64,7 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         check_impl(self.impl)
-        c = self.chunk_size
-        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
-            raise ValueError(f"chunk_size must be a positive int or None, got {c!r}")
+        check_chunk_size(self.chunk_size)
 
 
 @dataclass(frozen=True)
