@@ -39,9 +39,10 @@ def case_estimates(device: str, entries: list, repeats: int, in_process: bool) -
     """Rough wall seconds of each entry of a plan (0 for a skipped one).
 
     CPU: nominal FLOPs at ~40 GFLOP/s on 2 cores, times a per-contender factor, plus the floor
-    calls made beside it, plus a fresh process's start. CUDA: nominal FLOPs at ~600 TFLOP/s bf16, times a per-contender factor,
-    over the warm-up and timed calls, plus compilation and set-up seconds (see the constants
-    above). The first case also carries the process's start-up on CUDA."""
+    calls made beside it, plus a fresh process's start. CUDA: nominal FLOPs at ~600 TFLOP/s
+    bf16, times a per-contender factor, over the warm-up and timed calls, plus compilation and
+    set-up seconds (see the constants above). The first case also carries the process's
+    start-up on CUDA."""
     out, compiled = [], set()
     for shape, group, name, reason in entries:
         if reason:
