@@ -7,7 +7,9 @@ Memory, what is counted:
   through ``/proc/self/clear_refs`` after returning freed heap to the OS (``malloc_trim``), so
   warm-up and import peaks are not counted; where that reset is unavailable, ``ru_maxrss``
   growth. Run in a fresh process per case so that no other case's allocations or caches are
-  in the way.
+  in the way. The chunk buffers that our loss keeps on CPU between calls
+  (:func:`sdft_kernels.release_workspace`) are released first: the block allocates, and is
+  charged for, its own.
 - CUDA (:class:`CudaProbe`): ``torch.cuda.max_memory_allocated()`` after
   ``reset_peak_memory_stats()`` minus the allocated bytes before the block (tensor memory,
   the caching allocator's reserve excluded).
@@ -24,6 +26,7 @@ import time
 from typing import Optional
 
 import torch
+from sdft_kernels import release_workspace
 
 # ---------------------------------------------------------------- memory probes
 
@@ -59,6 +62,7 @@ class RssProbe:
     """Peak resident-set growth over a ``with`` block, in bytes (see the module docstring)."""
 
     def __enter__(self):
+        release_workspace()
         gc.collect()
         _malloc_trim()
         self.method = "peak RSS (VmHWM reset via clear_refs)" if _reset_peak_rss() else "ru_maxrss growth"

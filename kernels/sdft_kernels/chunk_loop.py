@@ -1,7 +1,8 @@
 """The chunk loop of ``impl="torch"`` and ``impl="triton_chunked"``, and its autograd glue.
 
 Tokens are processed in chunks of ``chunk_size`` rows, so the transient memory is a few
-``[chunk, V]`` buffers instead of whole ``[N, V]`` logits. What happens between a chunk's
+``[chunk, V]`` buffers instead of whole ``[N, V]`` logits (:mod:`sdft_kernels.workspace`: one
+set per call, whose storage on CPU is kept for the next call). What happens between a chunk's
 logit GEMMs and its gradient GEMMs is the *epilogue*, passed in:
 :class:`sdft_kernels.torch_epilogue.TorchEpilogue` (element-wise torch ops on float32 buffers;
 on large CPU chunks :class:`sdft_kernels.compiled_epilogue.CompiledTorchEpilogue` compiles
@@ -34,38 +35,7 @@ from .loss_inputs import LossInputs
 from .options import LossOptions, RunSettings
 from .reduction import accumulation_dtype, ce_term_rows, combine, row_scales
 from .weight_grad import accumulate_weight_grad, weight_grad_dtype
-
-
-class Workspace:
-    """``[chunk, V]`` buffers reused by every chunk of one call.
-
-    A fresh 32 MB tensor per operation is mapped by the allocator and zeroed by the kernel page
-    by page; at N=2048, V=32768 those page faults cost about as much as all the arithmetic.
-    """
-
-    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
-        self.rows, self.vocab, self.dtype, self.device = rows, vocab, dtype, device
-        self._buffers: dict[str, Tensor] = {}
-        self._upcast: dict[tuple, Tensor] = {}
-
-    def get(self, name: str, rows: int, dtype: Optional[torch.dtype] = None) -> Tensor:
-        """Rows ``[:rows]`` of buffer ``name`` (``dtype`` defaults to the workspace's)."""
-        buf = self._buffers.get(name)
-        if buf is None:
-            buf = self._buffers[name] = torch.empty(self.rows, self.vocab, dtype=dtype or self.dtype,
-                                                    device=self.device)
-        return buf[:rows]
-
-    def upcast(self, t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-        """``t`` in ``dtype`` (default the workspace's), converted once per call: the head that
-        a GEMM without float32 output for half-precision factors needs in float32."""
-        dtype = dtype or self.dtype
-        if t.dtype == dtype:
-            return t
-        key = (t.data_ptr(), tuple(t.shape), t.stride(), dtype)
-        if key not in self._upcast:
-            self._upcast[key] = t.to(dtype)
-        return self._upcast[key]
+from .workspace import Workspace
 
 
 class Epilogue(Protocol):
@@ -208,6 +178,7 @@ def chunked_sdft(
         if d_w is not None:
             accumulate_weight_grad(d_w, dz, h_c, first=s == 0)
         del dz
+    ws.close()
 
     grads = Grads(
         d_h,

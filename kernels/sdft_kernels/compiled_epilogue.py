@@ -39,7 +39,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .chunk_loop import Workspace
+from .workspace import Workspace
 from .options import LossOptions
 from .torch_epilogue import TorchEpilogue, _logits_into, dft_row_scale
 

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .chunk_loop import Workspace
+from .workspace import Workspace
 from .logits_gemm import logits_into, rounded_logits_into
 from .options import LossOptions
 from .reduction import accumulation_dtype

@@ -118,3 +118,29 @@ def test_a_second_run_on_the_same_day_gets_a_name_of_its_own(tmp_path):
     second.with_suffix(".md").write_text("")  # a rendered report alone also claims the name
     assert results_path(tmp_path / "results", "cpu-2026-12-07").name == "cpu-2026-12-07-3.json"
     assert first.read_text() == "{}"
+
+
+def test_the_rss_probe_charges_a_call_for_the_chunk_buffers_it_kept_from_the_last(monkeypatch):
+    """Our loss keeps its CPU chunk buffers between calls; a probed second call must still be
+    charged for them, as a first call in a fresh process would be."""
+    monkeypatch.setenv("SDFT_COMPILE", "never")  # the eager epilogue keeps buffers alike, uncompiled
+    from bench.driver.probes import RssProbe
+    from sdft_kernels import fused_linear_sdft_loss, kept_workspace_bytes
+
+    g = torch.Generator().manual_seed(0)
+    N, D, V = 256, 16, 32768
+    h, W = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g)
+    ht, Wt = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g)
+    labels = torch.randint(0, V, (N,), generator=g)
+
+    def call():
+        fused_linear_sdft_loss(h, W, labels, ht, Wt, impl="torch", chunk_size=N)
+
+    call()
+    kept = kept_workspace_bytes()
+    assert kept >= 2 * N * V * 4  # the student's and the teacher's logits at least: 64 MiB
+    with RssProbe() as probe:
+        call()
+    if not probe.method.startswith("peak"):
+        pytest.skip("no resettable peak RSS on this system")
+    assert probe.bytes >= 0.9 * kept, (probe.bytes, kept)
