@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..driver.estimate import budget_cut_line
 from .contenders import CONTENDERS, auto_impl
 from .floor import group_flops
-from .plan import device_warmup
+from .plan import device_warmup, paired_rounds
 
 # Rough cost of one call relative to its group's floor GEMMs (the CPU headline measurements,
 # and small shapes on 2 cores; Liger computes gradients even in the forward-only group).
@@ -52,10 +52,12 @@ def case_estimates(device: str, entries: list, repeats: int, in_process: bool) -
         if device == "cpu":
             factor = ((_CPU_COST_VS_FLOOR_FWD if group == "fwd" else {}).get(name)
                       or _CPU_COST_VS_FLOOR.get(name, 2.0))
-            # Ours' variants also run the floor beside their calls: one untimed call and one
-            # per timed call (bench.loss.measure_case).
-            floor_calls = repeats + 1 if CONTENDERS[name].paired_floor else 0
-            out.append((repeats * factor + floor_calls) * flops / (CPU_GFLOPS * 1e9)
+            # Ours' variants time the probed call and paired_rounds rounds of theirs and the
+            # floor's, after one untimed floor call (bench.loss.measure_case).
+            paired = CONTENDERS[name].paired_floor
+            rounds = paired_rounds(repeats) if paired else repeats - 1
+            floor_calls = rounds + 1 if paired else 0
+            out.append(((1 + rounds) * factor + floor_calls) * flops / (CPU_GFLOPS * 1e9)
                        + (0 if in_process else CPU_PROCESS_START_S))
             continue
         calls = device_warmup(device) + repeats

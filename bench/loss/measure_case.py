@@ -12,13 +12,15 @@ Protocol, in this order:
    calls (the probed one included: its one-time costs, if any, are what the median drops).
 
 With ``"paired_floor": true`` (ours' variants on CPU, :func:`bench.loss.plan.case_spec`)
-the GEMM floor of the same group runs in the same process, on the same inputs, one timed call
-right after each of the contender's timed calls (its buffers allocated, and one untimed call
-made, after the probed call, so that its memory is not counted). The case then also records
-``floor_times_s`` and ``paired_floor_ratio``, the median over the rounds of
-``contender time / floor time``: on a shared machine whose speed drifts by tens of percent
-between minutes, a ratio of calls made seconds apart in one process says far more than a
-ratio of medians taken minutes apart in two processes.
+the GEMM floor of the same group runs in the same process, on the same inputs: after the
+probed call the floor's buffers are allocated and one untimed floor call made (so that its
+memory is not counted), then ``paired_rounds`` rounds of one contender call and one floor call
+replace step 5. The case then also records ``floor_times_s`` and ``paired_floor_ratio``, the
+median over the rounds of ``contender time / floor time``: on a shared machine whose speed
+drifts by tens of percent between minutes, a ratio of calls made seconds apart in one process
+says far more than a ratio of medians taken minutes apart in two processes. The probed call is
+not a round: the memory probe has it allocate afresh what a steady-state call reuses (the chunk
+buffers ours keeps between CPU calls), while the floor's buffers are preallocated.
 
 Memory, what is counted (the probes of :mod:`bench.driver.probes`):
 
@@ -142,8 +144,8 @@ def measure(spec: dict) -> dict:
         if paired:
             floor = floor_step(inputs, group)
             timed(floor, device)  # allocates the floor's buffers: untimed
-            floor_times = [timed(floor, device)[1]]
-        for _ in range(spec["repeats"] - 1):
+            floor_times = []
+        for _ in range(spec["paired_rounds"] if paired else spec["repeats"] - 1):
             inputs.zero_grads()
             times.append(timed(step, device)[1])
             if floor is not None:
@@ -152,7 +154,7 @@ def measure(spec: dict) -> dict:
         result["median_s"] = statistics.median(times)
         if floor is not None:
             result["floor_times_s"] = floor_times
-            result["paired_floor_ratio"] = paired_ratio(times, floor_times)
+            result["paired_floor_ratio"] = paired_ratio(times[1:], floor_times)
     except Skip as e:
         result["status"], result["reason"] = "skipped", str(e)
     except Exception as e:  # noqa: BLE001 - one failing peer must not stop the grid

@@ -37,17 +37,32 @@ def warmup_calls(contender_name: str, device: str, device_calls: Optional[int] =
     return calls + (CONTENDERS[contender_name].cpu_warmup if device == "cpu" else 0)
 
 
+# Rounds of (contender call, floor call) after the probed call, for the paired floor ratio. The
+# rounds of one case spread widely on a shared 2-core machine (1.05x-1.47x at N=1024, D=256,
+# V=65536 in cpu-2026-12-07-5's three): the median of five is steadier.
+PAIRED_ROUNDS = 5
+
+
+def paired_rounds(repeats: int) -> int:
+    """Rounds a paired case times after its probed call: ``repeats - 1``, at least
+    :data:`PAIRED_ROUNDS`."""
+    return max(repeats - 1, PAIRED_ROUNDS)
+
+
 def case_spec(shape, group: str, contender: str, device: str, repeats: int, warmup: int,
               threads=None) -> dict:
     """What :func:`bench.loss.measure_case.measure` needs to measure one entry (JSON-able).
     On CPU ours' variants time the floor beside their own calls (``paired_floor``, see
     :class:`bench.loss.contenders.Contender`): the shared CPU's speed drifts too much between
     processes for a ratio of two processes' medians. CUDA timings are steady, and the floor's
-    two ``[N, V]`` buffers would crowd the largest cases out of GPU memory."""
+    two ``[N, V]`` buffers would crowd the largest cases out of GPU memory. Paired cases time
+    ``paired_rounds`` rounds (:func:`paired_rounds`) after the probed call instead
+    of ``repeats - 1`` calls."""
+    paired = device == "cpu" and CONTENDERS[contender].paired_floor
     return {"group": group, "contender": contender, "device": device, "dtype": DTYPES[device],
             "N": shape.N, "D": shape.D, "V": shape.V, "repeats": repeats, "warmup": warmup,
             "seed": SEED, "threads": threads, "oracle": None,
-            "paired_floor": device == "cpu" and CONTENDERS[contender].paired_floor}
+            "paired_floor": paired, "paired_rounds": paired_rounds(repeats) if paired else 0}
 
 
 def _cuda_priority(entry) -> int:

@@ -71,6 +71,15 @@ def _own_warmups(device: str, cases: list) -> str:
         ": their first call compiles)"
 
 
+def _paired_rounds(cases: list) -> str:
+    """How many rounds the paired cases timed, as a clause for the x floor line."""
+    rounds = sorted({len(c["floor_times_s"]) for c in cases if c.get("floor_times_s")})
+    if not rounds:
+        return ""
+    span = str(rounds[0]) if rounds[0] == rounds[-1] else f"{rounds[0]}-{rounds[-1]}"
+    return f" ({span} rounds after the probed call; their time is the median of the probed call and the rounds)"
+
+
 def _shape_title(c) -> str:
     title = f"N={c['N']} D={c['D']} V={c['V']}"
     if c.get("model"):
@@ -134,7 +143,7 @@ def render_markdown(results: dict, plot_names: list = ()) -> str:
         f"- Memory: {meta['memory']}.",
         "- x floor: where a contender timed the floor beside its own calls (\"floor beside it\", "
         "the median of those floor calls), the median over the rounds of its call over the floor call "
-        "right after it, in one process; else its median over the floor row's.",
+        f"right after it, in one process{_paired_rounds(cases)}; else its median over the floor row's.",
         f"- FLOP rates count the nominal GEMM FLOPs of the group over all N rows "
         "(8NDV forward+backward, 4NDV forward, 6NDV CE-only); the floor is those GEMMs "
         "with plain torch.matmul at the same shapes and dtype.",

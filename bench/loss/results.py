@@ -13,7 +13,7 @@ from pathlib import Path
 from ..driver.files import write_json_atomic
 from ..driver.loop import PENDING_REASON
 from .floor import group_flops
-from .targets import evaluate
+from .targets import evaluate, paired_floor_ratio
 
 
 
@@ -62,7 +62,7 @@ def add_ratios(cases: list) -> None:
             # Against the floor timed beside the contender in its own process where there is
             # one (CPU), else against the floor's own case; the latter is kept for comparison.
             c["time_over_floor_case"] = t / floor["median_s"] if t and floor.get("median_s") else None
-            c["time_over_floor"] = c.get("paired_floor_ratio") or c["time_over_floor_case"]
+            c["time_over_floor"] = paired_floor_ratio(c) or c["time_over_floor_case"]
             ok_mem = c["contender"] != "floor" and c.get("mem_bytes") is not None
             c["mem_over_reference"] = (c["mem_bytes"] / ref["mem_bytes"]
                                        if ok_mem and ref.get("mem_bytes") else None)

@@ -50,12 +50,20 @@ def _pick_shape(cases: list) -> tuple[Optional[tuple], bool]:
     return (shapes[0], False) if shapes else (None, False)
 
 
+def paired_floor_ratio(case: dict) -> Optional[float]:
+    """The case's time over the floor timed beside it in its process, where it has one: the
+    time / floor that every report and target prefers (:mod:`bench.loss.measure_case`)."""
+    if case.get("status") != "ok":
+        return None
+    return case.get("paired_floor_ratio") or None
+
+
 def _ratio(found: dict, baseline: str, field: str, what: str) -> tuple[Optional[float], str]:
     """``(ours / baseline of field, note)`` among one shape's cases, or ``(None, why not)``;
     against the floor, the paired ratio where ours has one (the note says so)."""
-    ours = found.get("ours", {})
-    if baseline == "floor" and field == "median_s" and ours.get("status") == "ok" and ours.get("paired_floor_ratio"):
-        return ours["paired_floor_ratio"], PAIRED_NOTE
+    paired = paired_floor_ratio(found.get("ours", {}))
+    if baseline == "floor" and field == "median_s" and paired:
+        return paired, PAIRED_NOTE
     missing = [n for n in ("ours", baseline) if found.get(n, {}).get(field) is None or found[n]["status"] != "ok"]
     if missing:
         return None, "not evaluable: " + ", ".join(

@@ -11,6 +11,7 @@ import pytest
 
 from bench.loss.measure_case import RESULT_MARKER
 from bench.loss.cli import main
+from bench.loss.plan import PAIRED_ROUNDS
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -33,7 +34,9 @@ def test_quick_run_writes_consistent_results(tmp_path):
             assert c["reason"], name
             continue
         assert c["status"] == "ok", (name, c.get("reason"))
-        assert len(c["times_s"]) == 2 and math.isfinite(c["time_over_floor"]), name
+        # --repeats 2, except ours' variants: the probed call and their paired rounds
+        calls = 1 + PAIRED_ROUNDS if c.get("floor_times_s") else 2
+        assert len(c["times_s"]) == calls and math.isfinite(c["time_over_floor"]), name
         assert math.isfinite(c["flop_rate"]) and c["mem_bytes"] is not None, name
         if c["contender"] == "floor":
             continue
@@ -84,12 +87,13 @@ def test_ours_times_the_floor_beside_its_calls_on_the_same_inputs():
     from bench.loss.shapes import Shape
 
     spec = case_spec(Shape(64, 16, 500), "fwd_bwd", "ours", "cpu", repeats=3, warmup=0)
-    assert spec["paired_floor"]
+    assert spec["paired_floor"] and spec["paired_rounds"] == PAIRED_ROUNDS
     result = measure(spec)
     assert result["status"] == "ok", result.get("reason")
     times, floor_times = result["times_s"], result["floor_times_s"]
-    assert len(floor_times) == len(times) == 3 and all(t > 0 for t in floor_times)
-    ratios = sorted(t / f for t, f in zip(times, floor_times))
-    assert result["paired_floor_ratio"] == pytest.approx(ratios[1])
+    # the probed call, then the rounds: the probed call has no floor call of its own
+    assert len(floor_times) == len(times) - 1 == PAIRED_ROUNDS and all(t > 0 for t in floor_times)
+    ratios = sorted(t / f for t, f in zip(times[1:], floor_times))
+    assert result["paired_floor_ratio"] == pytest.approx(ratios[len(ratios) // 2])
     reference = measure({**spec, "contender": "reference", "paired_floor": False})
     assert "floor_times_s" not in reference
