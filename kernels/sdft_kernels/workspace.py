@@ -41,8 +41,8 @@ class _KeptStorage(threading.local):
         flat = self.flat.get(name)
         if (flat is None or flat.numel() < n or flat.dtype != dtype
                 or (flat.is_inference() and not torch.is_inference_mode_enabled())):
-            flat = self.flat.pop(name, None)
-            flat = None  # the old storage is freed before the new one is allocated: no double peak
+            flat = None  # both references to the old storage go before the new one is allocated:
+            self.flat.pop(name, None)  # no peak holding both
             flat = self.flat[name] = torch.empty(n, dtype=dtype, device=device)
         return flat[:n].view(shape)
 
