@@ -7,9 +7,10 @@ as all the arithmetic). Between calls the same happens on CPU: CPU tensors of th
 straight from the operating system and go back to it when freed, so every call would fault its
 buffers in again (2-core CPU, N=1024, D=256, V=65536: about 52,000 page faults and 0.1-0.2 s of
 system time in a 1.4-1.9 s forward+backward; at N=2048, D=512, V=32768, timed in one process
-with the GEMM floor interleaved, keeping them took the call from 1.01x to 0.96x the floor). On CPU the storage therefore outlives the call, one set per
-thread, and the next call of the same or a smaller size reuses it; this is what CUDA's caching
-allocator already does for GPU tensors, so GPU buffers are not kept here.
+with the GEMM floor interleaved, keeping them took the call from 1.01x to 0.96x the floor). On
+CPU the storage therefore outlives the call, one set per thread, and the next call of the same
+or a smaller size reuses it; this is what CUDA's caching allocator already does for GPU
+tensors, so GPU buffers are not kept here.
 
 What stays allocated between calls is the storage of the buffers that the last call used, each
 as large as the largest call that used it needed: about one call's chunk budget
