@@ -11,6 +11,8 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 
+from sdft_kernels import release_workspace
+
 from .architectures import check_supported
 from .freezing import FreezeReport, masked_optimizer
 from .integration import SDFTModel, causal_lm_loss, decoder_inputs, shifted_targets
@@ -104,6 +106,15 @@ class SDFTTrainer(Trainer):
             fully_shard_teacher(teacher, **_fsdp2_teacher_settings(self.accelerator.state.fsdp_plugin))
             return
         teacher.to(self.args.device)
+
+    def train(self, *args, **kwargs):
+        """``Trainer.train``; when it returns (or raises), the CPU chunk buffers that the loss
+        keeps between steps (about one chunk budget, :func:`sdft_kernels.release_workspace`)
+        are freed for whatever the process does next, such as evaluation or generation."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            release_workspace()
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self._optimizer_factory is not None:

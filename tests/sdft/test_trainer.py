@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from sdft import SDFTLoss, SDFTModel, SDFTTrainer, causal_lm_loss
+from sdft_kernels import kept_workspace_bytes
 from sdft.teacher import FrozenCopy
 from sdft.trainer import count_loss_targets
 from tests.sdft.decoder_activity import DecoderActivity
@@ -52,6 +53,43 @@ def test_sdft_trainer_trains_and_logs(tmp_path):
     assert len(losses) >= 10
     assert losses[-1] < 0.8 * losses[0], losses
     assert kls[0] == pytest.approx(0.0, abs=1e-5) and max(kls) > 0  # teacher = start: KL starts at 0
+
+
+class _KeptBytes(TrainerCallback):
+    """The CPU chunk buffers the loss keeps, after each optimizer step."""
+
+    def __init__(self):
+        self.after_steps: list[int] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.after_steps.append(kept_workspace_bytes())
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_train_frees_the_kept_chunk_buffers_when_it_ends(tmp_path, fails):
+    """Kept between steps (the next step reuses them), freed when ``train`` returns or raises."""
+    model = tiny_model("llama")
+    rows = [{"input_ids": list(range(3, 3 + n))} for n in (5, 7, 6, 8, 5, 6, 7, 8)]
+    kept = _KeptBytes()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4,
+                             save_strategy="no", report_to=[], use_cpu=True, remove_unused_columns=False)
+    batches = []
+
+    def collate(batch):  # with ``fails``, the third batch raises (after a step or two: the loader reads ahead)
+        batches.append(batch)
+        if fails and len(batches) == 3:
+            raise RuntimeError("a bad batch")
+        return _collate(batch)
+
+    trainer = SDFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=collate,
+                          teacher=FrozenCopy(model), loss=SDFTLoss(kl_weight=1.0), callbacks=[kept])
+    if fails:
+        with pytest.raises(RuntimeError, match="a bad batch"):
+            trainer.train()
+    else:
+        trainer.train()
+    assert kept.after_steps and all(b > 0 for b in kept.after_steps), kept.after_steps
+    assert kept_workspace_bytes() == 0
 
 
 def _labels_are_inputs(rows):
