@@ -116,7 +116,8 @@ bench-gpu:
 # floor, Liger, cut-cross-entropy and orda, each case in its own process; the memory,
 # host-sync, determinism and autocast tests; then, if time remains, one FSDP2 step and the
 # bf16 training step (plain and mixed precision). Files in $(GPU_OUT): gpu-check-<date>-
-# setup.log, -tests.log, .log, .json (every number, rewritten after every part) and .md; plots
+# setup.log, -tests.log, .log, .json (every number, rewritten after every part) and .md (a
+# second run that day: gpu-check-<date>-2-setup.log and so on, beside the first); plots
 # afterwards, anywhere: python -m bench.gpu_check.report FILE.json --plots.
 # GPU_CHECK_ARGS go to the check, e.g. --dry-run (the plan and budgets, no GPU needed),
 # --budget headline=150, --only headline.

@@ -7,7 +7,8 @@
 # hold torch, triton and transformers: the wheels in .whl/ (make gpu-wheels, where there is
 # network; copy .whl/ with the project) that it lacks go to a temporary folder for this run,
 # and the project runs from this checkout. The files land in $GPU_OUT (default: $OUT when set,
-# else bench/results): gpu-check-<date>-setup.log, -tests.log, .log, .json and .md.
+# else bench/results): gpu-check-<date>-setup.log, -tests.log, .log, .json and .md (a second
+# run that day: gpu-check-<date>-2-...).
 #
 # Time: the check keeps to GPU_CHECK_DEADLINE_S seconds (default 280), every part within its
 # own budget inside it; should it overrun, it is stopped 10 s later (what it finished is in

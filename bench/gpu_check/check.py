@@ -25,7 +25,7 @@ seconds to write the files), and the last parts run only if time remains. A part
 crashes or runs out of time is recorded as such and the next part runs.
 
 Files, in ``--out`` (default ``$GPU_OUT``, else ``$OUT``, else ``bench/results``), named
-``gpu-check-<date>``: ``-setup.log``, ``-tests.log`` (both test parts' pytest output),
+``gpu-check-<date>`` (a second run that day ``gpu-check-<date>-2``, and so on): ``-setup.log``, ``-tests.log`` (both test parts' pytest output),
 ``.log`` (this command's own output and the benchmarks'), ``.json`` (every number, rewritten
 atomically after every part and every headline case, so a run cut short leaves what it
 finished) and ``.md`` (rendered from the JSON after every part). Plots are rendered later,
@@ -57,6 +57,7 @@ from typing import Optional
 from .environment import PROBE_MARKER, install_wheels, nvidia_smi, probe_lines
 from .pytest_parts import BEHAVIOUR, CORRECTNESS, run_selection, workers_for
 from ..driver.files import REPO_ROOT, write_json_atomic
+from ..driver.loop import results_path
 from ..driver.meta import git
 from ..driver.processes import in_fresh_process
 
@@ -103,8 +104,10 @@ class Check:
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         date = datetime.date.today().isoformat()
-        # A rerun of some parts (--only) keeps the full run's files of the day.
-        self.stem = stem or f"gpu-check-{date}" + "".join(f"-{n}" for n in sorted(only or ()))
+        # A rerun of some parts (--only) keeps the full run's files of the day, and a second
+        # run of the same parts that day writes -2, -3... beside the first (a --stem is taken as given).
+        self.stem = stem or results_path(
+            self.out, f"gpu-check-{date}" + "".join(f"-{n}" for n in sorted(only or ()))).stem
         self.paths = {"setup_log": self.out / f"{self.stem}-setup.log",
                       "tests_log": self.out / f"{self.stem}-tests.log",
                       "log": self.out / f"{self.stem}.log",
@@ -415,7 +418,8 @@ def parse_args(argv=None):
     p.add_argument("--wheels", type=Path, default=REPO_ROOT / ".whl",
                    help="folder of carried wheels (default: .whl/ of the repository)")
     p.add_argument("--stem", help="file name stem (default: gpu-check-<date>, with --only the "
-                                  "parts' names after it)")
+                                  "parts' names after it, then -2, -3... where that day's run left "
+                                  "files; a given stem replaces its files)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and budgets; run nothing")
     args = p.parse_args(argv)
     args.argv = argv

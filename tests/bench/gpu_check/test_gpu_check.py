@@ -101,6 +101,18 @@ def test_cpu_run_of_the_script_records_the_cuda_parts_as_skipped_and_exits_3(tmp
     assert "exit status 3" in (out / f"{json_path.stem}.log").read_text()
 
 
+def test_a_second_check_that_day_writes_beside_the_first(tmp_path):
+    out = tmp_path / "out"
+    first = Check(out, 60.0, {}, tmp_path / "no-wheels")
+    first.paths["json"].write_text("{}")
+    second = Check(out, 60.0, {}, tmp_path / "no-wheels")
+    headline = Check(out, 60.0, {}, tmp_path / "no-wheels", only=["headline"])
+    assert second.stem == f"{first.stem}-2" and headline.stem == f"{first.stem}-headline"
+    assert first.paths["json"].read_text() == "{}"  # the first run's files stay
+    given = Check(out, 60.0, {}, tmp_path / "no-wheels", stem=first.stem)
+    assert given.stem == first.stem and not first.paths["json"].exists()
+
+
 # ---------------------------------------------------------------- parts that fail
 
 def _check(tmp_path, deadline_s=60.0, **kw) -> Check:
