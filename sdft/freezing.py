@@ -12,7 +12,7 @@ and makes the freeze hold under AdamW::
     report = freeze(model, ["embeddings", "layers[:4]"])   # a union of specs
     report = freeze(model, train_only="attention")         # everything except attention
     report = freeze(model, PartialMask("model.embed_tokens.weight", rows=old_token_ids))
-    optimizer = masked_optimizer(                          # param_groups: sdft.trainer's
+    optimizer = masked_optimizer(                          # param_groups: sdft.param_groups'
         torch.optim.AdamW(param_groups(model, weight_decay=0.1), lr=1e-4), report)
     print(report)
 
@@ -64,6 +64,7 @@ from .freeze_masks import FrozenEntries, apply_plan, masked_optimizer
 from .freeze_report import FreezeReport, GroupCount, build_report
 from .freeze_spec import (GROUPS, ModelIndex, PartialMask, Spec, check_something_trains, complement, describe,
                           resolve, resolve_groups, simplify, union)
+from .param_groups import param_groups
 
 __all__ = [
     "GROUPS",
@@ -107,13 +108,3 @@ def freeze(model: nn.Module, spec: Optional[Spec] = None, *,
     pre_frozen = sum(p.numel() for p in index.params.values() if not p.requires_grad)
     partial = apply_plan(index, plan)
     return build_report(index, partial, pre_frozen)
-
-
-def __getattr__(name):
-    # param_groups (weight-decay grouping) lives beside the trainer factory; importing it from
-    # here still works, without loading transformers' Trainer for freeze() alone.
-    if name == "param_groups":
-        from .trainer import param_groups
-
-        return param_groups
-    raise AttributeError(f"module 'sdft.freezing' has no attribute {name!r}")

@@ -17,6 +17,7 @@ from .architectures import check_supported
 from .freezing import FreezeReport, masked_optimizer
 from .integration import SDFTModel, causal_lm_loss, decoder_inputs, shifted_targets
 from .loss import SDFTLoss
+from .param_groups import decays, param_groups, param_groups_by_name  # noqa: F401 (param_groups: importable from here too)
 from .sharding import deepspeed_teacher, fully_shard_teacher, wrapper_kind
 from .teacher import FrozenCopy, TeacherSource
 
@@ -259,8 +260,9 @@ def build_trainer(
     and the demo train.
 
     The optimizer is AdamW with ``args``' learning rate, betas, epsilon and weight decay (so a
-    training argument cannot miss the optimizer): matrices and embeddings decay, 1-D tensors
-    (biases, norm scales) do not, and only parameters with ``requires_grad`` get state. It is
+    training argument cannot miss the optimizer), in the groups of :mod:`sdft.param_groups`:
+    matrices and embeddings decay, 1-D tensors (biases, norm scales) do not, and only
+    parameters with ``requires_grad`` get state. It is
     built when the Trainer creates its optimizer (``trainer.create_optimizer()``), from the
     model as the Trainer then holds it: under FSDP, the sharded parameters. With a
     ``freeze_report`` holding partial masks, the frozen entries stay bit-identical under
@@ -272,10 +274,11 @@ def build_trainer(
     """
     # Which tensors decay, by their names in the student: under FSDP1 and ZeRO-3 the wrapped
     # parameters no longer have their shapes.
-    decays = {name: len(getattr(p, "ds_shape", p.shape)) >= 2 for name, p in student.named_parameters()}
+    decay_by_name = {name: decays(getattr(p, "ds_shape", p.shape)) for name, p in student.named_parameters()}
 
     def optimizer_factory(model: nn.Module) -> torch.optim.Optimizer:
-        optimizer = torch.optim.AdamW(_param_groups_by_name(model, decays, args.weight_decay), lr=args.learning_rate,
+        optimizer = torch.optim.AdamW(param_groups_by_name(model, decay_by_name, args.weight_decay),
+                                      lr=args.learning_rate,
                                       betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
         return masked_optimizer(optimizer, freeze_report) if freeze_report is not None else optimizer
 
@@ -291,38 +294,6 @@ def build_trainer(
     for callback in callbacks:
         trainer.add_callback(callback)
     return trainer
-
-
-def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
-    """Optimizer parameter groups of the trainable (``requires_grad``) parameters, for an
-    optimizer of your own (:func:`build_trainer` builds its AdamW with the same rule).
-
-    Tensors with 2+ dimensions (matrices, embeddings) get ``weight_decay``; 1-D ones (biases,
-    norm scales) get none, as in nanoGPT. Empty groups are dropped. Frozen tensors are left out,
-    so the optimizer allocates no state for them.
-    """
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]
-
-
-def _param_groups_by_name(model: nn.Module, decays: dict[str, bool], weight_decay: float) -> list[dict]:
-    """AdamW groups of ``model``'s trainable parameters (an SDFTModel, perhaps wrapped), decay
-    decided by the student's parameter of the same name (wrapper prefixes removed)."""
-    groups: dict[bool, list] = {True: [], False: []}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        clean = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
-        for prefix in ("module.", "student."):
-            clean = clean.removeprefix(prefix)
-        if clean not in decays:
-            raise ValueError(f"parameter {name!r} is not one of the student's (its parameters are flattened: FSDP1 "
-                             "needs use_orig_params=True)")
-        groups[decays[clean]].append(param)
-    return [{"params": params, "weight_decay": weight_decay if decay else 0.0}
-            for decay, params in ((True, groups[True]), (False, groups[False])) if params]
 
 
 def _fsdp2_teacher_settings(plugin) -> dict:

@@ -7,6 +7,8 @@ nothing is downloaded and the whole file runs in seconds on CPU.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,7 +23,7 @@ from sdft.freezing import (
     masked_optimizer,
     resolve_groups,
 )
-from sdft.trainer import param_groups
+from sdft.param_groups import param_groups
 
 VOCAB = 100
 _DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -321,17 +323,25 @@ def test_param_groups_split_decay_and_skip_frozen():
 
 def test_public_names_keep_their_import_paths():
     """The jobs moved to modules of their own; ``sdft.freezing`` still exports every name,
-    param_groups (beside the trainer factory now) included."""
+    param_groups (in a module of its own, also importable from the trainer) included."""
     import sdft.freezing as freezing
-    from sdft import freeze_masks, freeze_report, freeze_spec, trainer
+    from sdft import freeze_masks, freeze_report, freeze_spec, param_groups, trainer
 
-    assert freezing.param_groups is trainer.param_groups
+    assert freezing.param_groups is trainer.param_groups is param_groups.param_groups
     assert (freezing.PartialMask, freezing.GROUPS, freezing.resolve_groups) == (
         freeze_spec.PartialMask, freeze_spec.GROUPS, freeze_spec.resolve_groups)
     assert (freezing.masked_optimizer, freezing.FrozenEntries) == (freeze_masks.masked_optimizer,
                                                                    freeze_masks.FrozenEntries)
     assert (freezing.FreezeReport, freezing.GroupCount) == (freeze_report.FreezeReport, freeze_report.GroupCount)
     assert all(hasattr(freezing, name) for name in freezing.__all__)
+
+
+def test_freezing_loads_no_trainer():
+    """``freeze`` and ``param_groups`` alone do not import transformers' Trainer."""
+    code = ("import sys, sdft.freezing as f; f.param_groups; "
+            "print(sorted(m for m in ('sdft.trainer', 'transformers.trainer') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 
 from sdft import causal_lm_loss
 from sdft.freezing import freeze, masked_optimizer, resolve_groups
-from sdft.trainer import param_groups
+from sdft.param_groups import param_groups
 from sdft.teacher import FrozenCopy
 from tests.sdft.tiny_models import make_batch, perturbed_copy, tiny_model
 
