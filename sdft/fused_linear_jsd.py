@@ -34,6 +34,23 @@ from sdft_kernels.options import DEFAULT_IMPL, REDUCTIONS, check_impl
 _SAME = object()  # forward(): the teacher's softcap is the student's
 
 
+def _options_of(weight_hard_loss, weight_soft_loss, beta, ignore_index, temperature, reduction) -> LossOptions:
+    """:class:`LossOptions` of Liger's settings, each checked and named by Liger's name (LossOptions
+    checks ``ignore_index``)."""
+    for name, value, low in (("weight_hard_loss", weight_hard_loss, 0.0), ("weight_soft_loss", weight_soft_loss, 0.0),
+                             ("temperature", temperature, None)):
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or (value < low if low is not None else value <= 0)):
+            raise ValueError(f"{name} must be a finite number {'>= 0' if low is not None else '> 0'}, got {value!r}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+    if reduction not in REDUCTIONS:  # named here: "batchmean" is TRL's name for "mean"
+        raise ValueError(f"reduction must be one of {REDUCTIONS} ('mean' is TRL's 'batchmean'), got {reduction!r}")
+    # Liger's soft weight carries no T**2; ours does, so it is divided out here.
+    return LossOptions(ce_weight=weight_hard_loss, kl_weight=weight_soft_loss / temperature**2, temperature=temperature,
+                       divergence="jsd", jsd_beta=beta, ignore_index=ignore_index, reduction=reduction)
+
+
 class FusedLinearJSDLoss(nn.Module):
     """Drop-in for ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`` (see the module docstring).
 
@@ -74,26 +91,31 @@ class FusedLinearJSDLoss(nn.Module):
         impl: str = DEFAULT_IMPL,
     ) -> None:
         super().__init__()
-        # Named here by Liger's names; LossOptions below checks the rest (beta, ignore_index).
-        for name, value, low in (("weight_hard_loss", weight_hard_loss, 0.0), ("weight_soft_loss", weight_soft_loss, 0.0),
-                                 ("temperature", temperature, None)):
-            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-                    or (value < low if low is not None else value <= 0)):
-                raise ValueError(f"{name} must be a finite number {'>= 0' if low is not None else '> 0'}, got {value!r}")
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
         self.weight_hard_loss, self.weight_soft_loss = weight_hard_loss, weight_soft_loss
         self.beta, self.ignore_index, self.temperature = beta, ignore_index, temperature
         self.compiled, self.chunk_size, self.return_soft_hard_loss = compiled, chunk_size, return_soft_hard_loss
         self.impl = check_impl(impl)
-        if reduction not in REDUCTIONS:  # named here: "batchmean" is TRL's name for "mean"
-            raise ValueError(f"reduction must be one of {REDUCTIONS} ('mean' is TRL's 'batchmean'), got {reduction!r}")
         self.reduction = reduction
-        # Liger's soft weight carries no T**2; ours does, so it is divided out here.
-        self.options = LossOptions(ce_weight=weight_hard_loss, kl_weight=weight_soft_loss / temperature**2,
-                                   temperature=temperature, divergence="jsd", jsd_beta=beta,
-                                   ignore_index=ignore_index, reduction=reduction)
-        self._with_transforms: dict[tuple, LossOptions] = {}
+        self._built_for: Optional[tuple] = None
+        self._current_options()  # validates every setting now, not at the first batch
+
+    @property
+    def options(self) -> LossOptions:
+        """The loss in this package's terms, from the settings as they are now: as in Liger,
+        whose forward reads its attributes, a setting reassigned after construction (a schedule
+        of ``weight_soft_loss``, say) takes effect at the next call."""
+        return self._current_options()
+
+    def _current_options(self) -> LossOptions:
+        """:attr:`options`, rebuilt (and checked) when a setting changed since the last call;
+        the options for other heads, cached below it, are dropped with it."""
+        settings = (self.weight_hard_loss, self.weight_soft_loss, self.beta, self.ignore_index, self.temperature,
+                    self.reduction)
+        if settings != self._built_for:
+            self._built = _options_of(*settings)
+            self._with_transforms: dict[tuple, LossOptions] = {}
+            self._built_for = settings
+        return self._built
 
     def forward(
         self,
@@ -143,19 +165,20 @@ class FusedLinearJSDLoss(nn.Module):
             raise ValueError(f"num_items={num_items!r} is the divisor of reduction='mean'; this loss has "
                              f"reduction={self.reduction!r}")
         teacher_softcap = softcap if teacher_softcap is _SAME else teacher_softcap
-        options = self._options(softcap, teacher_softcap, student_logit_scale, teacher_logit_scale, metrics)
+        options = self._options_for(softcap, teacher_softcap, student_logit_scale, teacher_logit_scale, metrics)
         return fused_linear_sdft_loss(student_input, student_weight, true_labels, teacher_input, teacher_weight,
                                       student_bias=student_bias, teacher_bias=teacher_bias, num_items=num_items,
                                       options=options, impl=self.impl, chunk_size=self.chunk_size,
                                       return_components=True)
 
-    def _options(self, softcap: Optional[float], teacher_softcap: Optional[float], student_logit_scale: float,
+    def _options_for(self, softcap: Optional[float], teacher_softcap: Optional[float], student_logit_scale: float,
                  teacher_logit_scale: float, metrics: bool) -> LossOptions:
         key = (softcap, teacher_softcap, student_logit_scale, teacher_logit_scale, metrics)
+        options = self.options  # first: settings reassigned since the last call empty the cache below
         if key == (None, None, 1.0, 1.0, False):
-            return self.options
+            return options
         if key not in self._with_transforms:  # built (and validated) once per pair of heads
-            heads = self.options.with_heads(softcap=softcap, teacher_softcap=teacher_softcap,
+            heads = options.with_heads(softcap=softcap, teacher_softcap=teacher_softcap,
                                             student_logit_scale=student_logit_scale,
                                             teacher_logit_scale=teacher_logit_scale)
             self._with_transforms[key] = dataclasses.replace(heads, metrics=metrics)

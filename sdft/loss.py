@@ -29,7 +29,9 @@ class SDFTLoss(nn.Module):
 
     The settings are one :class:`sdft_kernels.LossOptions`, given whole or as its keywords
     (``SDFTLoss(kl_weight=0.5)``); the defaults are the paper's: lambda (``kl_weight``) 1,
-    tau 0.5, forward KL (teacher || student). ``kl_positions`` says where the divergence
+    tau 0.5, forward KL (teacher || student). Options reassigned between steps
+    (``loss.options = dataclasses.replace(loss.options, kl_weight=w)``) take effect at the
+    next call. ``kl_positions`` says where the divergence
     applies when the caller gives no ``kl_mask``: ``"labels"`` (the supervised positions) or
     ``"all"`` (every non-pad position, which the model integration supplies). ``impl`` and
     ``chunk_size`` pick the implementation (:func:`sdft_kernels.fused_linear_sdft_loss`).
@@ -53,6 +55,7 @@ class SDFTLoss(nn.Module):
         self.impl, self.kl_positions = check_impl(impl), check_kl_positions(kl_positions)
         self.chunk_size = check_chunk_size(chunk_size)
         self._with_softcap: dict[tuple, LossOptions] = {}
+        self._with_softcap_of = self.options
 
     @classmethod
     def from_config(cls, config: "LossConfig") -> "SDFTLoss":
@@ -92,6 +95,8 @@ class SDFTLoss(nn.Module):
         )
 
     def _options_for(self, softcap, teacher_softcap) -> LossOptions:
+        if self._with_softcap_of is not self.options:  # options reassigned (a kl_weight schedule, say)
+            self._with_softcap, self._with_softcap_of = {}, self.options
         key = (softcap, teacher_softcap)
         if key not in self._with_softcap:  # built (and validated) once per pair of heads
             self._with_softcap[key] = self.options.with_heads(softcap=softcap, teacher_softcap=teacher_softcap)

@@ -113,6 +113,30 @@ def test_hard_loss_is_cross_entropy_at_temperature_one():
     assert_close(got, F.cross_entropy(p.h @ p.W.T, p.labels, ignore_index=-100), rtol=1e-12, atol=1e-14, what="CE")
 
 
+def test_settings_reassigned_after_construction_take_effect_as_in_liger():
+    """Liger's forward reads its attributes: a reassigned weight, beta or temperature counts at
+    the next call, here as in Liger (and for a softcapped head, whose options are cached)."""
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    p = make_problem(N=24, D=8, V=40, ignore_frac=0.2, seed=5)
+    ours = FusedLinearJSDLoss(weight_hard_loss=0.5, weight_soft_loss=0.5, beta=0.5, temperature=1.0)
+    theirs = liger.LigerFusedLinearJSDLoss(weight_hard_loss=0.5, weight_soft_loss=0.5, beta=0.5, temperature=1.0)
+    ours(p.h, p.W, p.ht, p.Wt, p.labels, softcap=30.0)
+    for name, value in (("weight_soft_loss", 2.0), ("beta", 0.2), ("temperature", 0.5), ("weight_hard_loss", 0.0)):
+        setattr(ours, name, value)
+        setattr(theirs, name, value)
+        # Liger sums in float32 (its test above bounds the rounding); a setting left unread
+        # would be off by its whole change.
+        assert_close(ours(p.h, p.W, p.ht, p.Wt, p.labels), theirs(p.h, p.W, p.ht, p.Wt, p.labels),
+                     rtol=2e-6, atol=1e-9, what=name)
+        capped = FusedLinearJSDLoss(weight_hard_loss=ours.weight_hard_loss, weight_soft_loss=ours.weight_soft_loss,
+                                    beta=ours.beta, temperature=ours.temperature)
+        assert_close(ours(p.h, p.W, p.ht, p.Wt, p.labels, softcap=30.0),
+                     capped(p.h, p.W, p.ht, p.Wt, p.labels, softcap=30.0), rtol=0, atol=0, what=f"{name}, softcap")
+    ours.beta = 1.5
+    with pytest.raises(ValueError, match="beta must be a number in \\[0, 1\\], got 1.5"):
+        ours(p.h, p.W, p.ht, p.Wt, p.labels)
+
+
 def test_extensions_num_items_and_softcap():
     """Beyond Liger's call: the normaliser of an accumulated batch, and a logit softcap."""
     gkd = pytest.importorskip("trl.experimental.gkd")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -81,6 +82,20 @@ def test_matches_naive_logits_path(arch, kl_positions):
     assert got.keys() == expected_grads.keys()
     for name in got:
         torch.testing.assert_close(got[name], expected_grads[name], rtol=1e-7, atol=1e-9, msg=lambda m: f"{arch} {name}: {m}")
+
+
+def test_options_reassigned_between_steps_take_effect():
+    """A kl_weight schedule reassigns the options: the next call computes the new objective
+    (causal_lm_loss passes the head's softcap, whose options the loss caches)."""
+    student = tiny_model("llama", dtype=torch.float64)
+    teacher_model = perturbed_copy(student)
+    batch = make_batch()
+    loss_fn = SDFTLoss(kl_weight=1.0, temperature=TAU)
+    for weight in (1.0, 0.25, 0.0):
+        loss_fn.options = dataclasses.replace(loss_fn.options, kl_weight=weight)
+        out = causal_lm_loss(student, batch, teacher=FrozenCopy(teacher_model), loss=loss_fn)
+        expected = naive_loss(student, teacher_model, batch, kl_weight=weight)
+        torch.testing.assert_close(out.loss.double(), expected.detach(), rtol=1e-9, atol=1e-10, msg=f"{weight}")
 
 
 def test_no_teacher_is_the_models_own_loss():
