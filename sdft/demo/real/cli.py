@@ -18,7 +18,7 @@ import argparse
 from dataclasses import replace
 from typing import Optional
 
-from sdft.demo.methods import ROW_NAMES
+from sdft.demo.cli import add_study_flags, study_overrides
 
 
 def parse_config(argv: Optional[list[str]] = None):
@@ -30,23 +30,11 @@ def parse_config(argv: Optional[list[str]] = None):
                                  epilog="\n".join(__doc__.splitlines()[2:]))
     ap.add_argument("--smoke", action="store_true", help="a few facts, one epoch, three rows (tests)")
     ap.add_argument("--out", help="output folder (default runs/demo-real or runs/demo-real-smoke)")
-    ap.add_argument("--rows", nargs="+", choices=ROW_NAMES, metavar="ROW",
-                    help=f"which rows to run, from {', '.join(ROW_NAMES)}")
-    ap.add_argument("--lambdas", type=float, nargs="+", metavar="LAMBDA", help="SDFT kl_weights, one row each")
-    ap.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="fine-tuning seeds (default 0)")
-    ap.add_argument("--epochs", type=float, help="stage-2 epochs")
-    ap.add_argument("--lr", type=float, help="learning rate of stages 1 and 2")
+    add_study_flags(ap, "where the classified base model and stage-1 snapshots are cached",
+                    seeds_default=" (default 0)")
     ap.add_argument("--batch-size", type=int, help="examples per optimizer step")
-    ap.add_argument("--temperature", type=float, help="tau of the SDFT rows")
-    ap.add_argument("--workers", type=int, help="processes side by side, one thread each")
-    ap.add_argument("--cache-dir", help="where the classified base model and stage-1 snapshots are cached")
     args = ap.parse_args(argv)
-    overrides = {name: value for name, value in (
-        ("out_dir", args.out), ("rows", args.rows and tuple(args.rows)),
-        ("kl_weights", args.lambdas and tuple(args.lambdas)), ("seeds", args.seeds and tuple(args.seeds)),
-        ("stage2_epochs", args.epochs), ("learning_rate", args.lr), ("batch_size", args.batch_size),
-        ("temperature", args.temperature), ("workers", args.workers), ("cache_dir", args.cache_dir))
-        if value is not None}
+    overrides = study_overrides(args, batch_size=args.batch_size)
     return StudyConfig.smoke_config(**overrides) if args.smoke else replace(StudyConfig(), **overrides)
 
 
