@@ -3,10 +3,10 @@
 The eager epilogue (:mod:`sdft_kernels.torch_epilogue`) makes about a dozen passes over each
 ``[chunk, V]`` buffer, one per torch operation, with six exponentials per entry. Written as
 plain tensor math, the same work compiles with inductor's C++ backend into two vectorised,
-OpenMP-parallel passes over the logits: :func:`chunk_stats` (row maxima and exponential sums)
-and :func:`chunk_gradient` (the logit gradient, written straight into the loop's workspace),
-with four exponentials per entry for the forward KL at tau 0.5. The logit GEMMs stay outside,
-in the BLAS.
+OpenMP-parallel passes over the logits: :func:`chunk_stats` (row maxima, exponential sums and
+the forward KL) and :func:`chunk_gradient` (the logit gradient, written over the logits it
+reads), with four exponentials per entry for the forward KL at tau 0.5. The logit GEMMs stay
+outside, in the BLAS.
 
 The passes are split where they are so that inductor keeps nothing of its own: a value that
 one loop produces and a later loop reads becomes a ``[C, V]`` temporary, allocated afresh on
@@ -179,20 +179,14 @@ def _divergence_gradient(s: _Softmax, t: _Softmax, m: ChunkMath, centre: Optiona
     return (1.0 - m.jsd_beta) * s.p * (ratio_s - centre.unsqueeze(1))
 
 
-def gradient_needs_centre(m: ChunkMath) -> bool:
-    """Whether the logit gradient needs a row sum of the divergence first (reverse KL, JSD):
-    then the divergence is a pass of its own, as a reduction and the element-wise gradient
-    that follows it in one pass would make inductor keep ``[C, V]`` temporaries."""
-    return m.want_grad and m.divergence in ("reverse_kl", "jsd")
-
-
 def chunk_stats(m: ChunkMath, z: Tensor, zt: Optional[Tensor], y: Tensor):
     """The first compiled pass over a chunk: row reductions only.
 
     ``z`` ``[C, V]``: the student's logits (bias, logit scale and softcap applied); ``zt`` the
     teacher's at temperature 1 (or None); ``y`` ``[C]`` labels (any value on rows without a
     label). Returns the :class:`RowStats` fields, then ``[C]`` rows ``(ce, entropy or None,
-    top1 or None)``, unmasked as the eager epilogue's.
+    top1 or None, forward KL or None)``, unmasked as the eager epilogue's (the forward KL, the
+    paper's divergence, is summed here; the others need a pass of their own).
     """
     top = z.amax(-1, keepdim=True)
     shifted = z - top
@@ -204,13 +198,22 @@ def chunk_stats(m: ChunkMath, z: Tensor, zt: Optional[Tensor], y: Tensor):
     if m.metrics:  # -sum p log p = log(sum e) - sum(e * shifted) / sum e; 0 * -inf is 0 here
         e_shifted = torch.where(e == 0, 0.0, e * shifted) if m.student_inf else e * shifted
         entropy, top1 = log_total.squeeze(1) - e_shifted.sum(-1) / total.squeeze(1), z.argmax(1) == y
-    tempered = top_t = total_t = None
+    tempered = top_t = total_t = forward_kl = None
     if m.divergence is not None:
         inv_tau = 1.0 / m.temperature
         tempered = _tempered_exp(e, shifted, inv_tau).sum(-1, keepdim=True)
         top_t = zt.amax(-1, keepdim=True)
-        total_t = ((zt - top_t) * inv_tau).exp().sum(-1, keepdim=True)
-    return top, total, tempered, top_t, total_t, ce, entropy, top1
+        w = ((zt - top_t) * inv_tau).exp()
+        total_t = w.sum(-1, keepdim=True)
+        if m.divergence == "forward_kl":
+            # sum p_t (log p_t - log p_s), with p_t = w / total_t summing to 1, is
+            # sum w (zt - z) / (tau total_t) - (top_t - top) / tau - log total_t + log tempered:
+            # one more row sum here, so that the gradient pass holds no reduction and can
+            # write the gradient over the logits it reads.
+            gap = _no_mass(zt - z, w, m.student_inf or m.teacher_inf)
+            forward_kl = ((w * gap).sum(-1) / total_t.squeeze(1) - (top_t - top).squeeze(1)) * inv_tau \
+                - total_t.squeeze(1).log() + tempered.squeeze(1).log()
+    return top, total, tempered, top_t, total_t, ce, entropy, top1, forward_kl
 
 
 def chunk_divergence(m: ChunkMath, z: Tensor, zt: Tensor, *stats: Tensor) -> tuple[Tensor, Optional[Tensor]]:
@@ -221,27 +224,23 @@ def chunk_divergence(m: ChunkMath, z: Tensor, zt: Tensor, *stats: Tensor) -> tup
     return _divergence_rows(student, _teacher(m, zt, r), m)
 
 
-def chunk_gradient(m: ChunkMath, z: Tensor, zt: Optional[Tensor], y: Tensor, dz_out: Tensor, centre: Optional[Tensor],
-                   ce_scale: Tensor, kl_scale: Optional[Tensor], *stats: Tensor) -> Optional[Tensor]:
-    """The gradient pass: the logit gradient (with its scales) written to ``dz_out`` ``[C, V]``,
-    element-wise from the logits and the row statistics; returns the forward KL's divergence
-    ``[C]``, summed in the same pass (None for the others, whose ``centre`` the divergence pass
-    gave, and without a teacher)."""
+def chunk_gradient(m: ChunkMath, z: Tensor, zt: Optional[Tensor], y: Tensor, centre: Optional[Tensor],
+                   ce_scale: Tensor, kl_scale: Optional[Tensor], *stats: Tensor) -> None:
+    """The gradient pass: the logit gradient (with its scales), element-wise from the logits and
+    the row statistics, written over the teacher's logits ``zt`` (without a teacher, over the
+    student's ``z``): each entry is read, then replaced, so a chunk holds one ``[C, V]`` buffer
+    less, and the store goes to memory the pass has just read."""
     r = RowStats(*stats)
     _, p, student = _student(m, z, r)
     column = torch.arange(z.shape[1], device=z.device).unsqueeze(0)
     dz = (p - (column == y.clamp(0, z.shape[1] - 1).unsqueeze(1)).to(z.dtype)) * ce_scale.unsqueeze(1)
-    div = None
     if m.divergence is not None:
         teacher = _teacher(m, zt, r)
-        if centre is None and m.divergence == "forward_kl":
-            div, _ = _divergence_rows(student, teacher, m)
         dz = dz + _divergence_gradient(student, teacher, m, centre) * (kl_scale * m.temperature).unsqueeze(1)
     if m.student_cap is not None:  # d(c tanh(x / c))/dx = 1 - tanh^2, and z = c tanh(x / c)
         tanh = z / m.student_cap
         dz = dz * (1.0 - tanh * tanh)
-    dz_out.copy_(dz)
-    return div
+    (z if zt is None else zt).copy_(dz)
 
 
 class _Compiled:
@@ -307,25 +306,26 @@ class CompiledTorchEpilogue(TorchEpilogue):
     """``impl="torch"`` on CPU: the compiled epilogue where ``SDFT_COMPILE`` asks, else the eager one.
 
     The logit GEMMs (with scales and softcaps, in place) fill the workspace's logit buffers,
-    then two compiled passes read them: :func:`chunk_stats` (row reductions) and
-    :func:`chunk_gradient` (the logit gradient into a third buffer, the forward KL summed on
-    the way), with :func:`chunk_divergence` between them for the divergences whose gradient
-    needs the row's divergence first, and alone for the forward without gradients. Three
-    buffers where the eager path holds four, and no ``[C, V]`` memory of inductor's own.
+    then two compiled passes read them: :func:`chunk_stats` (row reductions, the forward KL
+    among them) and :func:`chunk_gradient` (the logit gradient, written over the teacher's
+    logits), with :func:`chunk_divergence` between them for the reverse KL and the JSD, whose
+    gradient needs the row's divergence first (a reduction and the element-wise gradient that
+    follows it in one pass would make inductor keep ``[C, V]`` temporaries). Two buffers where
+    the eager path holds four, and no ``[C, V]`` memory of inductor's own.
     """
 
     @staticmethod
     def chunk_buffers(options: LossOptions, has_teacher: bool, half_inputs: bool) -> float:
         """``[chunk, V]`` buffers a chunk holds at its peak. Where the compiled passes can run,
-        the student's logits, the teacher's and the gradient: three with a teacher, two
-        without, whatever the divergence or softcap (the eager path holds four to eight), so a
-        chunk takes more rows in the same budget and its GEMMs run larger. Elsewhere the eager
+        the student's logits and the teacher's, which the gradient replaces: two with a teacher,
+        one without, whatever the divergence or softcap (the eager path holds four to eight), so
+        a chunk takes more rows in the same budget and its GEMMs run larger. Elsewhere the eager
         count. (Where the budget decides the chunk, the chunk is far above ``auto``'s minimum;
         should the first compilation fail, that one call runs eager on the larger chunk, and
         the warning says so.)"""
         if not _may_compile():
             return TorchEpilogue.chunk_buffers(options, has_teacher, half_inputs)
-        return 2 + has_teacher + 1.0 * half_inputs
+        return 1 + has_teacher + 1.0 * half_inputs
 
     @staticmethod
     def max_rows() -> int:
@@ -357,9 +357,9 @@ class CompiledTorchEpilogue(TorchEpilogue):
         stats = _Compiled.call(m, chunk_stats, z, zt, y)
         if stats is FAILED:
             return TorchEpilogue.chunk(*eager)
-        row_stats, (ce, entropy, top1) = stats[:5], stats[5:]
-        div = centre = dz = None
-        if m.divergence is not None and (gradient_needs_centre(m) or not want_grad):
+        row_stats, (ce, entropy, top1, div) = stats[:5], stats[5:]
+        centre = dz = None
+        if m.divergence is not None and m.divergence != "forward_kl":
             divergence = _Compiled.call(m, chunk_divergence, z, zt, *row_stats)
             if divergence is FAILED:
                 return TorchEpilogue.chunk(*eager)
@@ -367,9 +367,7 @@ class CompiledTorchEpilogue(TorchEpilogue):
         if want_grad:
             if m.dft:
                 ce_scale = dft_row_scale(ce_scale, ce)
-            dz = ws.get("logp_1", rows).detach()
-            forward_kl = _Compiled.call(m, chunk_gradient, z, zt, y, dz, centre, ce_scale, kl_scale, *row_stats)
-            if forward_kl is FAILED:
+            if _Compiled.call(m, chunk_gradient, z, zt, y, centre, ce_scale, kl_scale, *row_stats) is FAILED:
                 return TorchEpilogue.chunk(*eager)
-            div = div if forward_kl is None else forward_kl
+            dz = z if zt is None else zt
         return ce, div, dz, (None if not metrics else (entropy, top1))
