@@ -17,16 +17,35 @@ as large as the largest call that used it needed: about one call's chunk budget
 (``DEFAULT_CHUNK_BUDGET_BYTES``, 256 MiB, unless ``chunk_size`` asked for more; a little more
 when calls that hold different buffer counts alternate, such as compiled and eager ones).
 :func:`release_workspace` frees it, for instance after training, before evaluation or
-generation in the same process.
+generation in the same process. In a training step the kept storage is also allocated while
+the decoder's backward runs, so it raises the step's peak by up to that budget (2-core CPU, a
+4-layer D=256 model under a 151936-entry head, 2 x 512 tokens: 1.76 GiB against 1.61 GiB, for
+steps 11% faster); ``SDFT_KEEP_WORKSPACE=0`` (:func:`keeps_workspace`) keeps nothing.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+
+_KEEP_VALUES = {"1": True, "on": True, "true": True, "0": False, "off": False, "false": False}
+
+
+def keeps_workspace() -> bool:
+    """``SDFT_KEEP_WORKSPACE`` (``1`` if unset): whether CPU chunk buffers outlive the call.
+    ``0`` trades the speed for memory: kept, they also stay allocated through the rest of a
+    training step (the decoder's backward, the optimizer), which raises its peak by up to one
+    chunk budget."""
+    raw = os.environ.get("SDFT_KEEP_WORKSPACE", "1")
+    value = _KEEP_VALUES.get(raw.strip().lower())
+    if value is None:
+        raise ValueError(f"SDFT_KEEP_WORKSPACE must be 1 or 0 (on/off, true/false), got {raw!r}")
+    return value
 
 
 class _KeptStorage(threading.local):
@@ -81,7 +100,7 @@ class Workspace:
         self.rows, self.vocab, self.dtype, self.device = rows, vocab, dtype, device
         self._buffers: dict[str, Tensor] = {}
         self._upcast: dict[tuple, Tensor] = {}
-        keep = torch.device(device).type == "cpu" and not torch.compiler.is_compiling()
+        keep = torch.device(device).type == "cpu" and not torch.compiler.is_compiling() and keeps_workspace()
         self._kept: Optional[_KeptStorage] = _KEPT if keep else None
 
     def get(self, name: str, rows: int, dtype: Optional[torch.dtype] = None) -> Tensor:

@@ -66,6 +66,21 @@ def test_other_devices_keep_nothing():
     assert kept_workspace_bytes() == 0
 
 
+def test_keeping_can_be_switched_off_from_the_environment(monkeypatch):
+    """``SDFT_KEEP_WORKSPACE=0``: a call's CPU buffers go when it ends (a training step's peak
+    then holds none of them); the loss is the same; a value it does not know is named."""
+    p = make_problem(N=37, V=203, seed=1)
+    monkeypatch.setenv("SDFT_KEEP_WORKSPACE", "0")
+    _check_against_reference(p, chunk_size=8)
+    assert kept_workspace_bytes() == 0
+    monkeypatch.setenv("SDFT_KEEP_WORKSPACE", "on")
+    _check_against_reference(p, chunk_size=8)
+    assert kept_workspace_bytes() > 0
+    monkeypatch.setenv("SDFT_KEEP_WORKSPACE", "maybe")
+    with pytest.raises(ValueError, match="SDFT_KEEP_WORKSPACE must be 1 or 0 .*got 'maybe'"):
+        Workspace(4, 16, torch.float32, torch.device("cpu"))
+
+
 def test_calls_of_changing_shapes_each_match_the_reference():
     """Rows, vocabulary and chunking change from call to call, larger and smaller, so that the
     kept storage is reused at another shape and replaced; a stale view or row stride would
