@@ -172,15 +172,15 @@ class FusedLinearJSDLoss(nn.Module):
                                       return_components=True)
 
     def _options_for(self, softcap: Optional[float], teacher_softcap: Optional[float], student_logit_scale: float,
-                 teacher_logit_scale: float, metrics: bool) -> LossOptions:
+                     teacher_logit_scale: float, metrics: bool) -> LossOptions:
         key = (softcap, teacher_softcap, student_logit_scale, teacher_logit_scale, metrics)
         options = self.options  # first: settings reassigned since the last call empty the cache below
         if key == (None, None, 1.0, 1.0, False):
             return options
         if key not in self._with_transforms:  # built (and validated) once per pair of heads
             heads = options.with_heads(softcap=softcap, teacher_softcap=teacher_softcap,
-                                            student_logit_scale=student_logit_scale,
-                                            teacher_logit_scale=teacher_logit_scale)
+                                       student_logit_scale=student_logit_scale,
+                                       teacher_logit_scale=teacher_logit_scale)
             self._with_transforms[key] = dataclasses.replace(heads, metrics=metrics)
         return self._with_transforms[key]
 

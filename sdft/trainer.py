@@ -17,7 +17,7 @@ from .architectures import check_supported
 from .freezing import FreezeReport, masked_optimizer
 from .integration import SDFTModel, causal_lm_loss, decoder_inputs, shifted_targets
 from .loss import SDFTLoss
-from .param_groups import decays, param_groups, param_groups_by_name  # noqa: F401 (param_groups: importable from here too)
+from .param_groups import decays, param_groups, param_groups_by_name  # noqa: F401 (param_groups: re-exported)
 from .sharding import deepspeed_teacher, fully_shard_teacher, wrapper_kind
 from .teacher import FrozenCopy, TeacherSource
 

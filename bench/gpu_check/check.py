@@ -25,11 +25,12 @@ seconds to write the files), and the last parts run only if time remains. A part
 crashes or runs out of time is recorded as such and the next part runs.
 
 Files, in ``--out`` (default ``$GPU_OUT``, else ``$OUT``, else ``bench/results``), named
-``gpu-check-<date>`` (a second run that day ``gpu-check-<date>-2``, and so on): ``-setup.log``, ``-tests.log`` (both test parts' pytest output),
-``.log`` (this command's own output and the benchmarks'), ``.json`` (every number, rewritten
-atomically after every part and every headline case, so a run cut short leaves what it
-finished) and ``.md`` (rendered from the JSON after every part). Plots are rendered later,
-anywhere with matplotlib: ``python -m bench.gpu_check.report FILE.json --plots``.
+``gpu-check-<date>`` (a second run that day ``gpu-check-<date>-2``, and so on): ``-setup.log``,
+``-tests.log`` (both test parts' pytest output), ``.log`` (this command's own output and the
+benchmarks'), ``.json`` (every number, rewritten atomically after every part and every headline
+case, so a run cut short leaves what it finished) and ``.md`` (rendered from the JSON after
+every part). Plots are rendered later, anywhere with matplotlib: ``python -m
+bench.gpu_check.report FILE.json --plots``.
 
 Exit status: 0 when every part that ran passed (parts left out for lack of time, the last two
 parts cut by their budget, peers that are not installed and an FSDP refusal by the library

@@ -359,7 +359,7 @@ class CompiledTorchEpilogue(TorchEpilogue):
             return TorchEpilogue.chunk(*eager)
         row_stats, (ce, entropy, top1, div) = stats[:5], stats[5:]
         centre = dz = None
-        if m.divergence is not None and m.divergence != "forward_kl":
+        if m.divergence in ("reverse_kl", "jsd"):  # the forward KL came with the statistics
             divergence = _Compiled.call(m, chunk_divergence, z, zt, *row_stats)
             if divergence is FAILED:
                 return TorchEpilogue.chunk(*eager)

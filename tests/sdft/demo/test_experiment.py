@@ -95,4 +95,3 @@ def test_command_line_selects_rows_lambdas_and_settings():
     assert quick.quick and quick.seeds == (0,) and quick.world.n_old < DemoConfig().world.n_old
     with pytest.raises(SystemExit):
         parse_config(["--rows", "lora"])
-
